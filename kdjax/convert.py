@@ -1,0 +1,88 @@
+"""Converts an HF safetensors directory or a GGUF file into a kdjax (Orbax) checkpoint, or back to HF.
+
+  python -m kdjax.convert --source=path/to/hf_dir_or.gguf --output=ckpt/ [--dtype=bfloat16] [--quantize]
+  python -m kdjax.convert --source=ckpt/ --export_hf=hf_out/
+  python -m kdjax.convert --source=smollm2            # fetches SmolLM2-135M-Instruct first
+
+Tensors are read one at a time onto their target sharding; a progress bar counts them.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+import time
+
+from absl import app, flags
+
+_SOURCE = flags.DEFINE_string("source", None, "HF directory, .gguf file, kdjax checkpoint, or 'smollm2'.")
+_OUTPUT = flags.DEFINE_string("output", None, "Folder for the kdjax checkpoint.")
+_EXPORT_HF = flags.DEFINE_string("export_hf", None, "Also write an HF safetensors directory here.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
+_QUANTIZE = flags.DEFINE_bool("quantize", False, "int8 weight-only quantization while loading.")
+
+
+def resolve_source(source: str) -> pathlib.Path:
+  if source == "smollm2":
+    from kdjax import fetch
+    return fetch.smollm2_gguf()
+  return pathlib.Path(source)
+
+
+def convert(source: str, output: str | None, export_hf: str | None = None, dtype: str = "float32",
+            quantize: bool = False) -> None:
+  from tqdm import tqdm
+
+  from kdjax import checkpoint
+  from kdjax.models.llama import weights
+
+  path = resolve_source(source)
+  if output and checkpoint.is_kdjax_checkpoint(output):
+    print(f"kdjax.convert: {output} is already a finished checkpoint; nothing to do")
+    if not export_hf:
+      return
+    path = pathlib.Path(output)
+  start = time.time()
+  src_params = None
+  if not checkpoint.is_kdjax_checkpoint(path):
+    src = weights.open_source(path)
+    config = weights.config_from_source(src)
+    src_params = weights.model_params(config)
+    weights.check_source(src, config, src_params)  # fail with one line before the progress bar starts
+  bar = tqdm(total=len(src_params) if src_params else None, desc="convert", unit="tensor")
+  model, config = checkpoint.load_model(path, dtype=dtype, quantize=quantize,
+                                        progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
+  bar.close()
+  if output and not checkpoint.is_kdjax_checkpoint(output):
+    tokenizer = None
+    try:
+      tokenizer = checkpoint.load_tokenizer(path)
+    except Exception as e:  # a weights-only directory is still convertible; say why the tokenizer is absent
+      print(f"kdjax.convert: no tokenizer saved ({e.__class__.__name__}: {e})", file=sys.stderr)
+    checkpoint.save_model(model, output, tokenizer=tokenizer, extra={"source": str(path.absolute())})
+    print(f"kdjax.convert: wrote {output} ({config.num_params / 1e6:.1f}M parameters, "
+          f"{time.time() - start:.1f}s)")
+  if export_hf:
+    weights.export_hf(model, export_hf)
+    print(f"kdjax.convert: exported HF safetensors to {export_hf}")
+
+
+def main(argv):
+  del argv
+  if not _SOURCE.value:
+    raise app.UsageError("--source is required")
+  if not _OUTPUT.value and not _EXPORT_HF.value:
+    raise app.UsageError("give --output and/or --export_hf")
+  try:
+    convert(_SOURCE.value, _OUTPUT.value, _EXPORT_HF.value, _DTYPE.value, _QUANTIZE.value)
+  except (ValueError, OSError) as e:  # CheckpointError, UnsupportedArchitecture, GGUF errors, missing files
+    print(f"kdjax.convert: error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def run():
+  app.run(main)
+
+
+if __name__ == "__main__":
+  run()

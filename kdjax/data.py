@@ -1,0 +1,142 @@
+"""GSM8K loading, gold-answer parsing and a deterministic train/validation split.
+
+Every example is a plain dict with keys `id` (index in its split), `question`, `answer` (the full
+reference solution) and `gold` (the number on the solution's `#### N` line, as a float).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pathlib
+import re
+from typing import Any, Sequence
+
+HUB_NAME = "openai/gsm8k"
+HUB_CONFIG = "main"
+GOLD_MARKER = "####"
+
+# GSM8K solutions annotate arithmetic as `<<48/2=24>>` for a calculator tool; readers (and a
+# teacher shown the solution as a hint) only need the surrounding prose.
+_CALCULATOR_ANNOTATION = re.compile(r"<<[^<>]*>>")
+
+
+class DataError(ValueError):
+  """A dataset source is missing or holds a malformed record."""
+
+
+def parse_gold(answer: str) -> float:
+  """Returns the number on the last `#### N` line of a GSM8K solution (commas stripped)."""
+  for line in reversed(answer.strip().splitlines()):
+    line = line.strip()
+    if line.startswith(GOLD_MARKER):
+      text = line[len(GOLD_MARKER):].strip().replace(",", "")
+      try:
+        return float(text)
+      except ValueError:
+        raise DataError(f"gold answer {text!r} after {GOLD_MARKER!r} is not a number") from None
+  raise DataError(f"solution has no '{GOLD_MARKER} N' line")
+
+
+def strip_calculator_annotations(answer: str) -> str:
+  """Removes GSM8K's `<<expr=value>>` calculator annotations from a solution."""
+  return _CALCULATOR_ANNOTATION.sub("", answer)
+
+
+def question_hash(question: str) -> str:
+  """A short stable fingerprint of a question: first 16 hex chars of its sha256."""
+  return hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+
+
+def _make_example(index: int, row: Any, where: str) -> dict:
+  if not isinstance(row, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  missing = [key for key in ("question", "answer") if not isinstance(row.get(key), str)]
+  if missing:
+    raise DataError(f"{where}: missing or non-string field(s) {', '.join(missing)}")
+  try:
+    gold = parse_gold(row["answer"])
+  except DataError as err:
+    raise DataError(f"{where}: {err}") from None
+  return {"id": index, "question": row["question"], "answer": row["answer"], "gold": gold}
+
+
+def _load_jsonl(path: pathlib.Path) -> list[dict]:
+  examples = []
+  with open(path, encoding="utf-8") as f:
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue  # a trailing blank line is not a record
+      where = f"{path}:{line_number}"
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as err:
+        raise DataError(f"{where}: invalid JSON ({err.msg})") from None
+      examples.append(_make_example(len(examples), row, where))
+  return examples
+
+
+def _load_hub(split: str) -> list[dict]:
+  import datasets  # heavy import, only needed for the hub branch
+
+  try:
+    rows = datasets.load_dataset(HUB_NAME, HUB_CONFIG, split=split)
+  except Exception as err:  # network, cache or split errors all mean "cannot load this source"
+    first_line = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    raise DataError(f"could not load {HUB_NAME} split {split!r} from the hub: {first_line}") from err
+  return [_make_example(i, dict(row), f"{HUB_NAME}[{split}][{i}]") for i, row in enumerate(rows)]
+
+
+def load_gsm8k(source: str | os.PathLike, split: str) -> list[dict]:
+  """Loads one GSM8K split.
+
+  Args:
+    source: a directory holding `{split}.jsonl`, a `.jsonl` file, or the hub name `openai/gsm8k`.
+      An existing local path wins over the hub name.
+    split: `train` or `test` (selects the file in a directory, or the hub split; ignored for a
+      file path).
+  """
+  path = pathlib.Path(source)
+  if path.is_dir():
+    file_path = path / f"{split}.jsonl"
+    if not file_path.is_file():
+      raise DataError(f"no {split}.jsonl in GSM8K directory {path}")
+    return _load_jsonl(file_path)
+  if path.is_file():
+    return _load_jsonl(path)
+  if str(source) == HUB_NAME:
+    return _load_hub(split)
+  raise DataError(f"GSM8K source {str(source)!r} is neither an existing path nor {HUB_NAME!r}")
+
+
+def _split_order_key(seed: int, example_id: int) -> str:
+  # A hash instead of a seeded RNG: the order never depends on numpy's generator implementation.
+  return hashlib.sha256(f"kdjax-split:{seed}:{example_id}".encode()).hexdigest()
+
+
+def split_train_validation(
+    examples: Sequence[dict], num_train: int | None, num_validation: int, seed: int
+) -> tuple[list[dict], list[dict]]:
+  """Splits GSM8K train examples into disjoint (train, validation) lists.
+
+  Examples are shuffled by a seeded hash of their `id`; validation takes the first
+  `num_validation`, train the next `num_train` (None: all the rest). Because validation comes
+  first, it does not change with `num_train`, and a larger `num_train` extends the smaller
+  one's list (so teacher-store shards of the smaller run stay valid).
+  """
+  if num_validation < 0 or (num_train is not None and num_train < 0):
+    raise DataError(f"split sizes must be >= 0, got num_train={num_train}, num_validation={num_validation}")
+  available = len(examples) - num_validation
+  if available < 0 or (num_train is not None and num_train > available):
+    raise DataError(f"cannot take num_train={num_train} + num_validation={num_validation} "
+                    f"from {len(examples)} examples")
+  ids = [example["id"] for example in examples]
+  if len(set(ids)) != len(ids):
+    raise DataError("examples have duplicate ids; split one GSM8K split at a time")
+  order = sorted(range(len(examples)), key=lambda i: _split_order_key(seed, ids[i]))
+  validation = [examples[i] for i in order[:num_validation]]
+  rest = order[num_validation:]
+  train = [examples[i] for i in (rest if num_train is None else rest[:num_train])]
+  return train, validation
+

@@ -1,0 +1,353 @@
+"""LoRA adapters for the kdjax Llama: adding, selecting, merging, and Hugging Face PEFT import / export.
+
+Each adapted projection `W` ([layers, in dims..., out dims...], see `model.PROJECTIONS`) gets two stacked factors
+`{name}_lora_a` [layers, in dims..., r] and `{name}_lora_b` [layers, r, out dims...] as `nnx.LoRAParam`
+attributes of `model.layers`; the layer body adds `(alpha / r) * dropout(x) @ A @ B` (see `model.project`).
+As in PEFT, A starts kaiming-uniform and B at zero, so a fresh adapter leaves the model unchanged.
+
+PEFT stores each layer's factors of a linear `y = x @ W.T` as `lora_A.weight` [r, in] and `lora_B.weight`
+[out, r]; kdjax's factors are the same numbers with the in / out dims flattened row-major (the layout
+`weights.WEIGHT_MAP` uses for the base weights) and transposed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import tempfile
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding
+
+from kdjax import parallel
+from kdjax.models.llama import model as model_lib
+from kdjax.models.llama import weights as weights_lib
+
+# Trainable adapters, and everything else that is a parameter (nnx.Param also matches its subclass LoRAParam).
+LORA = nnx.LoRAParam
+FROZEN = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
+
+# kdjax projection -> (HF module name, its parent inside a decoder layer).
+HF_MODULES: dict[str, tuple[str, str]] = {
+    "wq": ("q_proj", "self_attn"), "wk": ("k_proj", "self_attn"), "wv": ("v_proj", "self_attn"),
+    "wo": ("o_proj", "self_attn"), "w_gate": ("gate_proj", "mlp"), "w_up": ("up_proj", "mlp"),
+    "w_down": ("down_proj", "mlp"),
+}
+_FROM_HF = {hf: name for name, (hf, _) in HF_MODULES.items()}
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+_PEFT_PREFIX = "base_model.model.model.layers"
+
+
+class LoraError(ValueError):
+  """A LoRA configuration, model or adapter file that cannot be used as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+  """LoRA hyper-parameters (defaults: the paper's r=4, alpha=8, dropout=0.1 on the attention projections).
+
+  `targets` are kdjax projection names (wq wk wv wo w_gate w_up w_down); HF names (q_proj, ...) are accepted
+  and stored as kdjax names.
+  """
+  rank: int = 4
+  alpha: float = 8.0
+  dropout: float = 0.1
+  targets: tuple[str, ...] = ("wq", "wk", "wv", "wo")
+
+  def __post_init__(self):
+    if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank < 1:
+      raise LoraError(f"LoraConfig.rank must be a positive int, got {self.rank!r}")
+    if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
+      raise LoraError(f"LoraConfig.alpha must be a positive number, got {self.alpha!r}")
+    if not (isinstance(self.dropout, (int, float)) and 0.0 <= self.dropout < 1.0):
+      raise LoraError(f"LoraConfig.dropout must be in [0, 1), got {self.dropout!r}")
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(self.targets)
+    names = tuple(_FROM_HF.get(t, t) for t in targets)
+    unknown = [t for t, n in zip(targets, names) if n not in model_lib.PROJECTIONS]
+    if unknown:
+      raise LoraError(f"unknown LoRA targets {unknown}; use any of {list(model_lib.PROJECTIONS)}")
+    if not names or len(set(names)) != len(names):
+      raise LoraError(f"LoraConfig.targets must be non-empty and without repeats, got {targets}")
+    object.__setattr__(self, "targets", names)
+
+  @property
+  def scale(self) -> float:
+    return self.alpha / self.rank
+
+
+def lora_axes(name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+  """Logical axes of `{name}_lora_a` and `{name}_lora_b`."""
+  axes = model_lib.projection_axes(name)
+  n_in = len(model_lib.PROJECTIONS[name][0])
+  return (("layers",) + axes[1:1 + n_in] + ("lora_rank",), ("layers", "lora_rank") + axes[1 + n_in:])
+
+
+def _split_dims(shape: tuple[int, ...], name: str) -> tuple[tuple[int, ...], tuple[int, ...]]:
+  """(in dims, out dims) of a projection weight of `shape` (layer axis first)."""
+  n_in = len(model_lib.PROJECTIONS[name][0])
+  return tuple(shape[1:1 + n_in]), tuple(shape[1 + n_in:])
+
+
+def lora_targets(model: model_lib.Llama) -> tuple[str, ...]:
+  """The projections of `model` that carry a LoRA adapter, in `PROJECTIONS` order."""
+  return tuple(n for n in model_lib.PROJECTIONS if hasattr(model.layers, f"{n}_lora_a"))
+
+
+def lora_rank(model: model_lib.Llama) -> int:
+  targets = lora_targets(model)
+  if not targets:
+    raise LoraError("the model has no LoRA adapters")
+  return int(getattr(model.layers, f"{targets[0]}_lora_a").shape[-1])
+
+
+def _place(array: jax.Array, like: jax.Array, axes: tuple[str, ...], rules) -> jax.Array:
+  """Puts a new array on the mesh of an existing parameter, sharded by its logical axes."""
+  sharding = getattr(like, "sharding", None)
+  if isinstance(sharding, NamedSharding):
+    return jax.device_put(array, parallel.named_sharding(axes, array.shape, sharding.mesh, rules))
+  return array
+
+
+def add_lora(model: model_lib.Llama, cfg: LoraConfig, *, seed: int = 0, param_dtype=jnp.float32,
+             rules=parallel.DEFAULT_RULES) -> model_lib.Llama:
+  """Adds LoRA factors for `cfg.targets` to `model` (in place; also returned).
+
+  A is uniform in +-1/sqrt(fan_in) (PEFT's kaiming_uniform(a=sqrt(5))), B is zero: the adapted model starts
+  equal to the base. Factors are kept in `param_dtype` (float32 by default, whatever the base dtype) and placed
+  on the base weights' mesh when those are sharded.
+  """
+  existing = lora_targets(model)
+  if existing:
+    raise LoraError(f"the model already has LoRA adapters on {list(existing)}; merge or remove them first")
+  key = jax.random.key(seed)
+  for name in cfg.targets:
+    base = getattr(model.layers, name)
+    ins, outs = _split_dims(tuple(base.shape), name)
+    layers = base.shape[0]
+    bound = 1.0 / math.sqrt(math.prod(ins))
+    a = jax.random.uniform(jax.random.fold_in(key, list(model_lib.PROJECTIONS).index(name)),
+                           (layers,) + ins + (cfg.rank,), param_dtype, -bound, bound)
+    b = jnp.zeros((layers, cfg.rank) + outs, param_dtype)
+    a_axes, b_axes = lora_axes(name)
+    setattr(model.layers, f"{name}_lora_a",
+            nnx.LoRAParam(_place(a, base[...], a_axes, rules), logical_axes=a_axes))
+    setattr(model.layers, f"{name}_lora_b",
+            nnx.LoRAParam(_place(b, base[...], b_axes, rules), logical_axes=b_axes))
+  model.lora_scale = cfg.scale
+  model.lora_dropout = float(cfg.dropout)
+  return model
+
+
+def remove_lora(model: model_lib.Llama) -> model_lib.Llama:
+  """Drops every LoRA factor from `model` (in place), leaving the base model."""
+  for name in lora_targets(model):
+    delattr(model.layers, f"{name}_lora_a")
+    delattr(model.layers, f"{name}_lora_b")
+  model.lora_scale = 0.0
+  model.lora_dropout = 0.0
+  return model
+
+
+def lora_state(model: nnx.Module) -> nnx.State:
+  """The trainable LoRA variables of `model` (what the optimizer holds and what a checkpoint of them saves)."""
+  return nnx.state(model, LORA)
+
+
+def split_lora(model: nnx.Module) -> tuple[nnx.GraphDef, nnx.State, nnx.State]:
+  """(graphdef, LoRA state, everything else): `nnx.merge(graphdef, lora, rest)` rebuilds the model.
+
+  Differentiate with respect to the LoRA state only, so no gradient of the frozen base is ever computed.
+  """
+  return nnx.split(model, LORA, ...)
+
+
+def lora_delta(model: model_lib.Llama, name: str) -> jax.Array:
+  """`scale * A @ B` of projection `name`, shaped like its weight [layers, in dims..., out dims...] (float32)."""
+  a = getattr(model.layers, f"{name}_lora_a")[...]
+  b = getattr(model.layers, f"{name}_lora_b")[...]
+  layers, rank = a.shape[0], a.shape[-1]
+  ins, outs = a.shape[1:-1], b.shape[2:]
+  delta = jnp.matmul(a.reshape(layers, -1, rank).astype(jnp.float32),
+                     b.reshape(layers, rank, -1).astype(jnp.float32))
+  return (model.lora_scale * delta).reshape((layers,) + ins + outs)
+
+
+def merge_lora(model: model_lib.Llama, *, inplace: bool = False) -> model_lib.Llama:
+  """The model with `W += (alpha / r) * A @ B` for every adapted projection and the LoRA factors removed.
+
+  With `inplace=False` (default) the input is untouched: the result shares every unmerged array with it (jax
+  arrays are immutable), so only the merged projections take new memory. The sum is formed in float32 and cast
+  back to the base dtype. int8 weight-only bases cannot be merged (the update is not per-channel), which
+  raises LoraError: merge into a float copy of the base instead.
+  """
+  targets = lora_targets(model)
+  if not targets:
+    raise LoraError("the model has no LoRA adapters to merge")
+  quantised = [n for n in targets if hasattr(model.layers, f"{n}_scale")]
+  if quantised:
+    raise LoraError(f"cannot merge LoRA into int8-quantised weights {quantised}; merge needs a float base")
+  if not inplace:
+    graphdef, state = nnx.split(model)
+    model = nnx.merge(graphdef, state)  # new Variables over the same (immutable) arrays
+  for name in targets:
+    var = getattr(model.layers, name)
+    weight = var[...]
+    merged = (weight.astype(jnp.float32) + lora_delta(model, name)).astype(weight.dtype)
+    if isinstance(getattr(weight, "sharding", None), NamedSharding):
+      merged = jax.device_put(merged, weight.sharding)
+    var.set_value(merged)
+  return remove_lora(model)
+
+
+# ------------------------------------------------------------------------------------------ PEFT format
+
+def _hf_module_path(name: str, layer: int) -> str:
+  module, parent = HF_MODULES[name]
+  return f"{_PEFT_PREFIX}.{layer}.{parent}.{module}"
+
+
+def peft_tensors(model: model_lib.Llama) -> dict[str, np.ndarray]:
+  """Every LoRA factor in PEFT's saved layout: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r]."""
+  out = {}
+  for name in lora_targets(model):
+    a = np.asarray(jax.device_get(getattr(model.layers, f"{name}_lora_a")[...]), np.float32)
+    b = np.asarray(jax.device_get(getattr(model.layers, f"{name}_lora_b")[...]), np.float32)
+    layers, rank = a.shape[0], a.shape[-1]
+    a_hf = a.reshape(layers, -1, rank).transpose(0, 2, 1)  # [L, r, in_flat]
+    b_hf = b.reshape(layers, rank, -1).transpose(0, 2, 1)  # [L, out_flat, r]
+    for layer in range(layers):
+      path = _hf_module_path(name, layer)
+      out[f"{path}.lora_A.weight"] = np.ascontiguousarray(a_hf[layer])
+      out[f"{path}.lora_B.weight"] = np.ascontiguousarray(b_hf[layer])
+  return out
+
+
+def peft_config(model: model_lib.Llama, *, base_model_name_or_path: str | None = None) -> dict[str, Any]:
+  """The `adapter_config.json` dict PEFT writes for an equivalent `LoraConfig` (fields PEFT reads)."""
+  targets = lora_targets(model)
+  if not targets:
+    raise LoraError("the model has no LoRA adapters to export")
+  rank = lora_rank(model)
+  return {
+      "peft_type": "LORA",
+      "task_type": "CAUSAL_LM",
+      "base_model_name_or_path": base_model_name_or_path,
+      "r": rank,
+      "lora_alpha": model.lora_scale * rank,
+      "lora_dropout": model.lora_dropout,
+      "target_modules": [HF_MODULES[n][0] for n in targets],
+      "bias": "none",
+      "fan_in_fan_out": False,
+      "inference_mode": True,
+      "init_lora_weights": True,
+      "use_rslora": False,
+      "use_dora": False,
+      "modules_to_save": None,
+      "layers_to_transform": None,
+      "layers_pattern": None,
+      "rank_pattern": {},
+      "alpha_pattern": {},
+      "revision": None,
+  }
+
+
+def _atomic_write(path: pathlib.Path, write) -> None:
+  """Calls `write(tmp_path)` then renames onto `path`, so readers never see a half-written file."""
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  os.close(fd)
+  try:
+    write(tmp)
+    os.replace(tmp, path)
+  except BaseException:
+    if os.path.exists(tmp):
+      os.remove(tmp)
+    raise
+
+
+def export_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
+                base_model_name_or_path: str | None = None) -> pathlib.Path:
+  """Writes `model`'s adapters as a PEFT LoRA adapter directory (`PeftModel.from_pretrained` loads it).
+
+  The weights are written before the config, so a directory with an `adapter_config.json` is complete.
+  """
+  from safetensors.numpy import save_file
+  config = peft_config(model, base_model_name_or_path=base_model_name_or_path)
+  tensors = peft_tensors(model)
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
+
+  def write_config(tmp: str) -> None:
+    with open(tmp, "w") as f:
+      json.dump(config, f, indent=2)
+  _atomic_write(directory / ADAPTER_CONFIG, write_config)
+  return directory
+
+
+def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
+                rules=parallel.DEFAULT_RULES) -> model_lib.Llama:
+  """Loads a PEFT LoRA adapter directory into `model` (in place), replacing any adapters it had.
+
+  Supports plain LoRA on the seven Llama projections with one rank and alpha for all of them.
+  """
+  from safetensors.numpy import load_file
+  directory = pathlib.Path(directory)
+  config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
+  if not config_path.exists() or not weights_path.exists():
+    raise LoraError(f"{directory}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
+  hf = json.loads(config_path.read_text())
+  if hf.get("peft_type") != "LORA":
+    raise LoraError(f"{directory}: peft_type {hf.get('peft_type')!r} is not LORA")
+  unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
+                             "modules_to_save", "fan_in_fan_out") if hf.get(k)]
+  if unsupported or hf.get("bias", "none") != "none":
+    raise LoraError(f"{directory}: unsupported PEFT options {unsupported or ['bias']}")
+  targets = hf["target_modules"]
+  targets = [targets] if isinstance(targets, str) else list(targets)
+  if any(t not in _FROM_HF for t in targets):
+    raise LoraError(f"{directory}: target_modules {targets} include modules kdjax does not adapt")
+  cfg = LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout", 0.0)),
+                   targets=tuple(t for t in _FROM_HF if t in targets))  # kdjax order
+  tensors = load_file(str(weights_path))
+  # PEFT versions differ in whether the adapter name appears in saved keys; accept ".lora_A.default.weight".
+  tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+  factors = {}  # read and check everything before the model is touched
+  for name in cfg.targets:
+    base = getattr(model.layers, name)
+    ins, outs = _split_dims(tuple(base.shape), name)
+    rank, in_flat, out_flat = cfg.rank, math.prod(ins), math.prod(outs)
+    a_layers, b_layers = [], []
+    for layer in range(base.shape[0]):
+      path = _hf_module_path(name, layer)
+      try:
+        a_hf, b_hf = tensors[f"{path}.lora_A.weight"], tensors[f"{path}.lora_B.weight"]
+      except KeyError as e:
+        raise LoraError(f"{directory}: tensor {e.args[0]} is missing") from None
+      if a_hf.shape != (rank, in_flat) or b_hf.shape != (out_flat, rank):
+        raise LoraError(f"{directory}: {path} has lora_A {a_hf.shape} / lora_B {b_hf.shape}, model expects "
+                        f"{(rank, in_flat)} / {(out_flat, rank)}")
+      a_layers.append(a_hf.T.reshape(ins + (rank,)))
+      b_layers.append(b_hf.T.reshape((rank,) + outs))
+    factors[name] = (np.stack(a_layers), np.stack(b_layers))
+  remove_lora(model)
+  add_lora(model, cfg, rules=rules)
+  for name, arrays in factors.items():
+    for suffix, values in zip(("_lora_a", "_lora_b"), arrays):
+      var = getattr(model.layers, name + suffix)
+      old = var[...]
+      new = jnp.asarray(values, old.dtype)
+      var.set_value(jax.device_put(new, old.sharding) if isinstance(old.sharding, NamedSharding) else new)
+  return model
+
+
+def export_merged_hf(model: model_lib.Llama, directory: str | os.PathLike, **export_kwargs) -> pathlib.Path:
+  """Merges the adapters into a copy of the base weights and writes a Hugging Face directory."""
+  return weights_lib.export_hf(merge_lora(model), directory, **export_kwargs)

@@ -1,0 +1,382 @@
+"""Distillation divergences between a sparse top-k teacher and a dense student, chunked over tokens.
+
+Conventions (all divergences are per position, over the vocabulary, in nats):
+
+* ``p`` is the TEACHER distribution and ``q`` the STUDENT distribution.
+* forward KL = KL(p || q) = sum p log(p / q)  (mean-seeking; classic Hinton KD).
+  reverse KL = KL(q || p) = sum q log(q / p)  (mode-seeking).
+* generalized JSD(beta) has the GKD paper (arXiv 2306.13649, Eq. 1) / TRL ``generalized_jsd_loss`` meaning
+  of beta: beta is the TEACHER's weight in the mixture ``m = beta * p + (1 - beta) * q`` and
+  ``JSD(beta) = beta * KL(p || m) + (1 - beta) * KL(q || m)``. As in TRL the end points are special-cased:
+  beta = 0 is forward KL(p || q) and beta = 1 is reverse KL(q || p). (The mixture formula itself goes to 0
+  at both ends, so the family is discontinuous there, exactly like TRL's.)
+* skew forward KL(alpha) = KL(p || alpha * p + (1 - alpha) * q);
+  skew reverse KL(alpha) = KL(q || alpha * q + (1 - alpha) * p)  (DistiLLM, arXiv 2402.03898).
+  alpha = 0 is plain forward / reverse KL.
+* total variation = 0.5 * sum |p - q|.
+* Temperature T tempers both sides: student ``log_softmax(logits / T)``; teacher log-probs ``/ T`` and
+  renormalised over what is known (the k ids, plus the tail bucket in "tail" mode). With ``scale_by_t2``
+  the KD term is multiplied by T**2 so its gradient scale stays comparable across temperatures.
+* Cross-entropy is ``-log q(target)`` at T = 1 on ``target_ids`` (the teacher's response tokens or gold
+  solution tokens: the data decides).
+* ``total = (1 - ce_weight) * KD + ce_weight * CE``, each a mean over loss tokens (see ``total_loss``).
+
+Sparse teacher. The teacher gives ``teacher_ids [..., k]`` and ``teacher_logprobs [..., k]`` (full-vocabulary
+log-probs of those ids at T = 1), optionally ``teacher_tail [...]`` = probability mass outside the k ids.
+``LossConfig.topk_mode`` picks how the student is compared with it:
+
+* "renormalize": both distributions are restricted to the k ids and renormalised there. At any T this is
+  the exact restriction of the tempered teacher.
+* "tail": k + 1 buckets, the k ids plus one "rest of vocabulary" bucket. Teacher bucket mass = tail mass
+  (given, or ``1 - sum exp(logprobs)``); student bucket mass = ``1 - sum`` of the student's probabilities on
+  the k ids, computed in log space as ``log(-expm1(logsumexp(log q_ids)))``. APPROXIMATION: with T != 1
+  the teacher's tail is tempered as ONE bucket (``tail ** (1 / T)`` before renormalising), because the
+  teacher's distribution inside the tail is unknown; the student's tail is tempered exactly. Rounding
+  guards: a teacher tail below ``k * eps(dtype)`` (the rounding error of ``1 - sum`` over k float
+  probabilities) counts as 0 before tempering, and after tempering either side's tail bucket is floored at
+  ``MIN_TAIL_MASS`` and renormalised, because an exact-zero bucket on one side only makes KL infinite.
+
+With k = vocabulary size both modes equal ``dense_divergence``. Teacher ids should be distinct at each
+position; teacher log-probs of -inf are allowed (zero teacher mass) but make reverse-type divergences infinite
+wherever the student puts mass there, which is the mathematically correct value.
+
+Memory. ``distill_loss`` never builds a ``[B, S, V]`` buffer: it flattens tokens, pads them to a multiple
+of ``chunk_size`` with masked tokens, and scans over chunks; each chunk is wrapped in ``jax.checkpoint`` so
+the backward pass recomputes the chunk's ``[chunk_size, V]`` logits instead of storing them. It returns SUMS
+over loss tokens so callers can take one token mean over all micro-batches and devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "none")
+TOPK_MODES = ("renormalize", "tail")
+
+# Smallest probability of a "rest of vocabulary" bucket. 1 - sum(top-k probs) is only known to about
+# k * 1e-7 in float32, so a smaller tail is rounding noise; the floor keeps KL finite when one side's tail
+# rounds to exactly zero and the other's does not.
+MIN_TAIL_MASS = 1e-8
+
+# Log-probs below this are exactly zero probability in float64 as well; clamping there keeps logaddexp of
+# two -inf values (nan gradient) out of the mixture distributions.
+_LOG_PROB_CLAMP = -1e4
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+  """Static loss configuration (hashable, so it can be a jit static argument)."""
+
+  divergence: str = "forward_kl"
+  beta: float = 0.5  # generalized JSD: teacher weight in the mixture; 0 = forward KL, 1 = reverse KL.
+  skew_alpha: float = 0.1  # skew KLs: weight of the "own" distribution in the mixture, in [0, 1).
+  temperature: float = 1.0
+  scale_by_t2: bool = True
+  ce_weight: float = 0.0  # total = (1 - ce_weight) * KD + ce_weight * CE.
+  topk_mode: str = "tail"
+
+  def __post_init__(self):
+    if self.divergence not in DIVERGENCES:
+      raise ValueError(f"LossConfig.divergence must be one of {DIVERGENCES}, got {self.divergence!r}")
+    if self.topk_mode not in TOPK_MODES:
+      raise ValueError(f"LossConfig.topk_mode must be one of {TOPK_MODES}, got {self.topk_mode!r}")
+    if not 0.0 <= self.beta <= 1.0:
+      raise ValueError(f"LossConfig.beta must be in [0, 1], got {self.beta}")
+    if not 0.0 <= self.skew_alpha < 1.0:
+      raise ValueError(f"LossConfig.skew_alpha must be in [0, 1), got {self.skew_alpha}")
+    if not (self.temperature > 0.0 and math.isfinite(self.temperature)):
+      raise ValueError(f"LossConfig.temperature must be a positive finite number, got {self.temperature}")
+    if not 0.0 <= self.ce_weight <= 1.0:
+      raise ValueError(f"LossConfig.ce_weight must be in [0, 1], got {self.ce_weight}")
+    if self.divergence == "none" and self.ce_weight != 1.0:
+      # Otherwise the loss would silently be CE scaled by ce_weight.
+      raise ValueError(f"LossConfig.divergence='none' (plain SFT) needs ce_weight=1.0, got {self.ce_weight}")
+
+  @property
+  def uses_teacher(self) -> bool:
+    return self.divergence != "none"
+
+
+class LossSums(NamedTuple):
+  """Sums over loss tokens (weighted by ``loss_mask``); add them across micro-batches / devices."""
+
+  kd_sum: jax.Array
+  ce_sum: jax.Array
+  num_tokens: jax.Array
+
+
+def total_loss(sums: LossSums, cfg: LossConfig) -> jax.Array:
+  """Token-mean ``(1 - ce_weight) * KD + ce_weight * CE``; 0 when there are no loss tokens."""
+  total = (1.0 - cfg.ce_weight) * sums.kd_sum + cfg.ce_weight * sums.ce_sum
+  num = sums.num_tokens
+  return jnp.where(num > 0, total / jnp.where(num > 0, num, 1.0), 0.0)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Divergences between two normalised log-distributions over the last axis.
+
+
+def _kl(log_a: jax.Array, log_b: jax.Array) -> jax.Array:
+  """KL(a || b) over the last axis; terms with a = 0 are 0 (and have finite, zero gradients)."""
+  a = jnp.exp(log_a)
+  support = a > 0
+  # Double `where`: outside a's support log_a or log_b may be -inf and 0 * inf would be nan in the value
+  # or in the gradient.
+  diff = jnp.where(support, log_a, 0.0) - jnp.where(support, log_b, 0.0)
+  return jnp.sum(a * diff, axis=-1)
+
+
+def _log_mixture(log_a: jax.Array, log_b: jax.Array, weight_a: float) -> jax.Array:
+  """log(weight_a * a + (1 - weight_a) * b) for a python weight in [0, 1)."""
+  if weight_a == 0.0:
+    return log_b
+  log_a = jnp.maximum(log_a, _LOG_PROB_CLAMP)
+  log_b = jnp.maximum(log_b, _LOG_PROB_CLAMP)
+  return jnp.logaddexp(log_a + math.log(weight_a), log_b + math.log1p(-weight_a))
+
+
+def _bucket_divergence(log_p: jax.Array, log_q: jax.Array, cfg: LossConfig) -> jax.Array:
+  """cfg.divergence between teacher log_p and student log_q (both normalised over the last axis)."""
+  name = cfg.divergence
+  if name == "forward_kl" or (name == "jsd" and cfg.beta == 0.0):
+    return _kl(log_p, log_q)
+  if name == "reverse_kl" or (name == "jsd" and cfg.beta == 1.0):
+    return _kl(log_q, log_p)
+  if name == "jsd":
+    log_m = _log_mixture(log_p, log_q, cfg.beta)
+    return cfg.beta * _kl(log_p, log_m) + (1.0 - cfg.beta) * _kl(log_q, log_m)
+  if name == "skew_forward_kl":
+    return _kl(log_p, _log_mixture(log_p, log_q, cfg.skew_alpha))
+  if name == "skew_reverse_kl":
+    return _kl(log_q, _log_mixture(log_q, log_p, cfg.skew_alpha))
+  if name == "tv":
+    return 0.5 * jnp.sum(jnp.abs(jnp.exp(log_p) - jnp.exp(log_q)), axis=-1)
+  raise ValueError(f"no bucket divergence for {name!r}")
+
+
+def _float_dtype(dtype: Any) -> Any:
+  """At least float32 (float64 stays float64 under jax_enable_x64)."""
+  return jnp.promote_types(dtype, jnp.float32)
+
+
+def _t2_scale(div: jax.Array, cfg: LossConfig) -> jax.Array:
+  return div * (cfg.temperature ** 2) if cfg.scale_by_t2 else div
+
+
+def _log_rest(log_mass: jax.Array) -> jax.Array:
+  """log(1 - exp(log_mass)), -inf when the mass rounds to >= 1 (gradient stays finite there)."""
+  rest = -jnp.expm1(log_mass)
+  positive = rest > 0
+  return jnp.where(positive, jnp.log(jnp.where(positive, rest, 1.0)), -jnp.inf)
+
+
+def _floor_last_bucket(log_probs: jax.Array) -> jax.Array:
+  """Floor the last (tail) bucket at MIN_TAIL_MASS and renormalise."""
+  tail = jnp.maximum(log_probs[..., -1:], math.log(MIN_TAIL_MASS))
+  return jax.nn.log_softmax(jnp.concatenate([log_probs[..., :-1], tail], axis=-1), axis=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-position divergences.
+
+
+def dense_divergence(student_logits: jax.Array, teacher_logprobs_full: jax.Array, cfg: LossConfig) -> jax.Array:
+  """cfg.divergence per position for a full teacher distribution.
+
+  Args:
+    student_logits: [..., V] student logits (T = 1).
+    teacher_logprobs_full: [..., V] teacher log-probs or logits (T = 1); renormalised after tempering.
+    cfg: loss configuration (topk_mode is irrelevant here).
+
+  Returns:
+    [...] divergence, times T**2 when cfg.scale_by_t2.
+  """
+  if student_logits.shape != teacher_logprobs_full.shape:
+    raise ValueError(f"student_logits {student_logits.shape} and teacher_logprobs_full "
+                     f"{teacher_logprobs_full.shape} must have the same shape")
+  dtype = _float_dtype(student_logits.dtype)
+  if not cfg.uses_teacher:
+    return jnp.zeros(student_logits.shape[:-1], dtype)
+  temp = cfg.temperature
+  log_q = jax.nn.log_softmax(student_logits.astype(dtype) / temp, axis=-1)
+  teacher = jax.lax.stop_gradient(teacher_logprobs_full).astype(dtype)
+  log_p = jax.nn.log_softmax(teacher / temp, axis=-1)
+  return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
+
+
+def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teacher_logprobs: jax.Array,
+                         teacher_tail: jax.Array | None, cfg: LossConfig) -> jax.Array:
+  """cfg.divergence per position between dense student logits and a sparse top-k teacher.
+
+  Args:
+    student_logits: [..., V] student logits (T = 1).
+    teacher_ids: [..., k] int token ids (clipped into [0, V)).
+    teacher_logprobs: [..., k] full-vocabulary teacher log-probs of those ids at T = 1.
+    teacher_tail: [...] teacher mass outside the k ids, or None to use ``1 - sum exp(teacher_logprobs)``.
+      Only read in "tail" mode.
+    cfg: loss configuration.
+
+  Returns:
+    [...] divergence, times T**2 when cfg.scale_by_t2. No gradient flows into teacher inputs.
+  """
+  dtype = _float_dtype(student_logits.dtype)
+  if not cfg.uses_teacher:
+    return jnp.zeros(student_logits.shape[:-1], dtype)
+  if teacher_ids.shape != teacher_logprobs.shape or teacher_ids.shape[:-1] != student_logits.shape[:-1]:
+    raise ValueError(f"teacher_ids {teacher_ids.shape} and teacher_logprobs {teacher_logprobs.shape} must be "
+                     f"[..., k] with leading dims of student_logits {student_logits.shape}")
+  vocab = student_logits.shape[-1]
+  temp = cfg.temperature
+  scaled = student_logits.astype(dtype) / temp
+  ids = jnp.clip(teacher_ids, 0, vocab - 1)
+  student_at_ids = jnp.take_along_axis(scaled, ids, axis=-1)
+  teacher_lp = jax.lax.stop_gradient(teacher_logprobs).astype(dtype)
+
+  if cfg.topk_mode == "renormalize":
+    log_q = jax.nn.log_softmax(student_at_ids, axis=-1)
+    log_p = jax.nn.log_softmax(teacher_lp / temp, axis=-1)
+  else:
+    # Student: exact tempered probabilities of the k ids, the rest of the vocabulary as one bucket.
+    log_q_ids = student_at_ids - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    log_q_rest = _log_rest(jax.nn.logsumexp(log_q_ids, axis=-1, keepdims=True))
+    log_q = _floor_last_bucket(jnp.concatenate([log_q_ids, log_q_rest], axis=-1))
+    # Teacher: tail at T = 1, tempered as one bucket (the approximation documented above).
+    if teacher_tail is None:
+      tail = -jnp.expm1(jax.nn.logsumexp(teacher_lp, axis=-1, keepdims=True))
+    else:
+      if teacher_tail.shape != teacher_ids.shape[:-1]:
+        raise ValueError(f"teacher_tail {teacher_tail.shape} must be {teacher_ids.shape[:-1]}")
+      tail = jax.lax.stop_gradient(teacher_tail).astype(dtype)[..., None]
+    # A tail below the rounding error of 1 - sum(k probs) is noise, and tempering would amplify it
+    # (1e-7 ** (1 / 2) = 3e-4), so it counts as zero.
+    real = tail > teacher_lp.shape[-1] * jnp.finfo(dtype).eps
+    log_p_rest = jnp.where(real, jnp.log(jnp.where(real, tail, 1.0)), -jnp.inf)
+    log_p = jax.nn.log_softmax(jnp.concatenate([teacher_lp, log_p_rest], axis=-1) / temp, axis=-1)
+    log_p = _floor_last_bucket(log_p)
+  return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
+
+
+def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array) -> jax.Array:
+  """-log softmax(student_logits)[target] at T = 1; targets are clipped into [0, V)."""
+  logits = student_logits.astype(_float_dtype(student_logits.dtype))
+  target = jnp.clip(target_ids, 0, logits.shape[-1] - 1)[..., None]
+  picked = jnp.take_along_axis(logits, target, axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - picked
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Chunked loss over a batch.
+
+
+def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.Array], cfg: LossConfig,
+                 chunk_size: int) -> None:
+  if hidden.ndim != 3:
+    raise ValueError(f"hidden must be [B, S, D], got shape {hidden.shape}")
+  if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[2]:
+    raise ValueError(f"lm_head must be [D={hidden.shape[2]}, V], got shape {lm_head.shape}")
+  if not isinstance(chunk_size, int) or chunk_size < 1:
+    raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+  required = ["target_ids", "loss_mask"] + (["teacher_ids", "teacher_logprobs"] if cfg.uses_teacher else [])
+  missing = [key for key in required if key not in batch]
+  if missing:
+    raise KeyError(f"batch is missing {missing} (divergence={cfg.divergence!r})")
+  tokens_shape = hidden.shape[:2]
+  for key in ("target_ids", "loss_mask") + (("teacher_tail",) if "teacher_tail" in batch else ()):
+    if batch[key].shape != tokens_shape:
+      raise ValueError(f"batch[{key!r}] must be [B, S] = {tokens_shape}, got {batch[key].shape}")
+  if cfg.uses_teacher:
+    ids_shape, lp_shape = batch["teacher_ids"].shape, batch["teacher_logprobs"].shape
+    if ids_shape != lp_shape or ids_shape[:2] != tokens_shape or len(ids_shape) != 3:
+      raise ValueError(f"teacher_ids {ids_shape} and teacher_logprobs {lp_shape} must both be [B, S, k] "
+                       f"with [B, S] = {tokens_shape}")
+    if ids_shape[2] > lm_head.shape[1]:
+      raise ValueError(f"top-k size {ids_shape[2]} exceeds the vocabulary size {lm_head.shape[1]}")
+
+
+def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.Array], cfg: LossConfig, *,
+                 chunk_size: int = 128) -> tuple[LossSums, dict[str, jax.Array]]:
+  """Chunked KD + CE sums over loss tokens, never materialising [B, S, V] logits.
+
+  Args:
+    hidden: [B, S, D] final hidden states; position t predicts ``target_ids[:, t]`` (already shifted).
+    lm_head: [D, V] output projection; logits = hidden @ lm_head, accumulated in (at least) float32.
+    batch: ``target_ids [B, S]`` int, ``loss_mask [B, S]`` bool or float weights, and unless
+      divergence == "none": ``teacher_ids [B, S, k]``, ``teacher_logprobs [B, S, k]``, optionally
+      ``teacher_tail [B, S]``; teacher arrays at t describe the token predicted at t.
+    cfg: loss configuration.
+    chunk_size: tokens per chunk (capped at B * S); the token count is padded with masked tokens.
+
+  Returns:
+    (LossSums(kd_sum, ce_sum, num_tokens), metrics) where metrics are loss-token sums too:
+    ``student_target_acc_sum`` (student argmax == target), and with a teacher ``teacher_top1_agree_sum``
+    (student argmax == teacher's top id), ``teacher_topk_mass_sum`` and ``student_topk_mass_sum``
+    (probability at T = 1 on the teacher's k ids).
+  """
+  _check_batch(hidden, lm_head, batch, cfg, chunk_size)
+  batch_size, seq_len, _ = hidden.shape
+  num = batch_size * seq_len
+  chunk = min(chunk_size, num)
+  num_chunks = -(-num // chunk)
+  pad = num_chunks * chunk - num
+
+  def to_chunks(x: jax.Array) -> jax.Array:
+    x = x.reshape((num,) + x.shape[2:])
+    x = jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))  # padded tokens get weight 0
+    return x.reshape((num_chunks, chunk) + x.shape[1:])
+
+  xs = {"hidden": to_chunks(hidden), "target_ids": to_chunks(batch["target_ids"]),
+        "weight": to_chunks(jnp.asarray(batch["loss_mask"]).astype(jnp.float32))}
+  if cfg.uses_teacher:
+    xs["teacher_ids"] = to_chunks(batch["teacher_ids"])
+    xs["teacher_logprobs"] = to_chunks(batch["teacher_logprobs"])
+    if "teacher_tail" in batch:
+      xs["teacher_tail"] = to_chunks(batch["teacher_tail"])
+  compute_dtype = jnp.promote_types(hidden.dtype, lm_head.dtype)
+  logits_dtype = _float_dtype(compute_dtype)
+
+  def chunk_sums(head: jax.Array, part: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    logits = jnp.matmul(part["hidden"].astype(compute_dtype), head.astype(compute_dtype),
+                        preferred_element_type=logits_dtype)
+    weight = part["weight"].astype(logits_dtype)
+    valid = weight > 0
+
+    def masked_sum(values: jax.Array) -> jax.Array:
+      # `where`, not a product: padding / masked tokens may hold garbage (inf, nan) that must not leak.
+      return jnp.sum(jnp.where(valid, weight * values, 0.0))
+
+    student_top1 = jnp.argmax(logits, axis=-1)
+    out = {"ce": masked_sum(token_cross_entropy(logits, part["target_ids"])), "num_tokens": jnp.sum(weight),
+           "student_target_acc_sum": masked_sum((student_top1 == part["target_ids"]).astype(logits_dtype))}
+    if not cfg.uses_teacher:
+      out["kd"] = jnp.zeros((), logits_dtype)
+      return out
+    teacher_ids = jnp.clip(part["teacher_ids"], 0, logits.shape[-1] - 1)
+    teacher_lp = jnp.where(valid[:, None], part["teacher_logprobs"].astype(logits_dtype), 0.0)
+    teacher_tail = part.get("teacher_tail")
+    if teacher_tail is not None:
+      teacher_tail = jnp.where(valid, teacher_tail.astype(logits_dtype), 0.0)
+    out["kd"] = masked_sum(per_token_divergence(logits, teacher_ids, teacher_lp, teacher_tail, cfg))
+    teacher_top1 = jnp.take_along_axis(teacher_ids, jnp.argmax(teacher_lp, axis=-1)[:, None], axis=-1)[:, 0]
+    out["teacher_top1_agree_sum"] = masked_sum((student_top1 == teacher_top1).astype(logits_dtype))
+    out["teacher_topk_mass_sum"] = masked_sum(jnp.sum(jnp.exp(teacher_lp), axis=-1))
+    student_lp = jnp.take_along_axis(logits, teacher_ids, axis=-1) - jax.nn.logsumexp(logits, -1, keepdims=True)
+    out["student_topk_mass_sum"] = masked_sum(jax.lax.stop_gradient(jnp.sum(jnp.exp(student_lp), axis=-1)))
+    return out
+
+  # prevent_cse=False is safe (and faster) inside scan, which already keeps the recomputation apart.
+  checkpointed = jax.checkpoint(chunk_sums, prevent_cse=False)
+
+  def step(carry: dict[str, jax.Array], part: dict[str, jax.Array]):
+    out = checkpointed(lm_head, part)
+    return jax.tree.map(jnp.add, carry, out), None
+
+  init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),
+                      jax.eval_shape(chunk_sums, lm_head, jax.tree.map(lambda x: x[0], xs)))
+  totals, _ = jax.lax.scan(step, init, xs)
+  sums = LossSums(kd_sum=totals.pop("kd"), ce_sum=totals.pop("ce"), num_tokens=totals.pop("num_tokens"))
+  return sums, totals

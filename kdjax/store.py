@@ -1,0 +1,556 @@
+"""The teacher top-k store: what the teacher said and how sure it was, per response token.
+
+Layout of a store folder::
+
+  shard-00000.npz     examples at positions [0, S) of the question list (S = shard size)
+  shard-00001.npz     positions [S, 2S), ...
+  manifest-<p>.json   progress of writer process p (rewritten after each of its shards)
+  manifest.json       written by `finalize()`: spec, all shards, token and byte totals
+
+Work is split in fixed units: shard i always holds positions [i*S, (i+1)*S), so a shard is
+either complete or absent, reruns write byte-identical shards, and process p of n writes
+the shards with i % n == p. Every file is written to `<name>.tmp` in the same folder, fsynced
+and renamed over `<name>`, so a kill leaves at worst a stale `.tmp`, which readers never look
+at and the next writer overwrites.
+
+A shard is one uncompressed `.npz` (written with fixed zip timestamps, hence reproducible):
+
+  response_ids, student_prompt_ids, teacher_prompt_ids   flat token ids of all its examples
+  *_offsets (int64, E+1)                                 example e owns [off[e], off[e+1])
+  topk_ids (T*k ids), topk_logprobs (T, k) float32       top-k at temperature 1, per token
+  tail_mass (T,) float32                                 probability outside the top-k
+  metadata (uint8)                                       per-example fields as column JSON
+
+Ids are stored as uint16 when vocab_size <= 65536. Larger vocabularies are bit-packed with
+ceil(log2(vocab_size)) bits per id instead of uint32: for Llama 3 (128256 ids, 17 bits) at
+k=50 that is 312 instead of 408 bytes per token: for the ~1.9M response tokens of GSM8K train,
+~0.58 GB instead of ~0.76 GB (~0.60 GB with prompts and response texts).
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import os
+import pathlib
+import zipfile
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Callable
+
+import numpy as np
+
+FORMAT_NAME = "kdjax-teacher-store"
+FORMAT_VERSION = 1
+FINISH_REASONS = ("stop", "length")
+MANIFEST = "manifest.json"
+_ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps make reruns byte-identical
+_META_FIELDS = ("question_id", "question_hash", "strategy", "teacher_model", "sampling",
+                "response_text", "finish_reason", "extracted_answer", "gold_answer", "correct")
+
+
+class StoreError(ValueError):
+  """A store or a record is invalid."""
+
+
+class StoreSpecMismatchError(StoreError):
+  """A writer was opened on a store written with a different spec."""
+
+
+class StoreIncompleteError(StoreError):
+  """Some shards of the store are missing."""
+
+
+def _json_normalized(value: Any) -> Any:
+  # Manifests compare specs as JSON; normalizing up front (tuples -> lists) makes a spec equal to
+  # itself after a round trip through the manifest.
+  try:
+    return json.loads(json.dumps(value, sort_keys=True))
+  except TypeError as err:
+    raise StoreError(f"not JSON-serializable: {err}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreSpec:
+  """What a store holds; a writer refuses to resume into a store with a different spec."""
+
+  teacher_model: str
+  strategy: str
+  vocab_size: int
+  k: int = 50
+  sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+  placement: str = "system"
+  questions: str = ""  # which question list, e.g. "gsm8k:train seed=0 n=7000"
+
+  def __post_init__(self):
+    if self.vocab_size < 2 or not 1 <= self.k <= self.vocab_size:
+      raise StoreError(f"need 1 <= k <= vocab_size, got k={self.k}, vocab_size={self.vocab_size}")
+    object.__setattr__(self, "sampling", _json_normalized(dict(self.sampling)))
+
+  @property
+  def id_format(self) -> str:
+    if self.vocab_size <= 1 << 16:
+      return "uint16"
+    return f"packed{(self.vocab_size - 1).bit_length()}"
+
+  def to_json(self) -> dict:
+    return _json_normalized(dataclasses.asdict(self))
+
+  @classmethod
+  def from_json(cls, value: Mapping[str, Any]) -> "StoreSpec":
+    return cls(**value)
+
+
+@dataclasses.dataclass(eq=False)
+class TeacherRecord:
+  """One teacher response to one question, with its per-token top-k distribution."""
+
+  question_id: int
+  question_hash: str
+  strategy: str
+  teacher_model: str
+  sampling: dict
+  student_prompt_ids: np.ndarray  # (P_s,) the chat the student is trained on
+  teacher_prompt_ids: np.ndarray  # (P_t,) the primed chat the teacher answered
+  response_text: str
+  response_ids: np.ndarray  # (T,) sampled tokens
+  topk_ids: np.ndarray  # (T, k)
+  topk_logprobs: np.ndarray  # (T, k) log-probs at temperature 1
+  tail_mass: np.ndarray  # (T,) probability mass outside the top-k
+  finish_reason: str  # "stop" or "length"
+  extracted_answer: float | None
+  gold_answer: float
+  correct: bool
+
+  @property
+  def num_tokens(self) -> int:
+    return int(len(self.response_ids))
+
+
+def _record_metadata(record: TeacherRecord) -> dict:
+  """The JSON fields of a record; numpy scalars (np.int64, np.bool_) become plain Python."""
+  extracted = record.extracted_answer
+  return {
+      "question_id": int(record.question_id), "question_hash": str(record.question_hash),
+      "strategy": record.strategy, "teacher_model": record.teacher_model,
+      "sampling": _json_normalized(dict(record.sampling)), "response_text": str(record.response_text),
+      "finish_reason": record.finish_reason,
+      "extracted_answer": None if extracted is None else float(extracted),
+      "gold_answer": float(record.gold_answer), "correct": bool(record.correct)}
+
+
+# ----------------------------------------------------------------------------- id encoding
+
+
+def _encode_ids(ids: np.ndarray, id_format: str) -> np.ndarray:
+  flat = np.asarray(ids).reshape(-1)
+  if id_format == "uint16":
+    return flat.astype(np.uint16)
+  bits = int(id_format.removeprefix("packed"))
+  # Little-endian bit order: the low `bits` bits of each id, packed back to back.
+  as_bytes = flat.astype("<u4").view(np.uint8).reshape(-1, 4)
+  id_bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
+  return np.packbits(id_bits.reshape(-1), bitorder="little")
+
+
+def _decode_ids(stored: np.ndarray, count: int, id_format: str) -> np.ndarray:
+  if id_format == "uint16":
+    return stored.astype(np.int32)
+  bits = int(id_format.removeprefix("packed"))
+  id_bits = np.zeros((count, 32), np.uint8)
+  id_bits[:, :bits] = np.unpackbits(stored, count=count * bits, bitorder="little").reshape(count, bits)
+  return np.packbits(id_bits, axis=1, bitorder="little").view("<u4").reshape(count).astype(np.int32)
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return  # some filesystems cannot open folders; the rename itself is still atomic
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+def _atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
+  # A fixed temp name: a kill leaves one stale file that the rerun simply overwrites.
+  temp = path.with_name(path.name + ".tmp")
+  with open(temp, "wb") as f:
+    write(f)
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(temp, path)
+  _fsync_dir(path.parent)
+
+
+def _write_json(path: pathlib.Path, value: Any) -> None:
+  data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
+  _atomic_write(path, lambda f: f.write(data))
+
+
+def _write_npz(f: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
+  # np.savez stamps members with the current time; writing the zip here keeps shards reproducible.
+  with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as archive:
+    for name, array in arrays.items():
+      info = zipfile.ZipInfo(f"{name}.npy", date_time=_ZIP_EPOCH)
+      with archive.open(info, "w", force_zip64=True) as member:
+        np.lib.format.write_array(member, np.ascontiguousarray(array), allow_pickle=False)
+
+
+def _read_json(path: pathlib.Path) -> dict:
+  try:
+    return json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as err:
+    raise StoreError(f"cannot read {path}: {err}") from None
+
+
+def shard_name(index: int) -> str:
+  return f"shard-{index:05d}.npz"
+
+
+def _shard_stats(path: pathlib.Path) -> dict:
+  try:
+    with np.load(path, allow_pickle=False) as shard:
+      offsets = shard["response_offsets"]
+  except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+    raise StoreError(f"corrupt shard {path} ({err}); delete it to have it rewritten") from None
+  return {"file": path.name, "examples": int(len(offsets) - 1), "tokens": int(offsets[-1]),
+          "bytes": path.stat().st_size}
+
+
+def _header(spec: StoreSpec, num_examples: int, shard_size: int) -> dict:
+  return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "spec": spec.to_json(),
+          "num_examples": num_examples, "shard_size": shard_size,
+          "num_shards": math.ceil(num_examples / shard_size), "id_format": spec.id_format}
+
+
+_IDENTITY_KEYS = ("format", "version", "spec", "num_examples", "shard_size")
+
+
+def _header_differences(expected: dict, found: dict) -> list[str]:
+  differences = []
+  for key in _IDENTITY_KEYS:
+    want, have = expected.get(key), found.get(key)
+    if key == "spec" and isinstance(have, dict):
+      differences += [f"{name}: store has {have.get(name)!r}, given {value!r}"
+                      for name, value in want.items() if have.get(name) != value]
+      differences += [f"{name}: store has it, given spec does not" for name in have if name not in want]
+    elif want != have:
+      differences.append(f"{key}: store has {have!r}, given {want!r}")
+  return differences
+
+
+def _existing_manifests(folder: pathlib.Path) -> list[pathlib.Path]:
+  finalized = [folder / MANIFEST] if (folder / MANIFEST).is_file() else []
+  return finalized + sorted(folder.glob("manifest-*.json"))
+
+
+# ----------------------------------------------------------------------------- writing
+
+
+class StoreWriter:
+  """Writes this process's share of a store's shards; process 0 finalizes the store."""
+
+  def __init__(self, path: str | os.PathLike, spec: StoreSpec, *, num_examples: int,
+               shard_size: int, process_index: int = 0, process_count: int = 1):
+    if num_examples < 0 or shard_size < 1:
+      raise StoreError(f"need num_examples >= 0 and shard_size >= 1, got {num_examples}, {shard_size}")
+    if not 0 <= process_index < process_count:
+      raise StoreError(f"process_index {process_index} not in [0, {process_count})")
+    self.path = pathlib.Path(path)
+    self.spec = spec
+    self.num_examples = num_examples
+    self.shard_size = shard_size
+    self.process_index = process_index
+    self.process_count = process_count
+    self.num_shards = math.ceil(num_examples / shard_size)
+    self._header = _header(spec, num_examples, shard_size)
+    self.path.mkdir(parents=True, exist_ok=True)
+    self._check_existing_manifests()
+    self._written = {i: _shard_stats(self._shard_path(i)) for i in self.own_shards()
+                     if self._shard_path(i).is_file()}
+    self._write_process_manifest()
+
+  def _check_existing_manifests(self) -> None:
+    manifests = _existing_manifests(self.path)
+    if not manifests and any(self.path.glob("shard-*.npz")):
+      raise StoreError(f"{self.path} holds shard files but no manifest; refusing to mix them in")
+    for manifest in manifests:
+      differences = _header_differences(self._header, _read_json(manifest))
+      if differences:
+        raise StoreSpecMismatchError(
+            f"store {self.path} was written with a different spec ({manifest.name}: "
+            f"{'; '.join(differences)}); use a new folder")
+
+  def _shard_path(self, index: int) -> pathlib.Path:
+    return self.path / shard_name(index)
+
+  def _write_process_manifest(self) -> None:
+    shards = [{"index": i, **stats} for i, stats in sorted(self._written.items())]
+    _write_json(self.path / f"manifest-{self.process_index}.json", {
+        **self._header, "process_index": self.process_index, "process_count": self.process_count,
+        "shards": shards})
+
+  def own_shards(self) -> list[int]:
+    """The shards this process writes: i % process_count == process_index."""
+    return list(range(self.process_index, self.num_shards, self.process_count))
+
+  def pending_shards(self) -> list[int]:
+    """This process's shards that are not on disk yet."""
+    return [i for i in self.own_shards() if not self._shard_path(i).is_file()]
+
+  def shard_range(self, index: int) -> tuple[int, int]:
+    """Positions [start, stop) of the question list that shard `index` holds."""
+    if not 0 <= index < self.num_shards:
+      raise StoreError(f"shard {index} not in [0, {self.num_shards})")
+    return index * self.shard_size, min((index + 1) * self.shard_size, self.num_examples)
+
+  def _check_record(self, position: int, record: TeacherRecord) -> None:
+    where = f"record for position {position}"
+    if record.strategy != self.spec.strategy or record.teacher_model != self.spec.teacher_model:
+      raise StoreError(f"{where}: strategy/teacher {record.strategy!r}/{record.teacher_model!r} "
+                       f"!= store's {self.spec.strategy!r}/{self.spec.teacher_model!r}")
+    if record.finish_reason not in FINISH_REASONS:
+      raise StoreError(f"{where}: finish_reason {record.finish_reason!r} not in {FINISH_REASONS}")
+    num_tokens = len(record.response_ids)
+    k = self.spec.k
+    shapes = {"response_ids": (num_tokens,), "topk_ids": (num_tokens, k),
+              "topk_logprobs": (num_tokens, k), "tail_mass": (num_tokens,)}
+    for name, shape in shapes.items():
+      if np.shape(getattr(record, name)) != shape:
+        raise StoreError(f"{where}: {name} has shape {np.shape(getattr(record, name))}, expected {shape}")
+    for name in ("student_prompt_ids", "teacher_prompt_ids"):
+      if np.ndim(getattr(record, name)) != 1:
+        raise StoreError(f"{where}: {name} must be 1-D, got shape {np.shape(getattr(record, name))}")
+    for name in ("response_ids", "topk_ids", "student_prompt_ids", "teacher_prompt_ids"):
+      ids = np.asarray(getattr(record, name))
+      if ids.size and (not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0
+                       or ids.max() >= self.spec.vocab_size):
+        raise StoreError(f"{where}: {name} must be integers in [0, {self.spec.vocab_size})")
+
+  def _shard_arrays(self, records: Sequence[TeacherRecord]) -> dict[str, np.ndarray]:
+    id_format = self.spec.id_format
+
+    def offsets(name):
+      return np.cumsum([0] + [len(getattr(r, name)) for r in records], dtype=np.int64)
+
+    def concat(name, dtype):
+      parts = [np.asarray(getattr(r, name)) for r in records]
+      return np.concatenate(parts).astype(dtype) if parts else np.zeros(0, dtype)
+
+    k = self.spec.k
+    topk_ids = concat("topk_ids", np.int64) if records else np.zeros((0, k), np.int64)
+    logprobs = concat("topk_logprobs", np.float32) if records else np.zeros((0, k), np.float32)
+    metadata = {name: [] for name in _META_FIELDS}
+    for record in records:
+      for name, value in _record_metadata(record).items():
+        metadata[name].append(value)
+    return {
+        "response_offsets": offsets("response_ids"),
+        "student_prompt_offsets": offsets("student_prompt_ids"),
+        "teacher_prompt_offsets": offsets("teacher_prompt_ids"),
+        "response_ids": _encode_ids(concat("response_ids", np.int64), id_format),
+        "student_prompt_ids": _encode_ids(concat("student_prompt_ids", np.int64), id_format),
+        "teacher_prompt_ids": _encode_ids(concat("teacher_prompt_ids", np.int64), id_format),
+        "topk_ids": _encode_ids(topk_ids, id_format),
+        "topk_logprobs": logprobs.reshape(-1, k),
+        "tail_mass": concat("tail_mass", np.float32),
+        "metadata": np.frombuffer(json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
+                                  np.uint8),
+    }
+
+  def write_shard(self, index: int, records: Sequence[TeacherRecord]) -> None:
+    """Atomically writes shard `index` (records in position order) and this process's manifest."""
+    if index % self.process_count != self.process_index:
+      raise StoreError(f"shard {index} belongs to process {index % self.process_count}, "
+                       f"not {self.process_index}")
+    start, stop = self.shard_range(index)
+    if len(records) != stop - start:
+      raise StoreError(f"shard {index} holds positions [{start}, {stop}): expected {stop - start} "
+                       f"records, got {len(records)}")
+    for position, record in enumerate(records, start=start):
+      self._check_record(position, record)
+    arrays = self._shard_arrays(records)
+    _atomic_write(self._shard_path(index), lambda f: _write_npz(f, arrays))
+    self._written[index] = _shard_stats(self._shard_path(index))
+    self._write_process_manifest()
+
+  def finalize(self) -> dict:
+    """Process 0 only: checks every shard is on disk and writes manifest.json; returns it."""
+    if self.process_index != 0:
+      raise StoreError(f"finalize() is process 0's job, not process {self.process_index}'s")
+    missing = [i for i in range(self.num_shards) if not self._shard_path(i).is_file()]
+    if missing:
+      raise StoreIncompleteError(_missing_message(self.path, missing, self.num_shards))
+    shards = [{"index": i, **_shard_stats(self._shard_path(i))} for i in range(self.num_shards)]
+    total_tokens = sum(s["tokens"] for s in shards)
+    total_bytes = sum(s["bytes"] for s in shards)
+    manifest = {**self._header, "shards": shards, "total_tokens": total_tokens,
+                "total_bytes": total_bytes,
+                "bytes_per_token": total_bytes / total_tokens if total_tokens else None}
+    _write_json(self.path / MANIFEST, manifest)
+    return manifest
+
+
+def _missing_message(path: pathlib.Path, missing: list[int], num_shards: int) -> str:
+  shown = ", ".join(map(str, missing[:8])) + (", ..." if len(missing) > 8 else "")
+  return (f"store {path} is incomplete: {len(missing)} of {num_shards} shards missing "
+          f"({shown})")
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class StoreView(Sequence):
+  """A read-only selection of a store's examples (e.g. the correct ones)."""
+
+  def __init__(self, reader: "StoreReader", indices: Sequence[int]):
+    self._reader = reader
+    self.indices = list(indices)
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, item):
+    if isinstance(item, slice):
+      return [self._reader[i] for i in self.indices[item]]
+    return self._reader[self.indices[item]]
+
+  @property
+  def positions(self) -> list[int]:
+    """Positions in the question list of the selected examples."""
+    return [self._reader.positions[i] for i in self.indices]
+
+
+class StoreReader(Sequence):
+  """Reads a store in example order; `store[i]` is a TeacherRecord.
+
+  With allow_partial=True the reader exposes only the shards present; `positions[i]` tells
+  which question-list position `store[i]` came from.
+  """
+
+  def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False, cached_shards: int = 4):
+    self.path = pathlib.Path(path)
+    manifests = _existing_manifests(self.path) if self.path.is_dir() else []
+    if not manifests:
+      raise StoreError(f"{self.path} is not a teacher store (no manifest)")
+    header = _read_json(manifests[0])
+    if header.get("format") != FORMAT_NAME or header.get("version") != FORMAT_VERSION:
+      raise StoreError(f"{manifests[0]}: not a {FORMAT_NAME} v{FORMAT_VERSION} manifest")
+    self.spec = StoreSpec.from_json(header["spec"])
+    self.num_examples = int(header["num_examples"])
+    self.shard_size = int(header["shard_size"])
+    self.num_shards = int(header["num_shards"])
+    self.finalized = manifests[0].name == MANIFEST
+    present = [i for i in range(self.num_shards) if (self.path / shard_name(i)).is_file()]
+    missing = sorted(set(range(self.num_shards)) - set(present))
+    if missing and not allow_partial:
+      raise StoreIncompleteError(_missing_message(self.path, missing, self.num_shards)
+                                 + "; pass allow_partial=True to read the rest")
+    self.complete = not missing
+    self._cache: collections.OrderedDict[int, dict] = collections.OrderedDict()
+    self._cached_shards = max(1, cached_shards)
+    self._shard_bytes = {}
+    self._shard_tokens = {}
+    self._metadata: list[dict] = []
+    self.positions: list[int] = []
+    for i in present:
+      path_i = self.path / shard_name(i)
+      try:
+        with np.load(path_i, allow_pickle=False) as shard:
+          num_tokens = int(shard["response_offsets"][-1])
+          columns = json.loads(shard["metadata"].tobytes().decode())
+      except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
+        raise StoreError(f"corrupt shard {path_i} ({err}); delete it to have it rewritten") from None
+      self._shard_bytes[i], self._shard_tokens[i] = path_i.stat().st_size, num_tokens
+      start = i * self.shard_size
+      for e in range(len(columns["question_id"])):
+        self._metadata.append({name: columns[name][e] for name in _META_FIELDS})
+        self.positions.append(start + e)
+
+  def __len__(self) -> int:
+    return len(self.positions)
+
+  @property
+  def total_tokens(self) -> int:
+    return sum(self._shard_tokens.values())
+
+  @property
+  def total_bytes(self) -> int:
+    return sum(self._shard_bytes.values())
+
+  @property
+  def bytes_per_token(self) -> float:
+    """Shard bytes per response token (what the top-k store costs per generated token)."""
+    return self.total_bytes / self.total_tokens if self.total_tokens else float("nan")
+
+  def metadata(self, index: int) -> dict:
+    """The per-example fields of `store[index]` without loading its arrays."""
+    return dict(self._metadata[index])
+
+  def _load_shard(self, shard_index: int) -> dict:
+    if shard_index in self._cache:
+      self._cache.move_to_end(shard_index)
+      return self._cache[shard_index]
+    id_format = self.spec.id_format
+    with np.load(self.path / shard_name(shard_index), allow_pickle=False) as shard:
+      arrays = {name: shard[name] for name in shard.files if name != "metadata"}
+    decoded = {}
+    for name in ("response", "student_prompt", "teacher_prompt"):
+      offsets = arrays[f"{name}_offsets"]
+      decoded[f"{name}_offsets"] = offsets
+      decoded[f"{name}_ids"] = _decode_ids(arrays[f"{name}_ids"], int(offsets[-1]), id_format)
+    num_tokens = int(decoded["response_offsets"][-1])
+    decoded["topk_ids"] = _decode_ids(
+        arrays["topk_ids"], num_tokens * self.spec.k, id_format).reshape(num_tokens, self.spec.k)
+    decoded["topk_logprobs"] = arrays["topk_logprobs"]
+    decoded["tail_mass"] = arrays["tail_mass"]
+    for array in decoded.values():
+      array.flags.writeable = False  # records are views into this cache
+    self._cache[shard_index] = decoded
+    if len(self._cache) > self._cached_shards:
+      self._cache.popitem(last=False)
+    return decoded
+
+  def __getitem__(self, item):
+    if isinstance(item, slice):
+      return [self[i] for i in range(*item.indices(len(self)))]
+    index = item + len(self) if item < 0 else item
+    if not 0 <= index < len(self):
+      raise IndexError(f"store index {item} out of range for {len(self)} examples")
+    position = self.positions[index]
+    shard_index, local = divmod(position, self.shard_size)
+    shard = self._load_shard(shard_index)
+
+    def span(name):
+      offsets = shard[f"{name}_offsets"]
+      return slice(int(offsets[local]), int(offsets[local + 1]))
+
+    response = span("response")
+    meta = self._metadata[index]
+    return TeacherRecord(
+        question_id=meta["question_id"], question_hash=meta["question_hash"],
+        strategy=meta["strategy"], teacher_model=meta["teacher_model"], sampling=meta["sampling"],
+        student_prompt_ids=shard["student_prompt_ids"][span("student_prompt")],
+        teacher_prompt_ids=shard["teacher_prompt_ids"][span("teacher_prompt")],
+        response_text=meta["response_text"], response_ids=shard["response_ids"][response],
+        topk_ids=shard["topk_ids"][response], topk_logprobs=shard["topk_logprobs"][response],
+        tail_mass=shard["tail_mass"][response], finish_reason=meta["finish_reason"],
+        extracted_answer=meta["extracted_answer"], gold_answer=meta["gold_answer"],
+        correct=meta["correct"])
+
+  def __iter__(self) -> Iterator[TeacherRecord]:
+    for index in range(len(self)):
+      yield self[index]
+
+  def filter(self, correct_only: bool = True) -> StoreView:
+    """The examples to train on: those whose extracted answer was correct (or all)."""
+    return StoreView(self, [i for i, meta in enumerate(self._metadata)
+                            if meta["correct"] or not correct_only])

@@ -1,0 +1,138 @@
+"""GSM8K loading, gold parsing, hashing and the train/validation split."""
+
+import hashlib
+import json
+import sys
+import types
+
+import pytest
+
+from kdjax import data
+
+
+def _write_jsonl(path, rows):
+  path.write_text("".join(json.dumps(row) + "\n" for row in rows), encoding="utf-8")
+
+
+def test_real_gsm8k_train_and_test(gsm8k_dir):
+  train = data.load_gsm8k(gsm8k_dir, "train")
+  test = data.load_gsm8k(gsm8k_dir, "test")
+  assert len(train) == 7473 and len(test) == 1319
+  assert [ex["id"] for ex in train[:3]] == [0, 1, 2]
+  first = train[0]
+  assert first["question"].startswith("Natalia sold clips to 48 of her friends")
+  assert first["answer"].endswith("#### 72")
+  assert first["gold"] == 72.0
+  # Independent reference: the raw file's last line, parsed with a regex.
+  with open(gsm8k_dir / "train.jsonl") as f:
+    raw = [json.loads(line) for line in f]
+  for example, row in zip(train, raw):
+    tail = row["answer"].strip().splitlines()[-1]
+    assert tail.startswith("#### ")
+    assert example["gold"] == float(tail[5:].replace(",", ""))
+  # GSM8K writes thousands with commas ("#### 1,600"); they must parse.
+  assert any("," in row["answer"].splitlines()[-1] for row in raw)
+
+
+def test_file_path_equals_directory(tmp_path):
+  rows = [{"question": "q0?", "answer": "a\n#### 1,234"}, {"question": "q1?", "answer": "b\n#### -2.5"}]
+  _write_jsonl(tmp_path / "train.jsonl", rows)
+  from_dir = data.load_gsm8k(tmp_path, "train")
+  from_file = data.load_gsm8k(str(tmp_path / "train.jsonl"), "ignored")
+  assert from_dir == from_file
+  assert from_dir == [
+      {"id": 0, "question": "q0?", "answer": "a\n#### 1,234", "gold": 1234.0},
+      {"id": 1, "question": "q1?", "answer": "b\n#### -2.5", "gold": -2.5},
+  ]
+
+
+def test_missing_path_is_a_data_error(tmp_path):
+  with pytest.raises(data.DataError, match="neither an existing path"):
+    data.load_gsm8k(tmp_path / "nope", "train")
+  with pytest.raises(data.DataError, match="no test.jsonl"):
+    data.load_gsm8k(tmp_path, "test")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("{not json", "invalid JSON"),
+    (json.dumps({"question": "q"}), "answer"),
+    (json.dumps({"question": "q", "answer": "no marker here"}), "no '#### N' line"),
+    (json.dumps({"question": "q", "answer": "x\n#### twelve"}), "not a number"),
+    (json.dumps(["q", "a"]), "expected a JSON object"),
+])
+def test_malformed_line_names_file_and_line(tmp_path, line, message):
+  good = json.dumps({"question": "q", "answer": "#### 1"})
+  path = tmp_path / "bad.jsonl"
+  path.write_text(good + "\n" + line + "\n")
+  with pytest.raises(data.DataError, match=message) as info:
+    data.load_gsm8k(path, "train")
+  assert f"{path}:2" in str(info.value)
+  assert "\n" not in str(info.value)
+
+
+def test_hub_branch_calls_load_dataset(monkeypatch):
+  calls = []
+
+  def fake_load_dataset(name, config, split):
+    calls.append((name, config, split))
+    return [{"question": "hub q", "answer": "work\n#### 7"}]
+
+  # A stand-in module: the hub branch must go through datasets.load_dataset with the main config.
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=fake_load_dataset))
+  examples = data.load_gsm8k("openai/gsm8k", "test")
+  assert calls == [("openai/gsm8k", "main", "test")]
+  assert examples == [{"id": 0, "question": "hub q", "answer": "work\n#### 7", "gold": 7.0}]
+
+
+def test_hub_failure_is_a_data_error(monkeypatch):
+  def failing_load_dataset(name, config, split):
+    raise ConnectionError("no network\nsecond line")
+
+  monkeypatch.setitem(sys.modules, "datasets", types.SimpleNamespace(load_dataset=failing_load_dataset))
+  with pytest.raises(data.DataError, match="could not load openai/gsm8k split 'train'.*no network$"):
+    data.load_gsm8k("openai/gsm8k", "train")
+
+
+def test_question_hash_and_annotation_stripping():
+  question = "How many apples? — ünïcode"
+  assert data.question_hash(question) == hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+  assert len(data.question_hash("")) == 16
+  assert data.question_hash("a") != data.question_hash("a ")
+  solution = "She sold 48/2 = <<48/2=24>>24 clips.\n#### 72"
+  assert data.strip_calculator_annotations(solution) == "She sold 48/2 = 24 clips.\n#### 72"
+
+
+def _examples(n):
+  return [{"id": i, "question": f"q{i}", "answer": f"#### {i}", "gold": float(i)} for i in range(n)]
+
+
+def test_split_is_deterministic_disjoint_and_stable():
+  examples = _examples(100)
+  train, validation = data.split_train_validation(examples, 30, 10, seed=0)
+  again_train, again_validation = data.split_train_validation(examples, 30, 10, seed=0)
+  assert (train, validation) == (again_train, again_validation)
+  assert len(train) == 30 and len(validation) == 10
+  train_ids = {ex["id"] for ex in train}
+  validation_ids = {ex["id"] for ex in validation}
+  assert not train_ids & validation_ids
+  # Not just the first rows: a shuffle happened.
+  assert train_ids | validation_ids != set(range(40))
+  # Validation does not move with num_train; a larger train list extends the smaller one.
+  bigger_train, same_validation = data.split_train_validation(examples, None, 10, seed=0)
+  assert same_validation == validation
+  assert bigger_train[:30] == train and len(bigger_train) == 90
+  assert {ex["id"] for ex in bigger_train} | validation_ids == set(range(100))
+  # The split depends on the example ids, not on the order they are passed in.
+  shuffled_train, shuffled_validation = data.split_train_validation(examples[::-1], 30, 10, seed=0)
+  assert (shuffled_train, shuffled_validation) == (train, validation)
+  other_train, other_validation = data.split_train_validation(examples, 30, 10, seed=1)
+  assert other_validation != validation
+
+
+def test_split_rejects_impossible_sizes():
+  with pytest.raises(data.DataError, match="cannot take"):
+    data.split_train_validation(_examples(10), 8, 5, seed=0)
+  with pytest.raises(data.DataError, match="cannot take"):
+    data.split_train_validation(_examples(10), None, 11, seed=0)
+  with pytest.raises(data.DataError, match="duplicate ids"):
+    data.split_train_validation(_examples(3) + _examples(1), 1, 1, seed=0)

@@ -1,0 +1,299 @@
+"""LoRA: adapters against torch + PEFT (exported, imported, merged), training-side behaviour, dropout."""
+
+from __future__ import annotations
+
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import peft
+import pytest
+import torch
+import transformers
+from flax import nnx
+from safetensors.numpy import load_file
+
+from kdjax.distill import lora
+from kdjax.models.llama import weights
+
+# GQA and an explicit head_dim != hidden / heads, so a wrong flattening of (heads, head_dim) cannot pass.
+TINY_HF = dict(vocab_size=96, hidden_size=32, intermediate_size=48, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, head_dim=12, max_position_embeddings=128, rms_norm_eps=1e-5,
+               tie_word_embeddings=False, rope_theta=10_000.0)
+ALL = ("wq", "wk", "wv", "wo", "w_gate", "w_up", "w_down")
+IDS = np.random.RandomState(0).randint(0, TINY_HF["vocab_size"], (2, 10))
+
+
+@pytest.fixture(scope="module")
+def base_dir(tmp_path_factory):
+  """A random torch Llama saved with `save_pretrained` (float32)."""
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY_HF))
+  directory = tmp_path_factory.mktemp("base")
+  model.save_pretrained(directory)
+  return directory
+
+
+def _torch_base(base_dir):
+  return transformers.LlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32,
+                                                       attn_implementation="eager").eval()
+
+
+def _torch_logits(model, ids=IDS):
+  with torch.no_grad():
+    return model(torch.tensor(ids)).logits.float().numpy()
+
+
+def _kdjax_model(base_dir):
+  source = weights.open_source(base_dir)
+  return weights.load_into_model(source, weights.config_from_source(source))
+
+
+def _randomise_b(model, seed=1, std=0.2):
+  """Non-zero B (a fresh adapter is a no-op, which would make every comparison vacuous)."""
+  key = jax.random.key(seed)
+  for i, name in enumerate(lora.lora_targets(model)):
+    var = getattr(model.layers, f"{name}_lora_b")
+    var.set_value(std * jax.random.normal(jax.random.fold_in(key, i), var.shape, var[...].dtype))
+
+
+def _adapted(base_dir, targets, **cfg):
+  model = _kdjax_model(base_dir)
+  lora.add_lora(model, lora.LoraConfig(targets=targets, **cfg), seed=3)
+  _randomise_b(model)
+  return model
+
+
+# ------------------------------------------------------------------------------------------ config
+
+def test_config_defaults_are_the_papers():
+  cfg = lora.LoraConfig()
+  assert (cfg.rank, cfg.alpha, cfg.dropout, cfg.targets) == (4, 8.0, 0.1, ("wq", "wk", "wv", "wo"))
+  assert cfg.scale == 2.0
+
+
+def test_config_accepts_hf_names_and_rejects_bad_values():
+  assert lora.LoraConfig(targets=("q_proj", "down_proj")).targets == ("wq", "w_down")
+  for bad in (dict(rank=0), dict(rank=2.5), dict(alpha=0), dict(dropout=1.0), dict(dropout=-0.1),
+              dict(targets=()), dict(targets=("wq", "q_proj")), dict(targets=("lm_head",))):
+    with pytest.raises(lora.LoraError):
+      lora.LoraConfig(**bad)
+
+
+# ------------------------------------------------------------------------------------------ structure
+
+def test_add_lora_shapes_axes_and_init(base_dir):
+  model = _kdjax_model(base_dir)
+  lora.add_lora(model, lora.LoraConfig(rank=3, alpha=6, targets=ALL), seed=0)
+  layers, d, h, g, k, f = 2, 32, 4, 2, 12, 48
+  expect = {"wq": ((d,), (h, k)), "wk": ((d,), (g, k)), "wv": ((d,), (g, k)), "wo": ((h, k), (d,)),
+            "w_gate": ((d,), (f,)), "w_up": ((d,), (f,)), "w_down": ((f,), (d,))}
+  for name, (ins, outs) in expect.items():
+    a, b = getattr(model.layers, f"{name}_lora_a"), getattr(model.layers, f"{name}_lora_b")
+    assert a.shape == (layers,) + ins + (3,) and b.shape == (layers, 3) + outs
+    assert isinstance(a, nnx.LoRAParam) and isinstance(b, nnx.LoRAParam)
+    base_axes = getattr(model.layers, name).get_metadata()["logical_axes"]
+    assert a.get_metadata()["logical_axes"] == base_axes[:1 + len(ins)] + ("lora_rank",)
+    assert b.get_metadata()["logical_axes"] == ("layers", "lora_rank") + base_axes[1 + len(ins):]
+    bound = 1 / np.sqrt(np.prod(ins))
+    a_np = np.asarray(a[...])
+    assert np.all(np.abs(a_np) <= bound) and a_np.std() > 0.4 * bound  # uniform(+-bound): std = bound/sqrt3
+    assert not np.any(np.asarray(b[...]))
+  assert model.lora_scale == 2.0 and model.lora_dropout == 0.1
+  with pytest.raises(lora.LoraError):
+    lora.add_lora(model, lora.LoraConfig(), seed=0)
+
+
+def test_fresh_lora_leaves_logits_unchanged(base_dir):
+  model = _kdjax_model(base_dir)
+  before = np.asarray(model(jnp.asarray(IDS)))
+  lora.add_lora(model, lora.LoraConfig(targets=ALL), seed=0)
+  np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), before)
+  _randomise_b(model)  # guard: the adapters really are in the forward pass
+  assert np.abs(np.asarray(model(jnp.asarray(IDS))) - before).max() > 1e-2
+
+
+def test_filters_select_lora_and_frozen(base_dir):
+  model = _adapted(base_dir, ("wq", "w_up"))
+  paths = lambda state: {".".join(map(str, p)) for p, _ in nnx.to_flat_state(state)}
+  lora_paths = paths(nnx.state(model, lora.LORA))
+  assert lora_paths == {"layers.wq_lora_a", "layers.wq_lora_b", "layers.w_up_lora_a", "layers.w_up_lora_b"}
+  assert paths(lora.lora_state(model)) == lora_paths
+  frozen_paths = paths(nnx.state(model, lora.FROZEN))
+  assert not frozen_paths & lora_paths and "layers.wq" in frozen_paths and "embed" in frozen_paths
+  assert frozen_paths | lora_paths == paths(nnx.state(model, nnx.Param))
+  graphdef, lora_part, rest = lora.split_lora(model)
+  assert paths(lora_part) == lora_paths and paths(rest) == frozen_paths
+  rebuilt = nnx.merge(graphdef, lora_part, rest)
+  np.testing.assert_array_equal(np.asarray(rebuilt(jnp.asarray(IDS))), np.asarray(model(jnp.asarray(IDS))))
+
+
+# ------------------------------------------------------------------------------------------ gradients
+
+def test_lora_gradients_match_peft_and_skip_the_base(base_dir, tmp_path):
+  """Gradients w.r.t. the LoRA factors only, equal to torch's through PEFT; the base gets none."""
+  model = _adapted(base_dir, ("wq", "wv", "w_down"), dropout=0.0)
+  lora.export_peft(model, tmp_path)
+  weights_rng = np.random.RandomState(5).randn(*IDS.shape, TINY_HF["vocab_size"]).astype(np.float32)
+
+  def loss_fn(m):
+    return jnp.sum(m(jnp.asarray(IDS)) * weights_rng)
+
+  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, lora.LORA))(model)
+  grad_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
+  assert grad_paths == {f"layers.{n}_lora_{x}" for n in ("wq", "wv", "w_down") for x in "ab"}
+
+  torch_model = peft.PeftModel.from_pretrained(_torch_base(base_dir), tmp_path, is_trainable=True)
+  torch_model.eval()  # dropout 0 anyway; eval keeps it deterministic
+  logits = torch_model(torch.tensor(IDS)).logits
+  (logits * torch.tensor(weights_rng)).sum().backward()
+  torch_grads = {n: p.grad for n, p in torch_model.named_parameters() if p.grad is not None}
+  assert all("lora_" in n for n in torch_grads)  # PEFT freezes the base too
+  hf = {"wq": "self_attn.q_proj", "wv": "self_attn.v_proj", "w_down": "mlp.down_proj"}
+  for name, module in hf.items():
+    g_a = np.asarray(getattr(grads.layers, f"{name}_lora_a")[...])
+    g_b = np.asarray(getattr(grads.layers, f"{name}_lora_b")[...])
+    for layer in range(TINY_HF["num_hidden_layers"]):
+      prefix = f"base_model.model.model.layers.{layer}.{module}"
+      ta = torch_grads[f"{prefix}.lora_A.default.weight"].numpy()   # [r, in]
+      tb = torch_grads[f"{prefix}.lora_B.default.weight"].numpy()   # [out, r]
+      np.testing.assert_allclose(g_a[layer].reshape(-1, 4).T, ta, atol=2e-4, rtol=1e-4)
+      np.testing.assert_allclose(g_b[layer].reshape(4, -1).T, tb, atol=2e-4, rtol=1e-4)
+
+
+def test_optimizer_step_moves_only_lora(base_dir):
+  model = _adapted(base_dir, ("wq", "wo"), dropout=0.0)
+  frozen_before = jax.tree.map(np.asarray, nnx.state(model, lora.FROZEN))
+  lora_before = jax.tree.map(np.asarray, lora.lora_state(model))
+  optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=lora.LORA)
+  assert {".".join(map(str, p[-2:])) for p, _ in nnx.to_flat_state(nnx.state(optimizer, nnx.OptState))
+          if "momentum" in map(str, p) or "trace" in map(str, p)} <= {
+              f"layers.{n}_lora_{x}" for n in ("wq", "wo") for x in "ab"}
+
+  @nnx.jit
+  def step(model, optimizer):
+    grads = nnx.grad(lambda m: jnp.mean(m(jnp.asarray(IDS)) ** 2), argnums=nnx.DiffState(0, lora.LORA))(model)
+    optimizer.update(model, grads)
+
+  step(model, optimizer)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, nnx.state(model, lora.FROZEN)),
+               frozen_before)
+  moved = jax.tree.map(lambda a, b: np.abs(np.asarray(a) - b).max(), lora.lora_state(model), lora_before)
+  assert min(jax.tree.leaves(moved)) > 0
+
+
+# ------------------------------------------------------------------------------------------ dropout
+
+def test_dropout_only_with_a_key_and_only_on_the_lora_path(base_dir):
+  model = _adapted(base_dir, ALL, dropout=0.5)
+  ids = jnp.asarray(IDS)
+  no_key = np.asarray(model.forward(ids).logits)
+  with_key = np.asarray(model.forward(ids, dropout_key=jax.random.key(0)).logits)
+  other_key = np.asarray(model.forward(ids, dropout_key=jax.random.key(1)).logits)
+  assert np.abs(with_key - no_key).max() > 1e-3 and np.abs(with_key - other_key).max() > 1e-3
+  model.lora_dropout = 0.0
+  np.testing.assert_array_equal(no_key, np.asarray(model.forward(ids).logits))
+  # With B = 0 the LoRA path is zero, so dropout (which only touches the LoRA input) changes nothing.
+  model.lora_dropout = 0.5
+  for name in lora.lora_targets(model):
+    var = getattr(model.layers, f"{name}_lora_b")
+    var.set_value(jnp.zeros_like(var[...]))
+  base = np.asarray(model.forward(ids).logits)
+  np.testing.assert_allclose(np.asarray(model.forward(ids, dropout_key=jax.random.key(0)).logits), base,
+                             atol=1e-6, rtol=0)
+
+
+# ------------------------------------------------------------------------------------------ PEFT / HF
+
+@pytest.mark.parametrize("targets", [("wq", "wk", "wv", "wo"), ALL], ids=["attention", "all"])
+def test_peft_adapter_loads_onto_transformers_with_kdjax_logits(base_dir, tmp_path, targets):
+  """Issue acceptance 4: the exported adapter, loaded with `peft`, gives kdjax's logits within 1e-4."""
+  model = _adapted(base_dir, targets, rank=4, alpha=8)
+  adapter_dir = lora.export_peft(model, tmp_path / "adapter", base_model_name_or_path=str(base_dir))
+  config = json.loads((adapter_dir / "adapter_config.json").read_text())
+  hf_names = {"wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj", "w_gate": "gate_proj",
+              "w_up": "up_proj", "w_down": "down_proj"}
+  assert config["target_modules"] == [hf_names[t] for t in targets]
+  assert (config["peft_type"], config["r"], config["lora_alpha"], config["task_type"]) == ("LORA", 4, 8, "CAUSAL_LM")
+  keys = set(load_file(str(adapter_dir / "adapter_model.safetensors")))
+  assert "base_model.model.model.layers.1.self_attn.q_proj.lora_A.weight" in keys
+  assert len(keys) == 2 * len(targets) * TINY_HF["num_hidden_layers"]
+  assert not list(adapter_dir.glob("*.tmp"))
+
+  ours = np.asarray(model(jnp.asarray(IDS)))
+  base_logits = _torch_logits(_torch_base(base_dir))
+  assert np.abs(ours - base_logits).max() > 1e-2  # the adapter matters, so a dropped adapter fails below
+  peft_model = peft.PeftModel.from_pretrained(_torch_base(base_dir), adapter_dir).eval()
+  np.testing.assert_allclose(ours, _torch_logits(peft_model), atol=1e-4, rtol=0)
+
+
+def test_merged_export_loads_in_transformers(base_dir, tmp_path):
+  model = _adapted(base_dir, ALL)
+  ours = np.asarray(model(jnp.asarray(IDS)))
+  lora.export_merged_hf(model, tmp_path / "merged")
+  assert lora.lora_targets(model) == ALL  # the adapted model itself is untouched
+  merged_torch = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32,
+                                                               attn_implementation="eager").eval()
+  np.testing.assert_allclose(_torch_logits(merged_torch), ours, atol=1e-4, rtol=0)
+  merged = lora.merge_lora(model)
+  assert lora.lora_targets(merged) == () and merged.lora_scale == 0.0
+  np.testing.assert_allclose(np.asarray(merged(jnp.asarray(IDS))), ours, atol=1e-4, rtol=0)
+
+
+def test_merge_refuses_int8_base(base_dir):
+  model = _adapted(base_dir, ("wq",))
+  model.layers.wq_scale = nnx.Variable(jnp.ones((2, 4, 12)))  # what int8 weight-only quantisation adds
+  with pytest.raises(lora.LoraError, match="int8"):
+    lora.merge_lora(model)
+  with pytest.raises(lora.LoraError):
+    lora.merge_lora(_kdjax_model(base_dir))  # nothing to merge
+
+
+def test_import_peft_saved_by_peft(base_dir, tmp_path):
+  """An adapter trained/saved by PEFT itself, imported into kdjax, gives PEFT's logits."""
+  torch.manual_seed(7)
+  peft_cfg = peft.LoraConfig(r=3, lora_alpha=5, lora_dropout=0.0, target_modules=["k_proj", "o_proj", "up_proj"],
+                             task_type="CAUSAL_LM")
+  peft_model = peft.get_peft_model(_torch_base(base_dir), peft_cfg)
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0, 0.2)
+  peft_model.save_pretrained(tmp_path / "from_peft")
+  peft_model.eval()
+
+  model = _kdjax_model(base_dir)
+  lora.import_peft(model, tmp_path / "from_peft")
+  assert lora.lora_targets(model) == ("wk", "wo", "w_up") and lora.lora_rank(model) == 3
+  assert model.lora_scale == pytest.approx(5 / 3)
+  np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), _torch_logits(peft_model), atol=1e-4, rtol=0)
+
+
+def test_export_import_round_trip(base_dir, tmp_path):
+  model = _adapted(base_dir, ("wv", "w_gate"), rank=2, alpha=3, dropout=0.05)
+  lora.export_peft(model, tmp_path)
+  other = _kdjax_model(base_dir)
+  lora.add_lora(other, lora.LoraConfig(), seed=9)  # replaced by the import
+  lora.import_peft(other, tmp_path)
+  assert lora.lora_targets(other) == ("wv", "w_gate")
+  assert (other.lora_scale, other.lora_dropout) == (1.5, 0.05)
+  jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, lora.lora_state(other)),
+               jax.tree.map(np.asarray, lora.lora_state(model)))
+
+
+def test_import_rejects_bad_adapters(base_dir, tmp_path):
+  model = _adapted(base_dir, ("wq",))
+  lora.export_peft(model, tmp_path)
+  target = _kdjax_model(base_dir)
+  with pytest.raises(lora.LoraError, match="needs"):
+    lora.import_peft(target, tmp_path / "missing")
+  config = json.loads((tmp_path / "adapter_config.json").read_text())
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "r": 5}))
+  with pytest.raises(lora.LoraError, match="expects"):
+    lora.import_peft(target, tmp_path)
+  assert lora.lora_targets(target) == ()  # a failed import leaves the model as it was
+  (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["lm_head"]}))
+  with pytest.raises(lora.LoraError, match="does not adapt"):
+    lora.import_peft(target, tmp_path)

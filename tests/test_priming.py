@@ -1,0 +1,168 @@
+"""Priming strategies and prompts, checked against the real SmolLM2 tokenizer and chat template."""
+
+import pytest
+import tokenizers
+import transformers
+from tokenizers.models import WordLevel
+from tokenizers.pre_tokenizers import Whitespace
+
+from kdjax import priming
+
+QUESTION = "Tom has 3 boxes with 12 pencils each. He gives away 7 pencils. How many are left?"
+GOLD = "3 boxes hold 3*12 = <<3*12=36>>36 pencils.\nHe keeps 36-7 = <<36-7=29>>29.\n#### 29"
+PRIMED = ("teacher", "ground_truth", "confidence", "gold_hint")
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_gguf):
+  return transformers.AutoTokenizer.from_pretrained(str(smollm2_gguf.parent), gguf_file=smollm2_gguf.name)
+
+
+def _word_level_tokenizer(vocab, eos_token="</s>"):
+  backend = tokenizers.Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+  backend.pre_tokenizer = Whitespace()
+  return transformers.PreTrainedTokenizerFast(
+      tokenizer_object=backend, eos_token=eos_token, unk_token="<unk>")
+
+
+def _render(tokenizer, messages):
+  return tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+
+
+def _priming(name):
+  return priming.STRATEGIES[name].priming_text(GOLD)
+
+
+def test_registry_has_the_five_strategies():
+  assert set(priming.STRATEGIES) == {"base", "teacher", "ground_truth", "confidence", "gold_hint"}
+  for name, strategy in priming.STRATEGIES.items():
+    assert strategy.name == name
+    assert isinstance(strategy, priming.PrimingStrategy)
+  assert priming.STRATEGIES["base"].priming_text(GOLD) is None
+  texts = [_priming(name) for name in PRIMED]
+  assert len(set(texts)) == len(texts) and all(texts)
+  needing_gold = [name for name, strategy in priming.STRATEGIES.items() if strategy.needs_gold_solution]
+  assert needing_gold == ["gold_hint"]
+  with pytest.raises(AttributeError):
+    priming.STRATEGIES["teacher"].instruction = "changed"  # frozen
+
+
+def test_student_prompt_is_a_clean_chat_prefix(smollm2_tokenizer):
+  tok = smollm2_tokenizer
+  messages = priming.student_messages(QUESTION)
+  ids = priming.encode_chat(tok, messages)
+  text = _render(tok, messages)
+  # Independent reference: tokenizing the rendered template text.
+  assert ids == tok(text, add_special_tokens=False)["input_ids"]
+  assert text.endswith("<|im_start|>assistant\n")
+  assert QUESTION in text and priming.ANSWER_FORMAT_INSTRUCTION in text
+  # The explicit system prompt replaces SmolLM2's built-in default one.
+  assert "SmolLM" not in text
+  for name in PRIMED:
+    assert _priming(name) not in text
+  assert "<<3*12=36>>" not in text and "#### 29" not in text
+  # Prefix compatibility: prompt ids + response ids is how the full chat tokenizes.
+  response = "3 boxes hold 36 pencils; 36 - 7 = 29.\n#### 29"
+  full = tok.apply_chat_template(
+      messages + [{"role": "assistant", "content": response}], tokenize=True, add_generation_prompt=False)
+  full = full["input_ids"] if hasattr(full, "keys") else full
+  assert full[:len(ids)] == ids
+  assert tok.decode(full[len(ids):]).startswith(response)
+
+
+@pytest.mark.parametrize("name", PRIMED)
+def test_system_placement_puts_priming_in_the_system_turn(smollm2_tokenizer, name):
+  tok = smollm2_tokenizer
+  teacher = _render(tok, priming.teacher_messages(QUESTION, name, gold_solution=GOLD, placement="system"))
+  student = _render(tok, priming.student_messages(QUESTION))
+  system_turn, user_and_rest = teacher.split("<|im_start|>user\n", 1)
+  assert system_turn.startswith("<|im_start|>system\n" + priming.SYSTEM_PROMPT)
+  assert _priming(name) in system_turn
+  # The user turn (and what follows) is exactly the student's.
+  assert student.endswith("<|im_start|>user\n" + user_and_rest)
+  teacher_ids = priming.encode_chat(tok, priming.teacher_messages(QUESTION, name, gold_solution=GOLD))
+  assert teacher_ids == tok(teacher, add_special_tokens=False)["input_ids"]
+
+
+@pytest.mark.parametrize("name", PRIMED)
+def test_user_prefix_placement_puts_priming_before_the_question(smollm2_tokenizer, name):
+  tok = smollm2_tokenizer
+  messages = priming.teacher_messages(QUESTION, name, gold_solution=GOLD, placement="user_prefix")
+  text = _render(tok, messages)
+  student = _render(tok, priming.student_messages(QUESTION))
+  system_turn, user_turn = text.split("<|im_start|>user\n", 1)
+  assert _priming(name) not in system_turn
+  assert system_turn == student.split("<|im_start|>user\n", 1)[0]
+  assert user_turn.index(_priming(name)) == 0
+  assert user_turn.index(_priming(name)) < user_turn.index(QUESTION) < user_turn.index(
+      priming.ANSWER_FORMAT_INSTRUCTION)
+
+
+@pytest.mark.parametrize("placement", priming.PLACEMENTS)
+def test_gold_hint_contains_the_gold_solution(smollm2_tokenizer, placement):
+  messages = priming.teacher_messages(QUESTION, "gold_hint", gold_solution=GOLD, placement=placement)
+  text = _render(smollm2_tokenizer, messages)
+  assert GOLD in text
+  other = priming.teacher_messages(QUESTION, "gold_hint", gold_solution="x\n#### 5", placement=placement)
+  assert other != messages
+  with pytest.raises(priming.PrimingError, match="needs the gold solution"):
+    priming.teacher_messages(QUESTION, "gold_hint", placement=placement)
+
+
+def test_base_teacher_prompt_equals_student_prompt():
+  for placement in priming.PLACEMENTS:
+    base = priming.teacher_messages(QUESTION, "base", placement=placement)
+    assert base == priming.student_messages(QUESTION)
+  # A strategy object works as well as its name.
+  assert priming.teacher_messages(QUESTION, priming.STRATEGIES["teacher"]) == priming.teacher_messages(
+      QUESTION, "teacher")
+
+
+def test_unknown_strategy_and_placement_are_errors():
+  with pytest.raises(priming.PrimingError, match="unknown priming strategy 'socratic'; known: base"):
+    priming.teacher_messages(QUESTION, "socratic")
+  with pytest.raises(priming.PrimingError, match="unknown placement 'assistant'"):
+    priming.teacher_messages(QUESTION, "teacher", placement="assistant")
+
+
+def test_encode_chat_accepts_list_and_batched_returns():
+  class ListTokenizer:  # transformers 4.x style: a plain id list, or a batch of one
+    def __init__(self, result):
+      self.result = result
+
+    def apply_chat_template(self, messages, add_generation_prompt, tokenize):
+      assert add_generation_prompt and tokenize
+      return self.result
+
+  assert priming.encode_chat(ListTokenizer([5, 6, 7]), []) == [5, 6, 7]
+  assert priming.encode_chat(ListTokenizer([[5, 6]]), []) == [5, 6]
+  assert priming.encode_chat(ListTokenizer({"input_ids": [9]}), []) == [9]
+  with pytest.raises(priming.PrimingError, match="batch of 2"):
+    priming.encode_chat(ListTokenizer([[1], [2]]), [])
+
+
+def test_stop_token_ids(smollm2_tokenizer):
+  # SmolLM2: eos is <|im_end|> (id 2); it has neither <|eot_id|> nor <|end_of_text|>.
+  assert priming.stop_token_ids(smollm2_tokenizer) == [2]
+  llama_like = _word_level_tokenizer(
+      {"<unk>": 0, "</s>": 1, "<|end_of_text|>": 2, "<|eot_id|>": 3, "hello": 4})
+  assert priming.stop_token_ids(llama_like) == [1, 3, 2]
+
+
+def test_same_tokenizer_passes(smollm2_tokenizer):
+  priming.check_same_tokenizer(smollm2_tokenizer, smollm2_tokenizer)
+  vocab = {"<unk>": 0, "</s>": 1, "a": 2, "b": 3}
+  priming.check_same_tokenizer(_word_level_tokenizer(vocab), _word_level_tokenizer(dict(vocab)))
+
+
+def test_tokenizer_mismatch_is_detected(smollm2_tokenizer):
+  tiny = _word_level_tokenizer({"<unk>": 0, "</s>": 1, "a": 2, "b": 3})
+  with pytest.raises(priming.TokenizerMismatchError, match=r"vocabulary sizes 49152 \(teacher\) vs 4"):
+    priming.check_same_tokenizer(smollm2_tokenizer, tiny)
+  swapped = _word_level_tokenizer({"<unk>": 0, "</s>": 1, "a": 3, "b": 2})
+  with pytest.raises(priming.TokenizerMismatchError, match=r"token 'a' has id 2 \(teacher\) vs 3") as info:
+    priming.check_same_tokenizer(tiny, swapped)
+  assert "\n" not in str(info.value)
+  renamed = _word_level_tokenizer({"<unk>": 0, "</s>": 1, "a": 2, "c": 3})
+  with pytest.raises(priming.TokenizerMismatchError, match=r"token 'b' has id 3 \(teacher\) vs None"):
+    priming.check_same_tokenizer(tiny, renamed)
