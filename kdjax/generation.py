@@ -285,7 +285,9 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   graphdef, state = nnx.split(model)
   opts = _DecodeOptions(max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
                         use_top_p=sampling.top_p < 1.0, topk_logprobs=topk_logprobs, pad_id=pad_id)
-  stop_array = jnp.asarray(np.asarray(list(stop_ids), np.int32).reshape(-1))
+  # Padded with -1 (never a token) to a multiple of 8, so the number of stop ids rarely forces a recompile.
+  stop_array = np.full(round_up(max(len(stop_ids), 1), 8), -1, np.int32)
+  stop_array[:len(stop_ids)] = list(stop_ids)
   # Similar lengths share a batch, so little compute goes to padding; results return to the caller's order.
   order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
   start, tokens_done = time.perf_counter(), 0
@@ -301,7 +303,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
                              max_len=length + sampling.max_new_tokens)
     out = _decode(graphdef, state, cache, logits, jnp.asarray(batch_examples, jnp.int32),
                   jnp.uint32(sampling.seed), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-                  stop_array, opts=opts)
+                  jnp.asarray(stop_array), opts=opts)
     out = jax.device_get(out)
     for row, index in enumerate(members):
       n = int(out.lengths[row])

@@ -110,7 +110,7 @@ def quantize_model(model: model_lib.Llama) -> model_lib.Llama:
   if is_quantized(model):
     raise QuantizationError("model is already quantized")
   for name in QUANTIZED_PROJECTIONS:
-    w = getattr(model.layers, name)[...]
+    w = getattr(model.layers, name).get_value()
     n_in = num_in_dims(name)
     scale_shape = w.shape[:1] + w.shape[1 + n_in:]
     if isinstance(w, jax.ShapeDtypeStruct):

@@ -19,6 +19,11 @@ PAD = 0
 RAGGED_PROMPTS = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], [100, 101, 102, 103, 104, 105, 106], [42]]
 
 
+# Every tiny test decodes NEW tokens with batches of 4 (or 2) rows, so they share a handful of compiled shapes.
+NEW = 8
+REFERENCE_ROWS, REFERENCE_LEN = 8, 32
+
+
 @pytest.fixture(scope="module")
 def tiny() -> model_lib.Llama:
   """The "tiny" preset with random weights; the head is scaled up so distributions are peaked, not flat."""
@@ -27,9 +32,21 @@ def tiny() -> model_lib.Llama:
   return model
 
 
-def full_logits(model: model_lib.Llama, tokens: list[int]) -> np.ndarray:
-  """float64 logits [len, V] of one unpadded sequence, from a plain forward with no cache."""
-  return np.asarray(model(jnp.asarray([tokens], jnp.int32))[0], np.float64)
+_forward = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
+
+
+def full_logits(model: model_lib.Llama, sequences: list[list[int]]) -> list[np.ndarray]:
+  """float64 logits [len, V] of each sequence from a plain forward: no cache, no left padding.
+
+  Rows are right-padded to one shape (one compile); causal attention keeps the padding after a sequence from
+  touching its logits, so each row is the unpadded forward of that sequence.
+  """
+  assert len(sequences) <= REFERENCE_ROWS and max(map(len, sequences)) <= REFERENCE_LEN
+  ids = np.full((REFERENCE_ROWS, REFERENCE_LEN), PAD, np.int32)
+  for row, seq in enumerate(sequences):
+    ids[row, :len(seq)] = seq
+  logits = np.asarray(_forward(*nnx.split(model), jnp.asarray(ids)), np.float64)
+  return [logits[row, :len(seq)] for row, seq in enumerate(sequences)]
 
 
 def log_softmax64(logits: np.ndarray) -> np.ndarray:
@@ -37,39 +54,42 @@ def log_softmax64(logits: np.ndarray) -> np.ndarray:
   return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
+def greedy_free(model: model_lib.Llama) -> list[list[int]]:
+  return [o.tokens for o in generate(model, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=NEW), stop_ids=[],
+                                     pad_id=PAD)]
+
+
 # ----------------------------------------------------------------------------- cache vs full forward
 
 def test_cached_decoding_equals_full_forward_for_ragged_left_padded_batch(tiny):
   """Issue acceptance: prefill + cached steps give the full-sequence logits at every step (fp32, 1e-5)."""
-  steps = 6
   rng = np.random.default_rng(0)
-  continuations = rng.integers(1, tiny.config.vocab_size, size=(len(RAGGED_PROMPTS), steps)).astype(np.int32)
-  length = generation.round_up(max(map(len, RAGGED_PROMPTS)), 16)
-  ids, mask = generation.left_pad(RAGGED_PROMPTS, length, PAD)
-  assert ids.shape == (4, 16) and mask.sum(axis=1).tolist() == [3, 11, 7, 1]
+  continuations = rng.integers(1, tiny.config.vocab_size, size=(len(RAGGED_PROMPTS), NEW)).astype(np.int32)
+  ids, mask = generation.left_pad(RAGGED_PROMPTS, 64, PAD)
+  assert ids.shape == (4, 64) and mask.sum(axis=1).tolist() == [3, 11, 7, 1]
+  assert (ids[~mask] == PAD).all() and mask[:, -1].all()  # padding on the left
   graphdef, state = nnx.split(tiny)
-  cache, logits = generation._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                                      max_len=length + steps)
+  cache, logits = generation._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), max_len=64 + NEW)
   per_step = [np.asarray(logits)]
-  for t in range(steps - 1):
+  for t in range(NEW - 1):
     logits, cache = generation._step_jit(graphdef, state, cache, jnp.asarray(continuations[:, t]))
     per_step.append(np.asarray(logits))
-  for row, prompt in enumerate(RAGGED_PROMPTS):
-    reference = full_logits(tiny, prompt + continuations[row].tolist())
-    for t in range(steps):
-      expected = reference[len(prompt) - 1 + t]
-      np.testing.assert_allclose(per_step[t][row], expected, atol=1e-5, rtol=0,
+  references = full_logits(tiny, [p + c.tolist() for p, c in zip(RAGGED_PROMPTS, continuations)])
+  for row, (prompt, reference) in enumerate(zip(RAGGED_PROMPTS, references)):
+    for t in range(NEW):
+      np.testing.assert_allclose(per_step[t][row], reference[len(prompt) - 1 + t], atol=1e-5, rtol=0,
                                  err_msg=f"row {row} step {t}")
 
 
 def test_decode_loop_logprobs_equal_full_forward(tiny):
   """The whole jitted loop: with k = vocab, each step's log-probs are the full forward's log-softmax."""
   vocab = tiny.config.vocab_size
-  outs = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=7), stop_ids=[], pad_id=PAD,
-                  topk_logprobs=vocab, length_bucket=16)
-  for prompt, out in zip(RAGGED_PROMPTS, outs):
-    assert out.finish_reason == "length" and len(out.tokens) == 7
-    expected = log_softmax64(full_logits(tiny, prompt + out.tokens))[len(prompt) - 1:-1]
+  outs = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+                  topk_logprobs=vocab)
+  references = full_logits(tiny, [p + o.tokens for p, o in zip(RAGGED_PROMPTS, outs)])
+  for prompt, out, reference in zip(RAGGED_PROMPTS, outs, references):
+    assert out.finish_reason == "length" and len(out.tokens) == NEW
+    expected = log_softmax64(reference)[len(prompt) - 1:-1]
     got = np.full_like(expected, np.nan)
     np.put_along_axis(got, out.topk_ids.astype(np.int64), out.topk_logprobs, axis=1)
     np.testing.assert_allclose(got, expected, atol=1e-5, rtol=0)
@@ -80,20 +100,22 @@ def test_decode_loop_logprobs_equal_full_forward(tiny):
 
 def test_topk_logprobs_and_tail_mass_match_fresh_forward(tiny):
   k = 5
-  sampling = SamplingConfig(temperature=1.0, max_new_tokens=9, seed=4)
-  outs = generate(tiny, RAGGED_PROMPTS, sampling, stop_ids=[], pad_id=PAD, topk_logprobs=k, batch_size=3)
-  for prompt, out in zip(RAGGED_PROMPTS, outs):
+  sampling = SamplingConfig(temperature=1.0, max_new_tokens=NEW, seed=4)
+  outs = generate(tiny, RAGGED_PROMPTS, sampling, stop_ids=[], pad_id=PAD, topk_logprobs=k)
+  references = full_logits(tiny, [p + o.tokens for p, o in zip(RAGGED_PROMPTS, outs)])
+  for prompt, out, reference in zip(RAGGED_PROMPTS, outs, references):
     n = len(out.tokens)
     assert out.topk_ids.shape == (n, k) and out.topk_ids.dtype == np.int32
     assert out.topk_logprobs.shape == (n, k) and out.topk_logprobs.dtype == np.float32
     assert out.tail_mass.shape == (n,) and out.tail_mass.dtype == np.float32
-    logprobs = log_softmax64(full_logits(tiny, prompt + out.tokens))[len(prompt) - 1:-1]
+    logprobs = log_softmax64(reference)[len(prompt) - 1:-1]
     expected_ids = np.argsort(-logprobs, axis=1, kind="stable")[:, :k]
     np.testing.assert_array_equal(out.topk_ids, expected_ids)
-    np.testing.assert_allclose(out.topk_logprobs, np.take_along_axis(logprobs, expected_ids, 1),
-                               atol=1e-5, rtol=0)
-    expected_tail = 1.0 - np.exp(np.take_along_axis(logprobs, expected_ids, 1)).sum(axis=1)
-    np.testing.assert_allclose(out.tail_mass, expected_tail, atol=1e-6, rtol=1e-4)
+    top = np.take_along_axis(logprobs, expected_ids, 1)
+    np.testing.assert_allclose(out.topk_logprobs, top, atol=1e-5, rtol=0)
+    np.testing.assert_allclose(out.tail_mass, 1.0 - np.exp(top).sum(axis=1), atol=1e-6, rtol=1e-4)
+  # Sampled, not greedy: some token is not the argmax (the test would not notice a greedy fallback otherwise).
+  assert any(o.tokens != o.topk_ids[:, 0].tolist() for o in outs)
 
 
 def test_tail_mass_keeps_precision_when_top_k_hold_almost_everything():
@@ -124,55 +146,52 @@ def test_filter_logits_top_k_and_top_p_hand_cases():
 def test_sampling_is_independent_of_batch_size_and_order(tiny):
   prompts = RAGGED_PROMPTS + [[7, 7, 7, 7], [250, 3]]
   example_ids = [10, 11, 12, 13, 14, 15]
-  sampling = SamplingConfig(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=10, seed=123)
-  run = lambda p, e, b: [o.tokens for o in generate(tiny, p, sampling, stop_ids=[], pad_id=PAD,
-                                                    example_ids=e, batch_size=b)]
-  whole = run(prompts, example_ids, 8)
+
+  def run(prompts, example_ids, batch_size, seed=123, progress=None):
+    sampling = SamplingConfig(temperature=1.0, top_p=0.95, top_k=50, max_new_tokens=NEW, seed=seed)
+    return [o.tokens for o in generate(tiny, prompts, sampling, stop_ids=[], pad_id=PAD, example_ids=example_ids,
+                                       batch_size=batch_size, progress=progress)]
+
+  calls = []
+  whole = run(prompts, example_ids, 4, progress=lambda *args: calls.append(args))
+  # Batches of 4 and 2 prompts: (tokens so far, elapsed, examples done, examples in total).
+  assert [(c[0], c[2], c[3]) for c in calls] == [(4 * NEW, 4, 6), (6 * NEW, 6, 6)] and calls[1][1] >= 0
   assert run(prompts, example_ids, 2) == whole
   order = [4, 0, 5, 2, 3, 1]
-  shuffled = run([prompts[i] for i in order], [example_ids[i] for i in order], 3)
-  assert shuffled == [whole[i] for i in order]
+  assert run([prompts[i] for i in order], [example_ids[i] for i in order], 4) == [whole[i] for i in order]
   # The draws really come from the seed and the example id.
-  assert run(prompts, [20, 21, 22, 23, 24, 25], 8) != whole
-  other_seed = [o.tokens for o in generate(tiny, prompts, SamplingConfig(temperature=1.0, top_p=0.95, top_k=50,
-                                                                         max_new_tokens=10, seed=124),
-                                           stop_ids=[], pad_id=PAD, example_ids=example_ids)]
-  assert other_seed != whole
+  assert run(prompts, [20, 21, 22, 23, 24, 25], 4) != whole
+  assert run(prompts, example_ids, 4, seed=124) != whole
 
 
 def test_top_k_one_equals_greedy(tiny):
-  greedy = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=8), stop_ids=[], pad_id=PAD)
-  top1 = generate(tiny, RAGGED_PROMPTS, SamplingConfig(temperature=0.7, top_k=1, max_new_tokens=8, seed=9),
+  top1 = generate(tiny, RAGGED_PROMPTS, SamplingConfig(temperature=0.7, top_k=1, max_new_tokens=NEW, seed=9),
                   stop_ids=[], pad_id=PAD)
-  assert [o.tokens for o in top1] == [o.tokens for o in greedy]
+  assert [o.tokens for o in top1] == greedy_free(tiny)
 
 
 def test_stop_tokens_end_rows_and_length_limit(tiny):
-  sampling = SamplingConfig(max_new_tokens=12)
-  free = [o.tokens for o in generate(tiny, RAGGED_PROMPTS, sampling, stop_ids=[], pad_id=PAD)]
+  free = greedy_free(tiny)
   # A stop id that row 0 produces first at a position j > 0.
-  j = next(i for i in range(1, 12) if free[0][i] not in free[0][:i])
+  j = next(i for i in range(1, NEW) if free[0][i] not in free[0][:i])
   stop = free[0][j]
-  outs = generate(tiny, RAGGED_PROMPTS, sampling, stop_ids=[stop], pad_id=PAD, topk_logprobs=3)
+  outs = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=NEW), stop_ids=[stop, 255], pad_id=PAD,
+                  topk_logprobs=3)
   for tokens, out in zip(free, outs):
-    if stop in tokens:
-      end = tokens.index(stop) + 1
-      assert out.tokens == tokens[:end] and out.finish_reason == "stop"
-    else:
-      assert out.tokens == tokens and out.finish_reason == "length"
+    cut = [i + 1 for i, t in enumerate(tokens) if t in (stop, 255)]
+    if cut:
+      assert out.tokens == tokens[:cut[0]] and out.finish_reason == "stop"
+    else:  # max_new_tokens reached
+      assert out.tokens == tokens and len(tokens) == NEW and out.finish_reason == "length"
     assert out.topk_ids.shape == (len(out.tokens), 3) and out.tail_mass.shape == (len(out.tokens),)
-  assert outs[0].tokens == free[0][:j + 1]
-  short = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=3), stop_ids=[], pad_id=PAD)
-  assert [o.tokens for o in short] == [t[:3] for t in free]
-  assert all(o.finish_reason == "length" for o in short)
+  assert outs[0].tokens == free[0][:j + 1] and outs[0].finish_reason == "stop"
+  # Every row stops at once: the loop ends early and nothing but the stop token comes back.
+  firsts = sorted({t[0] for t in free})
+  early = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=NEW), stop_ids=firsts, pad_id=PAD)
+  assert [o.tokens for o in early] == [t[:1] for t in free] and all(o.finish_reason == "stop" for o in early)
 
 
-def test_progress_and_bad_inputs(tiny):
-  calls = []
-  outs = generate(tiny, RAGGED_PROMPTS, SamplingConfig(max_new_tokens=4), stop_ids=[], pad_id=PAD, batch_size=3,
-                  progress=lambda *args: calls.append(args))
-  assert [(c[0], c[2], c[3]) for c in calls] == [(12, 3, 4), (16, 4, 4)]
-  assert all(c[1] >= 0 for c in calls) and len(outs) == 4
+def test_bad_inputs(tiny):
   assert generate(tiny, [], SamplingConfig(), stop_ids=[], pad_id=PAD) == []
   with pytest.raises(GenerationError, match="prompt 1 is empty"):
     generate(tiny, [[1], []], SamplingConfig(), stop_ids=[], pad_id=PAD)
@@ -182,6 +201,8 @@ def test_progress_and_bad_inputs(tiny):
     generate(tiny, [[1, 256]], SamplingConfig(), stop_ids=[], pad_id=PAD)
   with pytest.raises(GenerationError, match="top_p"):
     SamplingConfig(top_p=0.0)
+  with pytest.raises(GenerationError, match="temperature"):
+    SamplingConfig(temperature=-1.0)
 
 
 # ----------------------------------------------------------------------------- SmolLM2 vs transformers

@@ -46,6 +46,16 @@ def _torch_logits(model, ids=IDS):
     return model(torch.tensor(ids)).logits.float().numpy()
 
 
+@nnx.jit
+def _forward(model, ids, dropout_key):
+  return model.forward(ids, dropout_key=dropout_key).logits
+
+
+def _logits(model, ids=IDS, dropout_key=None) -> np.ndarray:
+  """Jitted logits: one compile per model structure instead of one per eager call."""
+  return np.asarray(_forward(model, jnp.asarray(ids), dropout_key))
+
+
 def _kdjax_model(base_dir):
   source = weights.open_source(base_dir)
   return weights.load_into_model(source, weights.config_from_source(source))
@@ -53,10 +63,11 @@ def _kdjax_model(base_dir):
 
 def _randomise_b(model, seed=1, std=0.2):
   """Non-zero B (a fresh adapter is a no-op, which would make every comparison vacuous)."""
-  key = jax.random.key(seed)
-  for i, name in enumerate(lora.lora_targets(model)):
+  rng = np.random.RandomState(seed)  # numpy: eager jax.random would compile once per shape
+  for name in lora.lora_targets(model):
     var = getattr(model.layers, f"{name}_lora_b")
-    var.set_value(std * jax.random.normal(jax.random.fold_in(key, i), var.shape, var[...].dtype))
+    old = var[...]
+    var.set_value(jax.device_put(jnp.asarray(std * rng.randn(*var.shape), old.dtype), old.sharding))
 
 
 def _adapted(base_dir, targets, **cfg):
@@ -108,11 +119,11 @@ def test_add_lora_shapes_axes_and_init(base_dir):
 
 def test_fresh_lora_leaves_logits_unchanged(base_dir):
   model = _kdjax_model(base_dir)
-  before = np.asarray(model(jnp.asarray(IDS)))
+  before = _logits(model)
   lora.add_lora(model, lora.LoraConfig(targets=ALL), seed=0)
-  np.testing.assert_array_equal(np.asarray(model(jnp.asarray(IDS))), before)
+  np.testing.assert_array_equal(_logits(model), before)
   _randomise_b(model)  # guard: the adapters really are in the forward pass
-  assert np.abs(np.asarray(model(jnp.asarray(IDS))) - before).max() > 1e-2
+  assert np.abs(_logits(model) - before).max() > 1e-2
 
 
 def test_filters_select_lora_and_frozen(base_dir):
@@ -127,7 +138,7 @@ def test_filters_select_lora_and_frozen(base_dir):
   graphdef, lora_part, rest = lora.split_lora(model)
   assert paths(lora_part) == lora_paths and paths(rest) == frozen_paths
   rebuilt = nnx.merge(graphdef, lora_part, rest)
-  np.testing.assert_array_equal(np.asarray(rebuilt(jnp.asarray(IDS))), np.asarray(model(jnp.asarray(IDS))))
+  np.testing.assert_array_equal(_logits(rebuilt), _logits(model))
 
 
 # ------------------------------------------------------------------------------------------ gradients
@@ -141,7 +152,7 @@ def test_lora_gradients_match_peft_and_skip_the_base(base_dir, tmp_path):
   def loss_fn(m):
     return jnp.sum(m(jnp.asarray(IDS)) * weights_rng)
 
-  grads = nnx.grad(loss_fn, argnums=nnx.DiffState(0, lora.LORA))(model)
+  grads = nnx.jit(nnx.grad(loss_fn, argnums=nnx.DiffState(0, lora.LORA)))(model)
   grad_paths = {".".join(map(str, p)) for p, _ in nnx.to_flat_state(grads)}
   assert grad_paths == {f"layers.{n}_lora_{x}" for n in ("wq", "wv", "w_down") for x in "ab"}
 
@@ -168,9 +179,10 @@ def test_optimizer_step_moves_only_lora(base_dir):
   frozen_before = jax.tree.map(np.asarray, nnx.state(model, lora.FROZEN))
   lora_before = jax.tree.map(np.asarray, lora.lora_state(model))
   optimizer = nnx.Optimizer(model, optax.sgd(0.1, momentum=0.9), wrt=lora.LORA)
-  assert {".".join(map(str, p[-2:])) for p, _ in nnx.to_flat_state(nnx.state(optimizer, nnx.OptState))
-          if "momentum" in map(str, p) or "trace" in map(str, p)} <= {
-              f"layers.{n}_lora_{x}" for n in ("wq", "wo") for x in "ab"}
+  # The momentum buffers exist for the LoRA factors only (the frozen base needs no optimizer memory).
+  trace_paths = {".".join(map(str, p[-2:])) for p, _ in nnx.to_flat_state(nnx.state(optimizer, nnx.OptState))
+                 if "trace" in p}
+  assert trace_paths == {f"layers.{n}_lora_{x}" for n in ("wq", "wo") for x in "ab"}
 
   @nnx.jit
   def step(model, optimizer):
@@ -187,22 +199,19 @@ def test_optimizer_step_moves_only_lora(base_dir):
 # ------------------------------------------------------------------------------------------ dropout
 
 def test_dropout_only_with_a_key_and_only_on_the_lora_path(base_dir):
-  model = _adapted(base_dir, ALL, dropout=0.5)
-  ids = jnp.asarray(IDS)
-  no_key = np.asarray(model.forward(ids).logits)
-  with_key = np.asarray(model.forward(ids, dropout_key=jax.random.key(0)).logits)
-  other_key = np.asarray(model.forward(ids, dropout_key=jax.random.key(1)).logits)
+  model = _adapted(base_dir, ("wk", "w_down"), dropout=0.5)
+  no_key = _logits(model)
+  with_key = _logits(model, dropout_key=jax.random.key(0))
+  other_key = _logits(model, dropout_key=jax.random.key(1))
   assert np.abs(with_key - no_key).max() > 1e-3 and np.abs(with_key - other_key).max() > 1e-3
   model.lora_dropout = 0.0
-  np.testing.assert_array_equal(no_key, np.asarray(model.forward(ids).logits))
+  np.testing.assert_array_equal(no_key, _logits(model))
   # With B = 0 the LoRA path is zero, so dropout (which only touches the LoRA input) changes nothing.
   model.lora_dropout = 0.5
   for name in lora.lora_targets(model):
     var = getattr(model.layers, f"{name}_lora_b")
     var.set_value(jnp.zeros_like(var[...]))
-  base = np.asarray(model.forward(ids).logits)
-  np.testing.assert_allclose(np.asarray(model.forward(ids, dropout_key=jax.random.key(0)).logits), base,
-                             atol=1e-6, rtol=0)
+  np.testing.assert_allclose(_logits(model, dropout_key=jax.random.key(0)), _logits(model), atol=1e-6, rtol=0)
 
 
 # ------------------------------------------------------------------------------------------ PEFT / HF
@@ -222,7 +231,7 @@ def test_peft_adapter_loads_onto_transformers_with_kdjax_logits(base_dir, tmp_pa
   assert len(keys) == 2 * len(targets) * TINY_HF["num_hidden_layers"]
   assert not list(adapter_dir.glob("*.tmp"))
 
-  ours = np.asarray(model(jnp.asarray(IDS)))
+  ours = _logits(model)
   base_logits = _torch_logits(_torch_base(base_dir))
   assert np.abs(ours - base_logits).max() > 1e-2  # the adapter matters, so a dropped adapter fails below
   peft_model = peft.PeftModel.from_pretrained(_torch_base(base_dir), adapter_dir).eval()
@@ -231,15 +240,16 @@ def test_peft_adapter_loads_onto_transformers_with_kdjax_logits(base_dir, tmp_pa
 
 def test_merged_export_loads_in_transformers(base_dir, tmp_path):
   model = _adapted(base_dir, ALL)
-  ours = np.asarray(model(jnp.asarray(IDS)))
+  ours = _logits(model)
   lora.export_merged_hf(model, tmp_path / "merged")
   assert lora.lora_targets(model) == ALL  # the adapted model itself is untouched
+  np.testing.assert_array_equal(_logits(model), ours)
   merged_torch = transformers.LlamaForCausalLM.from_pretrained(tmp_path / "merged", torch_dtype=torch.float32,
                                                                attn_implementation="eager").eval()
   np.testing.assert_allclose(_torch_logits(merged_torch), ours, atol=1e-4, rtol=0)
   merged = lora.merge_lora(model)
   assert lora.lora_targets(merged) == () and merged.lora_scale == 0.0
-  np.testing.assert_allclose(np.asarray(merged(jnp.asarray(IDS))), ours, atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_logits(merged), ours, atol=1e-4, rtol=0)
 
 
 def test_merge_refuses_int8_base(base_dir):
@@ -268,7 +278,7 @@ def test_import_peft_saved_by_peft(base_dir, tmp_path):
   lora.import_peft(model, tmp_path / "from_peft")
   assert lora.lora_targets(model) == ("wk", "wo", "w_up") and lora.lora_rank(model) == 3
   assert model.lora_scale == pytest.approx(5 / 3)
-  np.testing.assert_allclose(np.asarray(model(jnp.asarray(IDS))), _torch_logits(peft_model), atol=1e-4, rtol=0)
+  np.testing.assert_allclose(_logits(model), _torch_logits(peft_model), atol=1e-4, rtol=0)
 
 
 def test_export_import_round_trip(base_dir, tmp_path):

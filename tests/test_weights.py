@@ -168,3 +168,11 @@ def test_unsupported_architecture_is_one_clear_line(saved, tmp_path):
 
 def test_missing_source_is_one_clear_line(tmp_path):
   _assert_one_line_error(_convert(f"--source={tmp_path / 'nope'}", f"--output={tmp_path / 'ckpt'}"), "nope")
+
+
+@pytest.mark.slow
+def test_conversion_peak_memory_stays_within_output_plus_largest_tensor():
+  proc = subprocess.run([sys.executable, "scripts/measure_convert_memory.py", "--hidden=512", "--layers=6"],
+                        capture_output=True, text=True, cwd=REPO)
+  assert proc.returncode == 0, proc.stdout + proc.stderr[-2000:]
+  assert "within" in proc.stdout

@@ -108,12 +108,17 @@ def lora_rank(model: model_lib.Llama) -> int:
   return int(getattr(model.layers, f"{targets[0]}_lora_a").shape[-1])
 
 
-def _place(array: jax.Array, like: jax.Array, axes: tuple[str, ...], rules) -> jax.Array:
-  """Puts a new array on the mesh of an existing parameter, sharded by its logical axes."""
+def _place(array: np.ndarray, like: jax.Array, axes: tuple[str, ...], rules) -> jax.Array:
+  """A host array as a jax array on the mesh of an existing parameter, sharded by its logical axes.
+
+  Every process holds the same host array (it comes from a seeded generator or a file), so each device's
+  shard is cut from it directly; this also works when the mesh spans several hosts.
+  """
   sharding = getattr(like, "sharding", None)
   if isinstance(sharding, NamedSharding):
-    return jax.device_put(array, parallel.named_sharding(axes, array.shape, sharding.mesh, rules))
-  return array
+    target = parallel.named_sharding(axes, array.shape, sharding.mesh, rules)
+    return jax.make_array_from_callback(array.shape, target, lambda index: array[index])
+  return jnp.asarray(array)
 
 
 def add_lora(model: model_lib.Llama, cfg: LoraConfig, *, seed: int = 0, param_dtype=jnp.float32,
@@ -127,15 +132,15 @@ def add_lora(model: model_lib.Llama, cfg: LoraConfig, *, seed: int = 0, param_dt
   existing = lora_targets(model)
   if existing:
     raise LoraError(f"the model already has LoRA adapters on {list(existing)}; merge or remove them first")
-  key = jax.random.key(seed)
   for name in cfg.targets:
     base = getattr(model.layers, name)
     ins, outs = _split_dims(tuple(base.shape), name)
     layers = base.shape[0]
     bound = 1.0 / math.sqrt(math.prod(ins))
-    a = jax.random.uniform(jax.random.fold_in(key, list(model_lib.PROJECTIONS).index(name)),
-                           (layers,) + ins + (cfg.rank,), param_dtype, -bound, bound)
-    b = jnp.zeros((layers, cfg.rank) + outs, param_dtype)
+    # numpy, not jax.random: eager jax.random compiles once per shape, which dominates small models' set-up.
+    rng = np.random.default_rng([seed, list(model_lib.PROJECTIONS).index(name)])
+    a = rng.uniform(-bound, bound, (layers,) + ins + (cfg.rank,)).astype(param_dtype)
+    b = np.zeros((layers, cfg.rank) + outs, param_dtype)
     a_axes, b_axes = lora_axes(name)
     setattr(model.layers, f"{name}_lora_a",
             nnx.LoRAParam(_place(a, base[...], a_axes, rules), logical_axes=a_axes))
@@ -195,8 +200,7 @@ def merge_lora(model: model_lib.Llama, *, inplace: bool = False) -> model_lib.Ll
   if quantised:
     raise LoraError(f"cannot merge LoRA into int8-quantised weights {quantised}; merge needs a float base")
   if not inplace:
-    graphdef, state = nnx.split(model)
-    model = nnx.merge(graphdef, state)  # new Variables over the same (immutable) arrays
+    model = nnx.clone(model)  # new Variables over the same (immutable) arrays: no array is copied
   for name in targets:
     var = getattr(model.layers, name)
     weight = var[...]
@@ -342,9 +346,8 @@ def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
   for name, arrays in factors.items():
     for suffix, values in zip(("_lora_a", "_lora_b"), arrays):
       var = getattr(model.layers, name + suffix)
-      old = var[...]
-      new = jnp.asarray(values, old.dtype)
-      var.set_value(jax.device_put(new, old.sharding) if isinstance(old.sharding, NamedSharding) else new)
+      axes = var.get_metadata()["logical_axes"]
+      var.set_value(_place(values.astype(var[...].dtype), getattr(model.layers, name)[...], axes, rules))
   return model
 
 

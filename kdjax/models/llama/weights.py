@@ -209,8 +209,12 @@ def check_source(source: TensorSource, config: LlamaConfig, params: list[str]) -
 
 
 def build_array(source: TensorSource, config: LlamaConfig, param: str, sharding: jax.sharding.Sharding,
-                dtype, transform: Callable[[np.ndarray], np.ndarray] | None = None) -> jax.Array:
-  """One kdjax array placed on `sharding`, each device's shard read straight from the source."""
+                dtype) -> jax.Array:
+  """One kdjax array placed on `sharding`, each device's shard read straight from the source.
+
+  Host memory beyond the output stays at about one shard plus one source tensor: each shard is filled layer by
+  layer into one preallocated buffer, and buffers are dropped as soon as the devices hold their copies.
+  """
   shape = kdjax_shape(config, param)
   stacked = param.startswith("layers.")
   cache: dict[tuple, np.ndarray] = {}  # devices with equal shards (replicas) share one read
@@ -220,13 +224,12 @@ def build_array(source: TensorSource, config: LlamaConfig, param: str, sharding:
     key = tuple((s.start, s.stop) for s in index)
     if key not in cache:
       if stacked:
-        layers = range(index[0].start, index[0].stop)
-        block = np.stack([read_param(source, config, param, i, index[1:]) for i in layers])
+        block = np.empty(tuple(s.stop - s.start for s in index), dtype)
+        for j, layer in enumerate(range(index[0].start, index[0].stop)):
+          block[j] = read_param(source, config, param, layer, index[1:])
       else:
-        block = read_param(source, config, param, None, index)
-      if transform is not None:
-        block = transform(block)
-      cache[key] = np.ascontiguousarray(block.astype(dtype))
+        block = np.ascontiguousarray(read_param(source, config, param, None, index), dtype=dtype)
+      cache[key] = block
     return cache[key]
 
   array = jax.make_array_from_callback(shape, sharding, callback)

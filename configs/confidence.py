@@ -1,0 +1,14 @@
+"""Arm `confidence`: 'check your answer before finishing' priming.
+
+Paper defaults (kdjax.config): 405B int8 teacher, 8B student with LoRA, reverse KL, SGD.
+  python -m kdjax.main --config=configs/confidence.py --config.teacher.source=... --config.student.source=...
+"""
+
+from kdjax.config import get_default_config
+
+
+def get_config():
+  c = get_default_config()
+  c.arms = "confidence"
+  c.workdir = "runs/paper"
+  return c

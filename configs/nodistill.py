@@ -1,0 +1,14 @@
+"""Arm `nodistill`: control: the student evaluated as it is.
+
+Paper defaults (kdjax.config): 405B int8 teacher, 8B student with LoRA, reverse KL, SGD.
+  python -m kdjax.main --config=configs/nodistill.py --config.teacher.source=... --config.student.source=...
+"""
+
+from kdjax.config import get_default_config
+
+
+def get_config():
+  c = get_default_config()
+  c.arms = "nodistill"
+  c.workdir = "runs/paper"
+  return c

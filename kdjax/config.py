@@ -1,0 +1,164 @@
+"""The one config schema of kdjax. Defaults follow the paper; `configs/*.py` override only what differs.
+
+Every key is listed here, so a misspelt override (`--config.no_such_key=1`) is an error. Paper defaults:
+Llama 3.1 405B Instruct int8 teacher, Llama 3.1 8B Instruct student, LoRA r 4 / alpha 8 / dropout 0.1 on
+q, k, v, o, reverse KL at T = 5.94 with CE weight 0.61, SGD lr 5e-6 momentum 0.9, cosine, 2 epochs, the first
+2638 GSM8K train questions.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+# An arm is what differs between the runs of one experiment: the teacher's priming and how the student learns.
+#   kd        distil from the teacher store written under `strategy`
+#   finetune  cross-entropy on GSM8K gold solutions (control)
+#   none      no training: evaluate the student as it is (control)
+ARMS: dict[str, dict[str, str]] = {
+    "base": {"strategy": "base", "mode": "kd"},
+    "teacher": {"strategy": "teacher", "mode": "kd"},
+    "ground_truth": {"strategy": "ground_truth", "mode": "kd"},
+    "confidence": {"strategy": "confidence", "mode": "kd"},
+    "gold_hint": {"strategy": "gold_hint", "mode": "kd"},
+    "finetune": {"strategy": "", "mode": "finetune"},
+    "nodistill": {"strategy": "", "mode": "none"},
+}
+
+STAGES = ("plan", "convert", "generate", "train", "eval", "report", "analyze")  # run in this order
+DEFAULT_STAGES = "convert,generate,train,eval,report"
+
+
+def get_default_config() -> ml_collections.ConfigDict:
+  c = ml_collections.ConfigDict()
+  c.workdir = "runs/kdjax"
+  c.stages = DEFAULT_STAGES         # comma-separated subset of STAGES, run in STAGES order
+  c.arms = "ground_truth"           # comma-separated names from ARMS, or "all"
+  c.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "openai/gsm8k"    # hub name, a folder with train.jsonl/test.jsonl, or a jsonl file
+  c.data.num_train_questions = 2638
+  c.data.num_validation = 200       # held out from GSM8K *train*; test is never trained or tuned on
+
+  c.mesh = ml_collections.ConfigDict()  # -1: the remaining devices
+  c.mesh.data = 1
+  c.mesh.fsdp = -1
+  c.mesh.tensor = 1
+
+  c.distributed = ml_collections.ConfigDict()  # multi-host start-up; TPU pods need none of these
+  c.distributed.coordinator = ""
+  c.distributed.num_processes = 0
+  c.distributed.process_id = -1
+
+  c.teacher = ml_collections.ConfigDict()
+  c.teacher.source = ""             # HF dir, .gguf, kdjax checkpoint or "smollm2"; empty: use the preset for `plan`
+  c.teacher.preset = "llama3.1-405b"
+  c.teacher.model_id = "meta-llama/Llama-3.1-405B-Instruct"
+  c.teacher.quantization = "int8"   # "int8" or "none"
+  c.teacher.dtype = "bfloat16"
+  c.teacher.placement = "system"    # where the priming text goes: "system" or "user_prefix"
+  c.teacher.k = 50                  # top-k log-probabilities stored per response token
+  c.teacher.temperature = 0.0       # 0: greedy
+  c.teacher.top_p = 1.0
+  c.teacher.top_k = 0
+  c.teacher.max_new_tokens = 512
+  c.teacher.batch_size = 64
+  c.teacher.shard_size = 64
+
+  c.student = ml_collections.ConfigDict()
+  c.student.source = ""
+  c.student.preset = "llama3.1-8b"
+  c.student.model_id = "meta-llama/Llama-3.1-8B-Instruct"
+  c.student.dtype = "bfloat16"
+  c.student.quantize = False        # int8 frozen base (QLoRA)
+  c.student.remat = True
+  c.student.lora = ml_collections.ConfigDict()
+  c.student.lora.rank = 4
+  c.student.lora.alpha = 8.0
+  c.student.lora.dropout = 0.1
+  c.student.lora.targets = "wq,wk,wv,wo"
+
+  c.distill = ml_collections.ConfigDict()
+  c.distill.divergence = "reverse_kl"  # forward_kl, reverse_kl, jsd, skew_forward_kl, skew_reverse_kl, tv, none
+  c.distill.temperature = 5.94
+  c.distill.scale_by_t2 = False
+  c.distill.ce_weight = 0.61
+  c.distill.beta = 0.5              # generalized JSD (GKD/TRL meaning: 0 forward KL, 1 reverse KL)
+  c.distill.skew_alpha = 0.1
+  c.distill.topk_mode = "tail"      # "tail" (k + 1 buckets) or "renormalize"
+  c.distill.correct_only = False    # train only on teacher responses whose answer is right
+
+  c.train = ml_collections.ConfigDict()
+  c.train.optimizer = "sgd"         # "sgd" (with momentum) or "adamw"
+  c.train.learning_rate = 5e-6
+  c.train.momentum = 0.9
+  c.train.weight_decay = 0.0
+  c.train.warmup_steps = 0
+  c.train.schedule = "cosine"       # decays to min_lr_ratio * lr and stays there: no restarts
+  c.train.min_lr_ratio = 0.1
+  c.train.clip_norm = 1.0
+  c.train.batch_size = 8
+  c.train.grad_accum_steps = 1
+  c.train.num_epochs = 2
+  c.train.max_len = 1024
+  c.train.eval_every = 100
+  c.train.checkpoint_every = 100
+  c.train.keep_checkpoints = 2
+  c.train.chunk_size = 256
+  c.train.log_every = 10
+
+  c.eval = ml_collections.ConfigDict()
+  c.eval.split = "test"
+  c.eval.num_questions = -1         # -1: all 1319
+  c.eval.prompt_format = "zero_shot_cot"  # or "eight_shot_cot"
+  c.eval.max_new_tokens = 512
+  c.eval.batch_size = 32
+  c.eval.rule = "paper"             # primary extraction rule of the report; every rule is stored
+
+  c.report = ml_collections.ConfigDict()
+  c.report.rule = "paper"
+
+  c.plan = ml_collections.ConfigDict()
+  c.plan.model = "teacher"          # "teacher" or "student"
+  c.plan.topology = ""              # e.g. "v5p:4x4x4"; empty: the live devices
+  c.plan.batch_size = 64
+  c.plan.max_len = 2048
+  c.plan.hbm_fraction = 0.8
+
+  c.analyze = ml_collections.ConfigDict()
+  c.analyze.num_questions = 16
+  c.analyze.threshold = 0.1
+  return c
+
+
+def recommended(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """kdjax's recommended variant: forward KL on the top-k with the tail bucket, AdamW with warmup.
+
+  Forward KL against the teacher's top-k is well defined with sparse teacher data (reverse KL needs the
+  student's mass on tokens the teacher never ranked), and AdamW with warmup is far less sensitive to the
+  learning rate than SGD at 5e-6.
+  """
+  c.distill.divergence = "forward_kl"
+  c.distill.temperature = 1.0
+  c.distill.ce_weight = 0.1
+  c.train.optimizer = "adamw"
+  c.train.learning_rate = 2e-4
+  c.train.weight_decay = 0.0
+  c.train.warmup_steps = 20
+  return c
+
+
+def arm_names(c: ml_collections.ConfigDict) -> list[str]:
+  names = list(ARMS) if c.arms == "all" else [a.strip() for a in c.arms.split(",") if a.strip()]
+  unknown = [a for a in names if a not in ARMS]
+  if unknown:
+    raise ValueError(f"unknown arm(s) {unknown}; known: {', '.join(ARMS)}")
+  return names
+
+
+def stage_names(c: ml_collections.ConfigDict) -> list[str]:
+  names = [s.strip() for s in c.stages.split(",") if s.strip()]
+  unknown = [s for s in names if s not in STAGES]
+  if unknown:
+    raise ValueError(f"unknown stage(s) {unknown}; known: {', '.join(STAGES)}")
+  return [s for s in STAGES if s in names]

@@ -1,0 +1,473 @@
+"""The student training loop: LoRA-only optimisation of the KD / CE loss, resumable Orbax checkpoints, metrics.
+
+`train(model, train_data, val_data, cfg, loss_cfg, workdir)` takes a model that already carries LoRA adapters
+(`kdjax.distill.lora.add_lora`) and lists of `batches.TrainExample`. Only the `nnx.LoRAParam` variables are
+differentiated and reach the optimizer; the frozen base is an input of the compiled step, never an output.
+
+Gradient accumulation sums loss SUMS and loss-token counts over micro-batches and divides once by the total
+token count, so a step minimises the mean over every loss token of the step (not a mean of micro-batch means),
+and `accum=2, batch=B` equals `accum=1, batch=2B`.
+
+Checkpoints (`workdir/checkpoints/<step>`, asynchronous, every `checkpoint_every` steps, the last
+`keep_checkpoints` kept) hold the LoRA state, optimizer state and RNG key (Orbax pytree) and a JSON item with the
+step, the data iterator's position and the best validation loss so far. `workdir/best/<step>` keeps the LoRA state
+with the lowest validation loss. A restarted `train` resumes from the latest checkpoint; every random choice
+(data order, dropout) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
+uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import pathlib
+import time
+from typing import Any, Iterable, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding
+
+from kdjax import parallel
+from kdjax.distill import batches as batches_lib
+from kdjax.distill import losses
+
+METRICS_FILE = "metrics.jsonl"
+OPTIMIZERS = ("sgd", "adamw")
+SCHEDULES = ("cosine", "constant")
+_MODEL_INPUTS = ("input_ids", "attention_mask")
+
+logger = logging.getLogger(__name__)
+
+
+class TrainError(ValueError):
+  """A training configuration, model or data set that cannot be trained as asked."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """Optimisation, data and bookkeeping settings. Defaults follow the paper (SGD, lr 5e-6, momentum 0.9).
+
+  `batch_size` is the number of sequences per micro-batch (over all devices); a step sees
+  `batch_size * grad_accum_steps` sequences. `num_steps`, when set, overrides `num_epochs`. `eval_every=0`
+  evaluates only at the end; `clip_norm=None` disables clipping.
+  """
+
+  optimizer: str = "sgd"
+  learning_rate: float = 5e-6
+  momentum: float = 0.9
+  weight_decay: float = 0.0
+  adam_b1: float = 0.9
+  adam_b2: float = 0.999
+  warmup_steps: int = 0
+  schedule: str = "cosine"
+  min_lr_ratio: float = 0.1  # the cosine's floor as a fraction of learning_rate; it never restarts
+  clip_norm: float | None = 1.0
+  grad_accum_steps: int = 1
+  batch_size: int = 8
+  num_epochs: int = 1
+  num_steps: int | None = None
+  eval_every: int = 0
+  eval_batch_size: int | None = None
+  checkpoint_every: int = 100
+  keep_checkpoints: int = 3
+  seed: int = 0
+  chunk_size: int = 512
+  log_every: int = 10
+  pad_multiple: int = 64
+  max_length: int | None = None
+  sort_window: int = 1
+  async_checkpointing: bool = True
+  tensorboard: bool = True
+  progress_bar: bool = True
+
+  def __post_init__(self):
+    if self.optimizer not in OPTIMIZERS:
+      raise TrainError(f"TrainConfig.optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+    if self.schedule not in SCHEDULES:
+      raise TrainError(f"TrainConfig.schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+    if not (self.learning_rate >= 0 and math.isfinite(self.learning_rate)):
+      raise TrainError(f"TrainConfig.learning_rate must be finite and >= 0, got {self.learning_rate}")
+    if not 0.0 <= self.min_lr_ratio <= 1.0:
+      raise TrainError(f"TrainConfig.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+    if self.clip_norm is not None and not self.clip_norm > 0:
+      raise TrainError(f"TrainConfig.clip_norm must be > 0 or None, got {self.clip_norm}")
+    positive = ("grad_accum_steps", "batch_size", "checkpoint_every", "keep_checkpoints", "chunk_size",
+                "log_every", "pad_multiple", "sort_window")
+    for name in positive:
+      if getattr(self, name) < 1:
+        raise TrainError(f"TrainConfig.{name} must be >= 1, got {getattr(self, name)}")
+    for name in ("num_steps", "eval_batch_size", "max_length"):
+      if getattr(self, name) is not None and getattr(self, name) < 1:
+        raise TrainError(f"TrainConfig.{name} must be >= 1 or None, got {getattr(self, name)}")
+    if self.num_steps is None and self.num_epochs < 1:
+      raise TrainError(f"TrainConfig needs num_steps or num_epochs >= 1, got num_epochs={self.num_epochs}")
+    if self.warmup_steps < 0 or self.eval_every < 0:
+      raise TrainError("TrainConfig.warmup_steps and eval_every must be >= 0")
+
+  @classmethod
+  def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
+    """From a mapping such as `ml_collections.ConfigDict.to_dict()`; unknown keys are an error."""
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+      raise TrainError(f"unknown TrainConfig fields {unknown}")
+    return cls(**dict(values))
+
+  @property
+  def examples_per_step(self) -> int:
+    return self.batch_size * self.grad_accum_steps
+
+  def total_steps(self, num_examples: int) -> int:
+    if self.num_steps is not None:
+      return self.num_steps
+    return self.num_epochs * -(-num_examples // self.examples_per_step)
+
+
+@dataclasses.dataclass
+class TrainResult:
+  step: int                           # optimizer steps done (== total steps when training finished)
+  lora: nnx.State                     # final LoRA state (also written into the model)
+  best_val_loss: float | None
+  best_step: int | None
+  final_val: dict[str, float] | None  # validation metrics at the last step
+  history: list[dict[str, float]]     # per-step training metrics of this process (a resumed run: the rest)
+  workdir: pathlib.Path
+
+
+# ------------------------------------------------------------------------------------------------ optimizer
+
+
+def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
+  """Linear warmup from 0, then cosine decay to `min_lr_ratio * lr` at `total_steps` (and flat after), or flat."""
+  lr, warmup = cfg.learning_rate, cfg.warmup_steps
+  if cfg.schedule == "constant":
+    if warmup == 0:
+      return optax.constant_schedule(lr)
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warmup), optax.constant_schedule(lr)], [warmup])
+  return optax.warmup_cosine_decay_schedule(0.0 if warmup else lr, lr, warmup, max(total_steps, warmup + 1),
+                                            end_value=lr * cfg.min_lr_ratio)
+
+
+def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+  schedule = make_schedule(cfg, total_steps)
+  parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm is not None else []
+  if cfg.optimizer == "sgd":
+    if cfg.weight_decay:
+      parts.append(optax.add_decayed_weights(cfg.weight_decay))
+    parts.append(optax.sgd(schedule, momentum=cfg.momentum or None))
+  else:
+    parts.append(optax.adamw(schedule, b1=cfg.adam_b1, b2=cfg.adam_b2, weight_decay=cfg.weight_decay))
+  return optax.chain(*parts)
+
+
+# ------------------------------------------------------------------------------------------------ loss / step
+
+
+def _loss_sums(graphdef: nnx.GraphDef, states: Sequence[nnx.State], batch: Mapping[str, jax.Array],
+               loss_cfg: losses.LossConfig, chunk_size: int, dropout_key: jax.Array | None):
+  """Loss sums of one batch: hidden states only, the vocabulary projection chunked inside `distill_loss`."""
+  model = nnx.merge(graphdef, *states)
+  out = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False,
+                      dropout_key=dropout_key)
+  loss_batch = {k: v for k, v in batch.items() if k not in _MODEL_INPUTS}
+  return losses.distill_loss(out.hidden, model.lm_head_weight(), loss_batch, loss_cfg, chunk_size=chunk_size)
+
+
+def _objective_sum(sums: losses.LossSums, loss_cfg: losses.LossConfig) -> jax.Array:
+  """The numerator of `losses.total_loss`; its gradient divided by the token count is the loss gradient."""
+  return (1.0 - loss_cfg.ce_weight) * sums.kd_sum + loss_cfg.ce_weight * sums.ce_sum
+
+
+def _means(sums: losses.LossSums, extra: Mapping[str, jax.Array], loss_cfg: losses.LossConfig) -> dict:
+  denom = jnp.maximum(sums.num_tokens, 1.0)
+  out = {"loss": losses.total_loss(sums, loss_cfg), "kd": sums.kd_sum / denom, "ce": sums.ce_sum / denom,
+         "loss_tokens": sums.num_tokens}
+  out.update({name.removesuffix("_sum"): value / denom for name, value in extra.items()})
+  return out
+
+
+def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state, rest, batch, key):
+  """One optimizer step over `batch` arrays shaped [accum, micro_batch, ...]."""
+  accum = batch["input_ids"].shape[0]
+  keys = jax.random.split(key, accum)
+
+  def micro_grads(micro, micro_key):
+    def objective(lora_state):
+      sums, extra = _loss_sums(graphdef, (lora_state, rest), micro, loss_cfg, chunk_size,
+                               micro_key if use_dropout else None)
+      return _objective_sum(sums, loss_cfg), (sums, extra)
+    grads, aux = jax.grad(objective, has_aux=True)(lora)
+    return grads, aux
+
+  if accum == 1:
+    grads, (sums, extra) = micro_grads(jax.tree.map(lambda x: x[0], batch), keys[0])
+  else:
+    def body(carry, xs):
+      return jax.tree.map(jnp.add, carry, micro_grads(*xs)), None
+    shapes = jax.eval_shape(micro_grads, jax.tree.map(lambda x: x[0], batch), keys[0])
+    zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
+    (grads, (sums, extra)), _ = jax.lax.scan(body, zeros, (batch, keys))
+  # One division by the step's total loss-token count: a token mean over all micro-batches.
+  grads = jax.tree.map(lambda g: g / jnp.maximum(sums.num_tokens, 1.0).astype(g.dtype), grads)
+  grad_norm = optax.global_norm(grads)
+  updates, opt_state = tx.update(grads, opt_state, lora)
+  lora = optax.apply_updates(lora, updates)
+  metrics = _means(sums, extra, loss_cfg)
+  metrics["grad_norm"] = grad_norm
+  return lora, opt_state, metrics
+
+
+@functools.partial(jax.jit, static_argnums=(0, 3, 4))
+def _eval_sums(graphdef, state, batch, loss_cfg, chunk_size):
+  return _loss_sums(graphdef, (state,), batch, loss_cfg, chunk_size, None)
+
+
+def _place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, leading: int = 0) -> dict[str, jax.Array]:
+  """Device arrays; with a mesh the batch dimension (after `leading` axes) is sharded over data/fsdp."""
+  if mesh is None:
+    return jax.device_put(dict(batch), jax.devices()[0])
+  out = {}
+  for k, v in batch.items():
+    axes = (None,) * leading + ("batch",) + (None,) * (v.ndim - leading - 1)
+    out[k] = jax.device_put(v, NamedSharding(mesh, parallel.logical_to_spec(axes, v.shape, mesh)))
+  return out
+
+
+def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]], loss_cfg: losses.LossConfig, *,
+                  chunk_size: int = 512, mesh: Mesh | None = None) -> dict[str, float]:
+  """Token means over every loss token of `batches`: "kd", "ce", "loss" (cfg's total), accuracies, and counts.
+
+  `batches` are `batches.collate` dicts; no dropout. Sums are accumulated in float64 on the host.
+  """
+  graphdef, state = nnx.split(model)
+  totals: dict[str, float] = {}
+  for batch in batches:
+    sums, extra = _eval_sums(graphdef, state, _place_batch(batch, mesh), loss_cfg, chunk_size)
+    values = {"kd_sum": sums.kd_sum, "ce_sum": sums.ce_sum, "num_tokens": sums.num_tokens, **extra}
+    for name, value in jax.device_get(values).items():
+      totals[name] = totals.get(name, 0.0) + float(value)
+  n = totals.get("num_tokens", 0.0)
+  means = {name.removesuffix("_sum"): (value / n if n else 0.0) for name, value in totals.items()
+           if name != "num_tokens"}
+  means["loss"] = (1.0 - loss_cfg.ce_weight) * means.get("kd", 0.0) + loss_cfg.ce_weight * means.get("ce", 0.0)
+  means["num_tokens"] = n
+  return means
+
+
+# ------------------------------------------------------------------------------------------------ checkpoints
+
+
+class _Checkpoints:
+  """The rolling checkpoints (full training state) and the best-by-validation LoRA state."""
+
+  def __init__(self, workdir: pathlib.Path, cfg: TrainConfig):
+    self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True))
+    self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
+        max_to_keep=1, best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
+        enable_async_checkpointing=cfg.async_checkpointing, create=True))
+
+  def save(self, step: int, tree: dict, meta: dict) -> None:
+    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
+
+  def save_best(self, step: int, lora: nnx.State, val_loss: float) -> None:
+    if step in self.best.all_steps():
+      return  # a resumed run re-reaching a step the killed run already saved: same values
+    self.best.save(step, args=ocp.args.Composite(lora=ocp.args.StandardSave(lora),
+                                                 meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss})),
+                   metrics={"val_loss": val_loss})
+
+  def restore_latest(self, like: dict) -> tuple[dict, dict] | None:
+    step = self.latest.latest_step()
+    if step is None:
+      return None
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
+    restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
+                                                                 meta=ocp.args.JsonRestore()))
+    return restored["state"], restored["meta"]
+
+  def close(self) -> None:
+    for manager in (self.latest, self.best):
+      manager.wait_until_finished()
+      manager.close()
+
+
+def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
+  """Loads the best-validation LoRA state of a finished (or running) `train` into `model`; returns its meta."""
+  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "best",
+                                  options=ocp.CheckpointManagerOptions(read_only=True))
+  step = manager.latest_step()
+  if step is None:
+    raise TrainError(f"{workdir}/best holds no checkpoint")
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.LoRAParam))
+  restored = manager.restore(step, args=ocp.args.Composite(lora=ocp.args.StandardRestore(abstract),
+                                                           meta=ocp.args.JsonRestore()))
+  nnx.update(model, restored["lora"])
+  return restored["meta"]
+
+
+# ------------------------------------------------------------------------------------------------ metrics
+
+
+class _MetricsLog:
+  """Per-step metrics to `metrics.jsonl`, TensorBoard and a tqdm bar; device values are fetched in windows."""
+
+  def __init__(self, workdir: pathlib.Path, cfg: TrainConfig, start_step: int, total_steps: int):
+    self.path = workdir / METRICS_FILE
+    if self.path.exists():
+      # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
+      kept = [line for line in self.path.read_text().splitlines()
+              if line.strip() and json.loads(line).get("step", 0) <= start_step]
+      self.path.write_text("".join(line + "\n" for line in kept))
+    self.file = open(self.path, "a")
+    self.writer = None
+    if cfg.tensorboard:
+      from tensorboardX import SummaryWriter  # imports torch when present: only when asked for
+      self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step or None)
+    from tqdm.auto import tqdm
+    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not cfg.progress_bar,
+                    dynamic_ncols=True)
+    self.pending: list[tuple[int, dict, int, float]] = []
+    self.window_start = time.perf_counter()
+    self.history: list[dict[str, float]] = []
+
+  def add(self, step: int, metrics: dict, real_tokens: int, lr: float) -> None:
+    self.pending.append((step, metrics, real_tokens, lr))
+    self.bar.update(1)
+
+  def flush(self) -> None:
+    if not self.pending:
+      return
+    fetched = jax.device_get([m for _, m, _, _ in self.pending])  # waits for the window's steps
+    elapsed = max(time.perf_counter() - self.window_start, 1e-9)
+    tokens_per_s = sum(t for _, _, t, _ in self.pending) / elapsed
+    for (step, _, tokens, lr), values in zip(self.pending, fetched):
+      record = {"step": step, **{k: float(v) for k, v in values.items()}, "lr": lr, "tokens": tokens,
+                "tokens_per_s": tokens_per_s}
+      self._write(record, "train")
+      self.history.append(record)
+    self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
+    self.pending = []
+    self.window_start = time.perf_counter()
+
+  def log_eval(self, step: int, values: Mapping[str, float]) -> None:
+    self._write({"step": step, **{f"val_{k}": float(v) for k, v in values.items()}}, "val")
+
+  def _write(self, record: dict, prefix: str) -> None:
+    self.file.write(json.dumps(record) + "\n")
+    self.file.flush()
+    if self.writer is not None:
+      for name, value in record.items():
+        if name != "step":
+          self.writer.add_scalar(f"{prefix}/{name.removeprefix('val_')}", value, record["step"])
+
+  def close(self) -> None:
+    self.flush()
+    self.bar.close()
+    self.file.close()
+    if self.writer is not None:
+      self.writer.close()
+
+
+# ------------------------------------------------------------------------------------------------ train
+
+
+def _check_data(name: str, data: Sequence[batches_lib.TrainExample], loss_cfg: losses.LossConfig) -> None:
+  if loss_cfg.uses_teacher and not all(e.has_teacher for e in data):
+    raise TrainError(f"{name} has examples without teacher top-k arrays but divergence="
+                     f"{loss_cfg.divergence!r} needs them (use divergence='none', ce_weight=1 for gold CE)")
+
+
+def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
+          val_data: Sequence[batches_lib.TrainExample] | None, cfg: TrainConfig, loss_cfg: losses.LossConfig,
+          workdir: str | pathlib.Path, *, mesh: Mesh | None = None) -> TrainResult:
+  """Trains the LoRA adapters of `model` (in place) and returns the final state; resumes from `workdir`.
+
+  `val_data` should be a held-out slice of GSM8K *train* (never test); its loss picks the best checkpoint.
+  With `mesh`, parameters are sharded by their logical axes and the batch over ("data", "fsdp").
+  """
+  workdir = pathlib.Path(workdir)
+  workdir.mkdir(parents=True, exist_ok=True)
+  if not train_data:
+    raise TrainError("train_data is empty")
+  _check_data("train_data", train_data, loss_cfg)
+  if val_data:
+    _check_data("val_data", val_data, loss_cfg)
+  if mesh is not None:
+    parallel.shard_model(model, mesh)
+  graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
+  if not jax.tree.leaves(lora):
+    raise TrainError("the model has no nnx.LoRAParam variables; call kdjax.distill.lora.add_lora first")
+  lora = jax.tree.map(jnp.copy, lora)  # the step donates its LoRA input; keep the model's own arrays alive
+
+  total_steps = cfg.total_steps(len(train_data))
+  schedule = make_schedule(cfg, total_steps)
+  tx = make_optimizer(cfg, total_steps)
+  opt_state = jax.jit(tx.init)(lora)
+  key = jax.random.key(cfg.seed)
+  iterator = batches_lib.BatchIterator(train_data, cfg.examples_per_step, seed=cfg.seed,
+                                       pad_multiple=cfg.pad_multiple, max_length=cfg.max_length,
+                                       sort_window=cfg.sort_window)
+  val_batches = (batches_lib.eval_batches(val_data, cfg.eval_batch_size or cfg.batch_size,
+                                          pad_multiple=cfg.pad_multiple, max_length=cfg.max_length)
+                 if val_data else None)
+
+  checkpoints = _Checkpoints(workdir, cfg)
+  step, best_val, best_step, final_val = 0, None, None, None
+  restored = checkpoints.restore_latest({"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)})
+  if restored is not None:
+    state, meta = restored
+    lora, opt_state = state["lora"], state["opt_state"]
+    key = jax.random.wrap_key_data(state["rng"])
+    step, best_val, best_step, final_val = meta["step"], meta["best_val_loss"], meta["best_step"], meta["val"]
+    iterator.restore(meta["data"])
+    if meta.get("config") != dataclasses.asdict(cfg):
+      logger.warning("resuming %s with a TrainConfig that differs from the checkpoint's", workdir)
+    logger.info("resumed from step %d of %d", step, total_steps)
+
+  if mesh is None:
+    # Committed inputs from the first step on: the step's outputs are committed, and a change of
+    # committedness between calls would compile the step twice.
+    lora, opt_state, rest = jax.device_put((lora, opt_state, rest), jax.devices()[0])
+  shardings = jax.tree.map(lambda x: x.sharding, (lora, opt_state))
+  step_fn = jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, cfg.chunk_size,
+                                      getattr(model, "lora_dropout", 0.0) > 0.0),
+                    donate_argnums=(0, 1), out_shardings=(*shardings, None))
+  log = _MetricsLog(workdir, cfg, step, total_steps)
+  try:
+    while step < total_steps:
+      batch = next(iterator)
+      real_tokens = int(batch["attention_mask"].sum())
+      micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
+      lora, opt_state, metrics = step_fn(lora, opt_state, rest, _place_batch(micro, mesh, leading=1),
+                                         jax.random.fold_in(key, step))
+      log.add(step + 1, metrics, real_tokens, float(schedule(step)))
+      step += 1
+      last = step == total_steps
+      if step % cfg.log_every == 0 or last:
+        log.flush()
+      if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
+        final_val = evaluate_loss(nnx.merge(graphdef, lora, rest), val_batches, loss_cfg,
+                                  chunk_size=cfg.chunk_size, mesh=mesh)
+        log.log_eval(step, final_val)
+        if best_val is None or final_val["loss"] < best_val:
+          best_val, best_step = final_val["loss"], step
+          checkpoints.save_best(step, lora, best_val)
+      if step % cfg.checkpoint_every == 0 or last:
+        meta = {"step": step, "data": iterator.state(), "best_val_loss": best_val, "best_step": best_step,
+                "val": final_val, "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg)}
+        checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)}, meta)
+  finally:
+    log.close()
+    checkpoints.close()
+  nnx.update(model, lora)
+  return TrainResult(step=step, lora=lora, best_val_loss=best_val, best_step=best_step, final_val=final_val,
+                     history=log.history, workdir=workdir)

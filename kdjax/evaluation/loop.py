@@ -1,0 +1,357 @@
+"""The GSM8K evaluation loop: batched greedy generation, scoring under every extraction rule, resumable output.
+
+An evaluation folder holds
+  eval_config.json  the settings that decide the outputs (written first; a restart with other settings fails)
+  samples.jsonl     one record per question (fields in `SAMPLE_FIELDS`), appended and fsynced per batch
+  summary.json      accuracy per rule with Wilson intervals, lengths and speed (written atomically at the end)
+`kdjax.evaluation.report.build_report` reads these folders.
+
+Scoring under the math_verify rule uses a worker started with multiprocessing's "spawn", which re-imports the
+caller's main module: scripts that call `evaluate` must keep their work under `if __name__ == "__main__":`.
+
+The model is any `Llama` object: a base model, one with LoRA factors attached, or merged weights.
+
+Primary rule: "paper" (the paper's own extraction, so our numbers sit next to its table; it is also the report's
+default). Every rule in `extract.RULES` is stored per question, so any other rule can be reported without
+re-running; "strict" doubles as a check that the model followed the requested answer format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kdjax import generation
+from kdjax import priming
+from kdjax.evaluation import exemplars
+from kdjax.evaluation import extract
+from kdjax.evaluation import stats
+
+PROMPT_FORMATS = ("zero_shot_cot", "eight_shot_cot")
+SAMPLES_FILE = "samples.jsonl"
+SUMMARY_FILE = "summary.json"
+CONFIG_FILE = "eval_config.json"
+SAMPLE_FIELDS = ("id", "question", "prompt", "output", "num_output_tokens", "hit_token_limit", "finish_reason",
+                 "gold", "answers", "correct", "seconds")
+
+
+class EvalError(ValueError):
+  """Bad evaluation settings or an evaluation folder that cannot be used."""
+
+
+class EvalConfigMismatchError(EvalError):
+  """A folder holds outputs made with other generation settings than the ones asked for now."""
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+  """What to evaluate and how.
+
+  Questions: `questions[start:stop]`, then the first `num_questions` of those (None: all; GSM8K test has 1319).
+  `prompt_format`: "zero_shot_cot" is the student's own chat prompt (`priming.student_messages`, the prompt the
+  student is trained with); "eight_shot_cot" is Meta's Llama 3.1 8-shot format (`exemplars.eight_shot_messages`).
+  `greedy=True` ignores temperature / top_p / seed. `num_output_tokens` counts generated tokens including the
+  stop token that ended the answer.
+  """
+  split: str = "test"
+  num_questions: int | None = None
+  start: int = 0
+  stop: int | None = None
+  prompt_format: str = "zero_shot_cot"
+  greedy: bool = True
+  temperature: float = 1.0
+  top_p: float = 1.0
+  seed: int = 0
+  max_new_tokens: int = 512
+  batch_size: int = 16
+  rules: tuple[str, ...] = extract.RULES
+  primary_rule: str = "paper"
+  confidence: float = 0.95
+
+  def __post_init__(self):
+    if self.prompt_format not in PROMPT_FORMATS:
+      raise EvalError(f"unknown prompt_format {self.prompt_format!r}; expected one of {PROMPT_FORMATS}")
+    object.__setattr__(self, "rules", tuple(self.rules))
+    unknown = [r for r in self.rules if r not in extract.RULES]
+    if unknown or not self.rules:
+      raise EvalError(f"rules must be a non-empty subset of {extract.RULES}, got {self.rules}")
+    if self.primary_rule not in self.rules:
+      raise EvalError(f"primary_rule {self.primary_rule!r} is not among the rules {self.rules}")
+    if self.num_questions is not None and self.num_questions < 1:
+      raise EvalError(f"num_questions must be >= 1 or None, got {self.num_questions}")
+    if self.start < 0 or (self.stop is not None and self.stop <= self.start):
+      raise EvalError(f"need 0 <= start < stop, got start={self.start}, stop={self.stop}")
+    if self.batch_size < 1 or self.max_new_tokens < 1:
+      raise EvalError(f"batch_size and max_new_tokens must be >= 1, got {self.batch_size}, {self.max_new_tokens}")
+    if not 0.0 < self.confidence < 1.0:
+      raise EvalError(f"confidence must lie in (0, 1), got {self.confidence}")
+    self.sampling()  # validates temperature, top_p and seed
+
+  def sampling(self) -> generation.SamplingConfig:
+    try:
+      return generation.SamplingConfig(temperature=0.0 if self.greedy else self.temperature,
+                                       top_p=1.0 if self.greedy else self.top_p,
+                                       max_new_tokens=self.max_new_tokens, seed=self.seed)
+    except generation.GenerationError as e:
+      raise EvalError(str(e)) from None
+
+  def output_settings(self) -> dict[str, Any]:
+    """The settings that decide each question's output; a folder must not mix outputs of different ones."""
+    settings = {"split": self.split, "prompt_format": self.prompt_format, "greedy": self.greedy,
+                "max_new_tokens": self.max_new_tokens}
+    if not self.greedy:
+      settings.update(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+    return settings
+
+
+def select_questions(questions: Sequence[Mapping], cfg: EvalConfig) -> list[Mapping]:
+  """The questions `cfg` asks for: the slice [start:stop], then its first `num_questions`."""
+  chosen = list(questions[cfg.start:cfg.stop])
+  if cfg.num_questions is not None:
+    chosen = chosen[:cfg.num_questions]
+  if not chosen:
+    raise EvalError(f"no questions selected from {len(questions)} (start={cfg.start}, stop={cfg.stop})")
+  ids = [q["id"] for q in chosen]
+  if len(set(ids)) != len(ids):
+    raise EvalError("questions have duplicate ids")
+  return chosen
+
+
+def prompt_messages(question: str, prompt_format: str) -> list[dict]:
+  """The chat shown to the model for one question."""
+  if prompt_format == "zero_shot_cot":
+    return priming.student_messages(question)
+  if prompt_format == "eight_shot_cot":
+    return exemplars.eight_shot_messages(question)
+  raise EvalError(f"unknown prompt_format {prompt_format!r}; expected one of {PROMPT_FORMATS}")
+
+
+def gold_of(question: Mapping) -> float:
+  """The reference answer: the `gold` field of `data.load_gsm8k` records, else parsed from `answer`."""
+  if question.get("gold") is not None:
+    return float(question["gold"])
+  return extract.gold_answer(question["answer"])
+
+
+def score_output(output: str, gold: float, rules: Sequence[str]) -> tuple[dict, dict]:
+  """({rule: extracted answer or None}, {rule: correct}) of one output."""
+  answers = {rule: extract.extract_answer(output, rule) for rule in rules}
+  return answers, {rule: extract.is_correct(answers[rule], gold) for rule in rules}
+
+
+# ----------------------------------------------------------------------------- the samples file
+
+def read_samples(path: pathlib.Path, *, repair: bool = False) -> list[dict]:
+  """Complete records of a samples file.
+
+  A torn last line (an interrupted write: no newline, or not valid JSON) is ignored, and with `repair` cut off
+  the file so later appends start on a fresh line. A bad line before the last is an error.
+  """
+  if not path.exists():
+    return []
+  data = path.read_bytes()
+  records, good_end, position = [], 0, 0
+  lines = data.split(b"\n")  # the piece after the last newline is b"" when the file ends cleanly
+  last_content = max((i for i, line in enumerate(lines) if line.strip()), default=-1)
+  for index, line in enumerate(lines):
+    terminated = index < len(lines) - 1
+    if line.strip():
+      try:
+        record = json.loads(line) if terminated else None
+      except ValueError:
+        record = None
+      if not isinstance(record, dict) or "id" not in record:
+        if index == last_content:
+          break
+        raise EvalError(f"{path}:{index + 1}: corrupt record before the end of the file")
+      records.append(record)
+    position += len(line) + 1
+    good_end = min(position, len(data))
+  if repair and good_end < len(data):
+    with path.open("r+b") as f:
+      f.truncate(good_end)
+      f.flush()
+      os.fsync(f.fileno())
+  return records
+
+
+def _append_records(path: pathlib.Path, records: Sequence[dict]) -> None:
+  with path.open("a", encoding="utf-8") as f:
+    for record in records:
+      f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def _atomic_write_json(path: pathlib.Path, content: dict) -> None:
+  tmp = path.with_name(path.name + ".tmp")
+  with tmp.open("w", encoding="utf-8") as f:
+    f.write(json.dumps(content, indent=2, allow_nan=False) + "\n")
+    f.flush()
+    os.fsync(f.fileno())
+  os.replace(tmp, path)
+
+
+def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig) -> None:
+  """Writes the folder's settings on first use; refuses a folder made with other output settings."""
+  path = out_dir / CONFIG_FILE
+  wanted = cfg.output_settings()
+  if path.exists():
+    stored = json.loads(path.read_text(encoding="utf-8"))
+    if stored != wanted:
+      raise EvalConfigMismatchError(f"{out_dir} holds outputs made with {stored}, not {wanted}; use another folder")
+  else:
+    _atomic_write_json(path, wanted)
+
+
+# ----------------------------------------------------------------------------- summary
+
+def summarise(records: Sequence[Mapping], cfg: EvalConfig, *, arm: str, run_seconds: float | None = None) -> dict:
+  """summary.json content for the records of one arm."""
+  n = len(records)
+  accuracy, correct, interval, no_answer = {}, {}, {}, {}
+  for rule in cfg.rules:
+    k = sum(bool(r["correct"][rule]) for r in records)
+    correct[rule] = k
+    accuracy[rule] = k / n if n else None
+    interval[rule] = list(stats.wilson_interval(k, n, cfg.confidence))
+    no_answer[rule] = sum(r["answers"][rule] is None for r in records) / n if n else None
+  tokens = sum(int(r["num_output_tokens"]) for r in records)
+  seconds = sum(float(r.get("seconds") or 0.0) for r in records)
+  primary = cfg.primary_rule
+  return {
+      "arm": arm,
+      "n": n,
+      "primary_rule": primary,
+      "accuracy_primary": accuracy[primary],
+      "ci_primary": interval[primary],
+      "accuracy": accuracy,
+      "correct": correct,
+      "wilson_interval": interval,
+      "confidence": cfg.confidence,
+      "no_answer_share": no_answer,
+      "mean_output_tokens": tokens / n if n else None,
+      "hit_token_limit_share": sum(bool(r["hit_token_limit"]) for r in records) / n if n else None,
+      "output_tokens": tokens,
+      # Generation time summed over every run that produced these records (compilation included).
+      "seconds": seconds,
+      "tokens_per_second": tokens / seconds if seconds > 0 else None,
+      "run_seconds": run_seconds,
+      "config": {**dataclasses.asdict(cfg), "rules": list(cfg.rules)},  # as it reads back from JSON
+  }
+
+
+# ----------------------------------------------------------------------------- progress
+
+class _Progress:
+  """A tqdm bar counting questions (rate and ETA) with output tokens/s; silent when disabled."""
+
+  def __init__(self, enabled: bool, total: int, initial: int, arm: str):
+    self._bar = None
+    if enabled:
+      from tqdm import tqdm  # pylint: disable=import-outside-toplevel
+      self._bar = tqdm(total=total, initial=initial, unit="q", desc=f"eval {arm}", file=sys.stderr,
+                       dynamic_ncols=True, smoothing=0.0)
+    self._tokens, self._start = 0, time.perf_counter()
+
+  def update(self, questions: int, tokens: int) -> None:
+    self._tokens += tokens
+    if self._bar is not None:
+      rate = self._tokens / max(time.perf_counter() - self._start, 1e-9)
+      self._bar.set_postfix_str(f"{rate:.1f} tok/s", refresh=False)
+      self._bar.update(questions)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+
+
+# ----------------------------------------------------------------------------- the loop
+
+def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, out_dir: str | os.PathLike, *,
+             arm: str, progress: bool = True) -> dict:
+  """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
+
+  `questions` are records with `id`, `question` and `gold` (or `answer`), as from `data.load_gsm8k`.
+  Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
+  selected questions is returned as is.
+  """
+  out_dir = pathlib.Path(out_dir)
+  selected = select_questions(questions, cfg)
+  wanted_ids = [q["id"] for q in selected]
+  out_dir.mkdir(parents=True, exist_ok=True)
+  _check_settings(out_dir, cfg)
+  samples_path, summary_path = out_dir / SAMPLES_FILE, out_dir / SUMMARY_FILE
+
+  records = read_samples(samples_path, repair=True)
+  done = {}
+  for record in records:
+    done.setdefault(record["id"], record)
+  if summary_path.exists() and set(wanted_ids) <= set(done):
+    summary = json.loads(summary_path.read_text(encoding="utf-8"))
+    if summary.get("n") == len(selected) and summary.get("arm") == arm:
+      return summary
+
+  todo = [q for q in selected if q["id"] not in done]
+  stop_ids = priming.stop_token_ids(tokenizer)
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+  prompts = {q["id"]: priming.encode_chat(tokenizer, prompt_messages(q["question"], cfg.prompt_format))
+             for q in todo}
+  # Similar prompt lengths share a batch, so little compute goes to padding; ids keep the records apart.
+  todo.sort(key=lambda q: (len(prompts[q["id"]]), q["id"]))
+  sampling = cfg.sampling()
+  bar = _Progress(progress, len(selected), len(selected) - len(todo), arm)
+  run_start = time.perf_counter()
+  try:
+    for first in range(0, len(todo), cfg.batch_size):
+      batch = todo[first:first + cfg.batch_size]
+      batch_start = time.perf_counter()
+      generations = generation.generate(
+          model, [prompts[q["id"]] for q in batch], sampling, stop_ids=stop_ids, pad_id=pad_id,
+          example_ids=[int(q["id"]) for q in batch], batch_size=cfg.batch_size)
+      share = (time.perf_counter() - batch_start) / len(batch)
+      new_records = []
+      for q, gen in zip(batch, generations):
+        # The stop token is a chat marker, not part of the answer text.
+        answer_tokens = gen.tokens[:-1] if gen.finish_reason == "stop" else gen.tokens
+        output = tokenizer.decode(answer_tokens, skip_special_tokens=False)
+        gold = gold_of(q)
+        answers, correct = score_output(output, gold, cfg.rules)
+        new_records.append({
+            "id": q["id"], "question": q["question"],
+            "prompt": tokenizer.decode(prompts[q["id"]], skip_special_tokens=False),
+            "output": output, "num_output_tokens": len(gen.tokens),
+            "hit_token_limit": gen.finish_reason == "length", "finish_reason": gen.finish_reason,
+            "gold": gold, "answers": answers, "correct": correct, "seconds": share})
+      _append_records(samples_path, new_records)
+      for record in new_records:
+        done[record["id"]] = record
+      bar.update(len(batch), sum(r["num_output_tokens"] for r in new_records))
+  finally:
+    bar.close()
+
+  summary = summarise([done[i] for i in wanted_ids], cfg, arm=arm, run_seconds=time.perf_counter() - run_start)
+  _atomic_write_json(summary_path, summary)
+  return summary
+
+
+def format_summary(summary: Mapping) -> str:
+  """One line per rule: accuracy, interval and counts; then lengths and speed."""
+  confidence = round(100 * summary["confidence"])
+  lines = [f"arm {summary['arm']}: n={summary['n']}"]
+  for rule, accuracy in summary["accuracy"].items():
+    low, high = summary["wilson_interval"][rule]
+    mark = " (primary)" if rule == summary["primary_rule"] else ""
+    lines.append(f"  {rule:<12} accuracy {100 * accuracy:5.1f}%  {confidence}% Wilson CI "
+                 f"[{100 * low:5.1f}%, {100 * high:5.1f}%]  {summary['correct'][rule]}/{summary['n']}{mark}")
+  tps = summary["tokens_per_second"]
+  lines.append(f"  mean output {summary['mean_output_tokens']:.1f} tokens, "
+               f"{100 * summary['hit_token_limit_share']:.1f}% hit the limit; generation {summary['seconds']:.1f} s, "
+               f"{'n/a' if tps is None else f'{tps:.1f}'} tokens/s")
+  return "\n".join(lines)

@@ -1,0 +1,55 @@
+"""kdjax's command line: `python -m kdjax.main --config=configs/gt.py --config.some.key=value`.
+
+With no --config it runs the CPU demo (configs/demo.py). See kdjax/pipeline.py for the stages and the work folder.
+"""
+
+import os
+import pathlib
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Experiment config file (configs/*.py).",
+                                          lock_config=True)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  from kdjax import pipeline
+  try:
+    pipeline.run(_CONFIG.value)
+  except (ValueError, OSError, KeyError) as e:  # config, data, checkpoint and plan errors: one line, exit 2
+    message = e.args[0] if isinstance(e, KeyError) and e.args else e
+    print(f"kdjax: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv):
+  """absl's parser, but a bad override (unknown key, wrong type) is one line and exit 2, before any work."""
+  for arg in argv[1:]:
+    if arg.startswith("--config="):
+      path = arg.split("=", 1)[1].split(":", 1)[0]
+      if not os.path.isfile(path):
+        print(f"kdjax: error: config file not found: {path}", file=sys.stderr)
+        sys.exit(2)
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"kdjax: error: {str(e).splitlines()[0]}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the schema does not have
+    key = str(e).strip("\"'")
+    overrides = [a for a in argv[1:] if a.startswith("--config.")]
+    print(f"kdjax: error: unknown config key {key!r} (in {' '.join(overrides)}); see kdjax/config.py",
+          file=sys.stderr)
+  sys.exit(2)
+
+
+def run():
+  app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+  run()

@@ -1,0 +1,436 @@
+"""The `plan` stage: will this model, batch and cache fit on that TPU slice? Answered before loading a weight.
+
+`make_plan` builds the model abstractly (shapes only), quantizes it abstractly, places parameters and the bf16
+KV cache with `kdjax.parallel`'s rules, and compiles ahead of time the two steps the teacher runs: prefill (a
+left-padded prompt batch written into the cache, logits of the last position) and decode (one token per row).
+With `topology` (e.g. "v5p:4x4x4", "v5e:1x1", "v2-8"), compilation targets libtpu's compile-only devices for
+that slice, which works on a CPU-only host (JAX_PLATFORMS=cpu included); without, it uses the live devices.
+
+Per-device bytes of a step = arguments + outputs - aliased + temporaries + generated code, from XLA's
+`memory_analysis()` of the per-device (SPMD) program. Arguments hold the weights, the cache and the inputs;
+the cache is donated, so its outputs alias its arguments and are counted once. The plan's `per_device_bytes` is
+the larger of the two steps (they never run at once; weights and cache are live in both). A step the compiler
+refuses for lack of HBM makes a plan that does not fit, with the compiler's figure.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import math
+import os
+import pathlib
+import re
+import sys
+import tempfile
+import time
+from typing import Any, Mapping, TextIO
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import AxisType, Mesh, NamedSharding
+
+from kdjax import parallel, quantization
+from kdjax.models.llama import config as config_lib
+from kdjax.models.llama import model as model_lib
+from kdjax.models.llama.config import LlamaConfig
+
+GiB = 1 << 30
+# HBM per JAX device (a TensorCore on v2/v3, a chip elsewhere), by `device_kind`, for compile-only devices
+# that cannot report memory stats.
+HBM_BYTES_BY_KIND = {
+    "TPU v2": 8 * GiB, "TPU v3": 16 * GiB, "TPU v4": 32 * GiB, "TPU v5 lite": 16 * GiB, "TPU v5e": 16 * GiB,
+    "TPU v5": 95 * GiB, "TPU v5p": 95 * GiB, "TPU v6 lite": 32 * GiB, "TPU v6e": 32 * GiB,
+}
+QUANTIZATIONS = ("int8", "none")
+KV_CACHE_AXES = ("layers", "batch", "seq", "kv_heads", "head_dim")
+
+# "vX-N" slice names -> (libtpu generation name, TensorCores per chip counted in N, torus dimensions).
+_SLICE_GENERATIONS = {
+    "v2": ("v2", 2, 2), "v3": ("v3", 2, 2), "v4": ("v4", 2, 3), "v5p": ("v5p", 2, 3),
+    "v5litepod": ("v5e", 1, 2), "v5e": ("v5e", 1, 2), "v6e": ("v6e", 1, 2),
+}
+_SLICE_NAME = re.compile(r"^(v\d+[a-z]*)-(\d+)$")
+_TOPOLOGY_NAME = re.compile(r"^(v\d+[a-z]*):(\d+(?:x\d+)+)$")
+_OOM_FIGURES = re.compile(r"\(([\d.]+)([KMGT])\)")
+
+
+class PlanError(ValueError):
+  """A plan cannot be made: bad topology name, mesh, batch or lengths."""
+
+
+class PlanDoesNotFit(PlanError):
+  """The model, batch and cache need more memory per device than the plan allows."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StepMemory:
+  """XLA's per-device memory analysis of one compiled step, in bytes."""
+  argument_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  temp_bytes: int
+  code_bytes: int
+  total_bytes: int
+
+
+@dataclasses.dataclass
+class Plan:
+  model: str
+  quantization: str
+  dtype: str
+  topology: str                 # the libtpu topology name, or "live:<platform>" for the live devices
+  device_kind: str
+  num_devices: int
+  mesh: dict[str, int]
+  batch_size: int
+  max_len: int
+  prompt_len: int
+  param_bytes: int              # all parameters, all devices
+  per_device_param_bytes: int
+  per_device_cache_bytes: int
+  steps: dict[str, StepMemory]  # "prefill", "decode" (absent when the compiler ran out of HBM)
+  per_device_bytes: int
+  device_hbm_bytes: int
+  hbm_fraction: float           # the share of HBM a plan may use
+  fits: bool
+  layout: dict[str, str]        # array -> PartitionSpec
+  layout_notes: list[str]
+  compile_seconds: float
+  compiler_error: str | None = None
+
+  @property
+  def budget_bytes(self) -> int:
+    return int(self.hbm_fraction * self.device_hbm_bytes)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self) | {"budget_bytes": self.budget_bytes}
+
+  def to_json(self) -> str:
+    return json.dumps(self.to_dict(), indent=2)
+
+
+def libtpu_available() -> bool:
+  """Whether ahead-of-time TPU compilation is possible here (libtpu installed)."""
+  return importlib.util.find_spec("libtpu") is not None
+
+
+def resolve_topology(name: str) -> str:
+  """A libtpu topology name: "v5p:4x4x4" passes through, slice names like "v2-8" or "v5litepod-4" map to one."""
+  name = name.strip()
+  if _TOPOLOGY_NAME.match(name):
+    return name
+  match = _SLICE_NAME.match(name)
+  if not match or match.group(1) not in _SLICE_GENERATIONS:
+    raise PlanError(f"unknown TPU topology {name!r}; use e.g. 'v5p:4x4x4', 'v5e:1x1' or 'v2-8'")
+  generation, cores_per_chip, num_dims = _SLICE_GENERATIONS[match.group(1)]
+  cores = int(match.group(2))
+  chips = cores // cores_per_chip
+  if cores % cores_per_chip or chips < 1 or chips & (chips - 1) or (num_dims == 3 and chips < 4):
+    raise PlanError(f"cannot map TPU slice {name!r} to a topology; name it directly, e.g. '{generation}:2x2'")
+  # Grow a torus by doubling its smallest dimension (the last such), from 2x2x1 for 3D chips: v4-8 -> 2x2x1,
+  # v5p-128 -> 4x4x4, v2-8 -> 2x2, v5litepod-8 -> 2x4.
+  dims = [2, 2, 1] if num_dims == 3 else [1, 1]
+  while math.prod(dims) < chips:
+    smallest = min(dims)
+    last = max(i for i, d in enumerate(dims) if d == smallest)
+    dims[last] *= 2
+  if num_dims == 3:
+    dims = sorted(dims[:2]) + dims[2:] if dims[2] == 1 else sorted(dims)
+  return f"{generation}:{'x'.join(map(str, dims))}"
+
+
+def _prepare_compile_only(topology: str) -> None:
+  """Settings for libtpu when it only compiles, on a host that is not a TPU VM.
+
+  Without them libtpu probes the GCE metadata server and logs errors, and takes a machine-wide lock that makes
+  a second process (another test worker) fail. On a TPU VM the live backend already owns libtpu: leave it.
+  """
+  if jax.default_backend() == "tpu":
+    return
+  generation, dims = topology.split(":")
+  chips = math.prod(int(d) for d in dims.split("x"))
+  slice_name, cores_per_chip, _ = next((v for k, v in _SLICE_GENERATIONS.items() if v[0] == generation),
+                                       (generation, 1, 2))
+  slice_name = "v5litepod" if generation == "v5e" else slice_name
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
+  os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{slice_name}-{chips * cores_per_chip}")
+
+
+def topology_devices(topology: str) -> list[Any]:
+  """The compile-only devices of a TPU slice (needs libtpu; works with JAX_PLATFORMS=cpu)."""
+  if not libtpu_available():
+    raise PlanError(f"planning for TPU topology {topology!r} needs libtpu (pip install 'jax[tpu]')")
+  from jax.experimental import topologies
+  name = resolve_topology(topology)
+  _prepare_compile_only(name)
+  try:
+    return list(topologies.get_topology_desc(platform="tpu", topology_name=name).devices)
+  except jax.errors.JaxRuntimeError as err:
+    raise PlanError(f"libtpu rejected topology {name!r}: {str(err).splitlines()[0]}") from None
+
+
+def device_hbm_bytes(device: Any) -> int:
+  """Memory of one device: its memory stats when live, the table for TPU kinds, host RAM for CPUs."""
+  try:
+    stats = device.memory_stats()
+  except Exception:  # compile-only devices raise: their stats are not available
+    stats = None
+  if stats and stats.get("bytes_limit"):
+    return int(stats["bytes_limit"])
+  if device.device_kind in HBM_BYTES_BY_KIND:
+    return HBM_BYTES_BY_KIND[device.device_kind]
+  if device.platform == "cpu":
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return host // max(1, len([d for d in jax.devices() if d.platform == "cpu"]))
+  raise PlanError(f"unknown memory size of device kind {device.device_kind!r}")
+
+
+def default_mesh_shape(num_devices: int, config: LlamaConfig) -> dict[str, int]:
+  """fsdp x tensor: tensor is the largest power of two <= 16 dividing both the device and head counts."""
+  tensor = 1
+  while tensor < 16 and num_devices % (2 * tensor) == 0 and config.num_heads % (2 * tensor) == 0:
+    tensor *= 2
+  return {"data": 1, "fsdp": num_devices // tensor, "tensor": tensor}
+
+
+def build_mesh(shape: Mapping[str, int], devices: list[Any]) -> Mesh:
+  """`parallel.make_mesh`, splitting physical torus axes when the mesh does not follow them (e.g. 8x8 on 4x4x4)."""
+  try:
+    return parallel.make_mesh(shape, devices=devices)
+  except ValueError as err:
+    raise PlanError(f"mesh {dict(shape)}: {err}") from None
+  except NotImplementedError:  # jax's torus-aware placement wants each mesh axis to be whole physical axes
+    from jax.experimental import mesh_utils
+    sizes = [int(shape.get(a, 1)) for a in parallel.MESH_AXES]
+    if -1 in sizes:
+      sizes[sizes.index(-1)] = len(devices) // -math.prod(sizes)
+    grid = mesh_utils.create_device_mesh(sizes, devices, allow_split_physical_axes=True)
+    return Mesh(grid, parallel.MESH_AXES, axis_types=(AxisType.Auto,) * len(parallel.MESH_AXES))
+
+
+def abstract_serving_model(config: LlamaConfig, quantization_mode: str, dtype) -> model_lib.Llama:
+  """The model as the teacher serves it, shapes only: int8 projections or all weights in `dtype`."""
+  model = model_lib.abstract_model(config, dtype=dtype, param_dtype=dtype)
+  if quantization_mode == "int8":
+    quantization.quantize_model(model)
+  return model
+
+
+def _abstract(shape, dtype, axes, mesh: Mesh, rules) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=parallel.named_sharding(axes, shape, mesh, rules))
+
+
+def abstract_cache(config: LlamaConfig, batch: int, max_len: int, dtype, mesh: Mesh, rules) -> model_lib.KVCache:
+  kv_shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+  return model_lib.KVCache(
+      _abstract(kv_shape, dtype, KV_CACHE_AXES, mesh, rules), _abstract(kv_shape, dtype, KV_CACHE_AXES, mesh, rules),
+      _abstract((batch, max_len), jnp.bool_, ("batch", "seq"), mesh, rules),
+      _abstract((), jnp.int32, (), mesh, rules), _abstract((batch,), jnp.int32, ("batch",), mesh, rules))
+
+
+def _shard_bytes(x: jax.ShapeDtypeStruct) -> int:
+  return math.prod(x.sharding.shard_shape(x.shape)) * np.dtype(x.dtype).itemsize
+
+
+def _mesh_axes(entry) -> tuple[str, ...]:
+  return () if entry is None else ((entry,) if isinstance(entry, str) else tuple(entry))
+
+
+def layout_notes(arrays: Mapping[str, tuple[tuple[str, ...], tuple[int, ...]]], mesh: Mesh,
+                 rules=parallel.DEFAULT_RULES) -> list[str]:
+  """One line per logical axis that could not take its first-choice mesh axes, saying what took them instead.
+
+  arrays: name -> (logical axes, shape). E.g. with 8 KV heads on a 16-way tensor axis:
+  "kv_heads=8 cannot be split 16-way on tensor: head_dim takes it (layers.wk, layers.wv, kv_cache.k, ...)".
+  """
+  rules = list(rules)
+  active = lambda axes: tuple(a for a in axes if mesh.shape.get(a, 1) > 1)  # noqa: E731
+  groups: dict[tuple, list[str]] = {}
+  for name, (axes, shape) in arrays.items():
+    spec = tuple(parallel.logical_to_spec(axes, shape, mesh, rules))
+    for logical, size, chosen in zip(axes, shape, spec):
+      first_choice = next((active(_mesh_axes(m)) for l, m in rules if l == logical and active(_mesh_axes(m))), ())
+      if not first_choice or _mesh_axes(chosen) == first_choice:
+        continue
+      takers = tuple(a for a, s in zip(axes, spec) if set(_mesh_axes(s)) & set(first_choice))
+      groups.setdefault((logical, size, first_choice, _mesh_axes(chosen), takers), []).append(name)
+  lines = []
+  for (logical, size, first_choice, chosen, takers), names in groups.items():
+    ways = math.prod(mesh.shape[a] for a in first_choice)
+    instead = f"{', '.join(takers)} takes it" if takers else "it stays unused"
+    fallback = f"; {logical} is sharded on {'x'.join(chosen)}" if chosen else ""
+    lines.append(f"{logical}={size} cannot be split {ways}-way on {'x'.join(first_choice)}: {instead}{fallback} "
+                 f"({', '.join(names)})")
+  return lines
+
+
+def _step_memory(compiled) -> StepMemory:
+  analysis = compiled.memory_analysis()
+  args, out = int(analysis.argument_size_in_bytes), int(analysis.output_size_in_bytes)
+  alias, temp = int(analysis.alias_size_in_bytes), int(analysis.temp_size_in_bytes)
+  code = int(analysis.generated_code_size_in_bytes)
+  return StepMemory(args, out, alias, temp, code, args + out - alias + temp + code)
+
+
+def _oom_bytes(message: str) -> int | None:
+  """The required bytes in XLA's "Ran out of memory ... required (72.77G) exceeds available HBM (15.75G)"."""
+  figures = _OOM_FIGURES.findall(message)
+  if not figures:
+    return None
+  value, unit = figures[0]
+  return int(float(value) * {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}[unit])
+
+
+def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prompt_len: int, dtype, mesh, rules):
+  """Compiles prefill and decode; yields (step name, compiled executable)."""
+  logits = parallel.named_sharding(("batch", "vocab"), (batch, config.vocab_size), mesh, rules)
+  cache_shardings = jax.tree.map(lambda a: a.sharding, cache)
+
+  def prefill(state, input_ids, attention_mask, cache):
+    model = nnx.merge(graphdef, state)
+    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, return_logits=False)
+    # Prompts are left-padded, so the last slot holds every row's last real token.
+    last = jnp.einsum("bd,dv->bv", out.hidden[:, -1], model.lm_head_weight().astype(dtype),
+                      preferred_element_type=jnp.float32)
+    return last, out.cache
+
+  def decode(state, tokens, cache):
+    model = nnx.merge(graphdef, state)
+    out = model.forward(tokens, attention_mask=jnp.ones(tokens.shape, bool), cache=cache)
+    return out.logits[:, -1], out.cache
+
+  prompt = _abstract((batch, prompt_len), jnp.int32, ("batch", "seq"), mesh, rules)
+  prompt_mask = _abstract((batch, prompt_len), jnp.bool_, ("batch", "seq"), mesh, rules)
+  tokens = _abstract((batch, 1), jnp.int32, ("batch", "seq"), mesh, rules)
+  steps = {"prefill": (prefill, (state, prompt, prompt_mask, cache), 3),
+           "decode": (decode, (state, tokens, cache), 2)}
+  for name, (fn, args, cache_arg) in steps.items():
+    jitted = jax.jit(fn, out_shardings=(logits, cache_shardings), donate_argnums=(cache_arg,))
+    yield name, jitted.lower(*args).compile()
+
+
+def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology: str | None = None,
+              mesh_shape: Mapping[str, int] | None = None, batch_size: int = 8, max_len: int = 2048,
+              prompt_len: int | None = None, dtype: str = "bfloat16", hbm_fraction: float = 0.8,
+              rules=parallel.DEFAULT_RULES) -> Plan:
+  """Compiles the teacher's prefill and decode steps for `model` ahead of time and measures their memory.
+
+  model: a preset name or a LlamaConfig. topology: a TPU slice ("v5p:4x4x4", "v5e:1x1", "v2-8") or None for
+  the live devices. mesh_shape: {"data", "fsdp", "tensor"} sizes (default `default_mesh_shape`). max_len:
+  prompt + new tokens (the KV cache length); prompt_len: the prefill length (default max_len // 2).
+  """
+  config = config_lib.get_preset(model) if isinstance(model, str) else model
+  if quantization not in QUANTIZATIONS:
+    raise PlanError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
+  prompt_len = max_len // 2 if prompt_len is None else prompt_len
+  if batch_size < 1 or not 0 < prompt_len < max_len:
+    raise PlanError(f"need batch_size >= 1 and 0 < prompt_len < max_len, got {batch_size}, {prompt_len}, {max_len}")
+  if not 0 < hbm_fraction <= 1:
+    raise PlanError(f"hbm_fraction must be in (0, 1], got {hbm_fraction}")
+  compute_dtype = jnp.dtype(dtype)
+  devices = topology_devices(topology) if topology else jax.devices()
+  topology_name = resolve_topology(topology) if topology else f"live:{devices[0].platform}"
+  mesh = build_mesh(mesh_shape or default_mesh_shape(len(devices), config), devices)
+
+  abstract = abstract_serving_model(config, quantization, compute_dtype)
+  graphdef, state = nnx.split(abstract)
+  shardings = parallel.state_shardings(state, mesh, rules)
+  state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
+  cache = abstract_cache(config, batch_size, max_len, compute_dtype, mesh, rules)
+
+  flat_params = {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state)}
+  param_axes = {".".join(map(str, path)): (var.get_metadata().get("logical_axes"), tuple(var.shape))
+                for path, var in nnx.to_flat_state(nnx.state(abstract))}
+  cache_axes = {"kv_cache.k": (KV_CACHE_AXES, cache.k.shape), "kv_cache.v": (KV_CACHE_AXES, cache.v.shape)}
+  layout = {name: str(x.sharding.spec) for name, x in flat_params.items()}
+  layout |= {"kv_cache.k": str(cache.k.sharding.spec), "kv_cache.v": str(cache.v.sharding.spec)}
+
+  hbm = device_hbm_bytes(devices[0])
+  steps: dict[str, StepMemory] = {}
+  error = None
+  start = time.perf_counter()
+  try:
+    for name, compiled in _compile_steps(graphdef, state, cache, config, batch_size, prompt_len, compute_dtype,
+                                         mesh, rules):
+      steps[name] = _step_memory(compiled)
+  except jax.errors.JaxRuntimeError as err:
+    if "RESOURCE_EXHAUSTED" not in str(err):
+      raise
+    error = next((line for line in str(err).splitlines() if "memory" in line.lower()), str(err).splitlines()[0])
+  compile_seconds = time.perf_counter() - start
+
+  param_shard_bytes = sum(_shard_bytes(x) for x in flat_params.values())
+  cache_shard_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+  if error is None:
+    per_device = max(s.total_bytes for s in steps.values())
+  else:  # the compiler's own figure, or at least what weights and cache take
+    per_device = max(_oom_bytes(error) or 0, param_shard_bytes + cache_shard_bytes)
+  return Plan(
+      model=config.name, quantization=quantization, dtype=compute_dtype.name, topology=topology_name,
+      device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
+      batch_size=batch_size, max_len=max_len, prompt_len=prompt_len,
+      param_bytes=sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in flat_params.values()), per_device_param_bytes=param_shard_bytes,
+      per_device_cache_bytes=cache_shard_bytes, steps=steps, per_device_bytes=int(per_device),
+      device_hbm_bytes=int(hbm), hbm_fraction=hbm_fraction, fits=error is None and per_device <= hbm_fraction * hbm,
+      layout=layout, layout_notes=layout_notes(param_axes | cache_axes, mesh, rules),
+      compile_seconds=round(compile_seconds, 2), compiler_error=error)
+
+
+def check_fits(plan: Plan) -> None:
+  """Raises PlanDoesNotFit (one line) unless the plan fits in its share of HBM."""
+  if plan.fits:
+    return
+  raise PlanDoesNotFit(
+      f"{plan.model} ({plan.quantization}) with batch {plan.batch_size} x {plan.max_len} tokens needs "
+      f"{plan.per_device_bytes / GiB:.1f} GiB per device on {plan.topology} ({plan.device_kind}), over "
+      f"{plan.hbm_fraction:.0%} of its {plan.device_hbm_bytes / GiB:.1f} GiB HBM; use more chips, a smaller batch "
+      f"or fewer tokens")
+
+
+def format_table(plan: Plan) -> str:
+  gib = lambda n: f"{n / GiB:9.2f}"  # noqa: E731
+  mesh = " ".join(f"{k}={v}" for k, v in plan.mesh.items())
+  lines = [
+      f"plan: {plan.model} {plan.quantization} ({plan.dtype} activations and KV cache) on {plan.topology}: "
+      f"{plan.num_devices} x {plan.device_kind}, mesh {mesh}",
+      f"      batch {plan.batch_size}, {plan.max_len} tokens (prefill {plan.prompt_len}); "
+      f"compiled in {plan.compile_seconds:.1f} s",
+      f"{'GiB per device':<15}{'arguments':>10}{'outputs':>10}{'aliased':>10}{'temp':>10}{'total':>10}",
+  ]
+  for name, s in plan.steps.items():
+    lines.append(f"{name:<15}{gib(s.argument_bytes)} {gib(s.output_bytes)} {gib(s.alias_bytes)} "
+                 f"{gib(s.temp_bytes)} {gib(s.total_bytes)}")
+  if plan.compiler_error:
+    lines.append(f"compiler: {plan.compiler_error}")
+  lines.append(f"weights {plan.per_device_param_bytes / GiB:.2f} GiB + KV cache "
+               f"{plan.per_device_cache_bytes / GiB:.2f} GiB per device (all weights {plan.param_bytes / GiB:.1f} GiB)")
+  verdict = "fits" if plan.fits else "DOES NOT FIT"
+  lines.append(f"per device {plan.per_device_bytes / GiB:.2f} GiB of {plan.device_hbm_bytes / GiB:.1f} GiB HBM "
+               f"({plan.per_device_bytes / plan.device_hbm_bytes:.1%}; limit {plan.hbm_fraction:.0%}): {verdict}")
+  lines += [f"layout: {note}" for note in plan.layout_notes]
+  return "\n".join(lines)
+
+
+def print_table(plan: Plan, file: TextIO | None = None) -> None:
+  print(format_table(plan), file=file or sys.stdout)
+
+
+def write_plan_json(plan: Plan, path: str | os.PathLike) -> pathlib.Path:
+  """Writes the plan as JSON atomically (a temporary file in the same folder, then a rename)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+  try:
+    with os.fdopen(fd, "w") as f:
+      f.write(plan.to_json())
+    os.replace(tmp, path)
+  except BaseException:
+    pathlib.Path(tmp).unlink(missing_ok=True)
+    raise
+  return path

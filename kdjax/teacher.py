@@ -1,0 +1,354 @@
+"""The teacher stage: response-primed generation into a resumable top-k store.
+
+For every GSM8K question the teacher answers its *primed* prompt (the strategy's priming text and,
+for `gold_hint`, the reference solution); the store keeps the response, the teacher's top-k
+log-probabilities per response token, and the *student* prompt (no priming) the student is later
+trained on. Work goes shard by shard (`kdjax.store`): a shard is generated in one `generate` call
+and written atomically, so a killed run resumes at the first missing shard, and process p of n
+writes the shards i with i % n == p.
+
+Reproducibility: each question's sampling key is derived from its GSM8K id (`example_ids`), and a
+shard always holds the same questions, batched the same way, so a resumed or multi-process run
+writes the same shards as one uninterrupted single-process run.
+
+Correctness of a response uses the `strict` extraction rule by default: the prompts ask for a
+final `#### N` line, and a response only counts as correct when it states the gold answer in that
+form (or lm-eval's "The answer is N" fallbacks). The looser `paper` rule would also credit
+responses whose last number happens to equal the answer, e.g. ones cut off at max_new_tokens,
+which would then teach the student a format the evaluation cannot read. Every response is kept;
+`correct` is a per-record field and `StoreReader.filter(correct_only=True)` selects at read time.
+
+Multi-process runs keep one complete teacher per process (sharded over that process's local
+devices) and split the shards between processes; a teacher sharded across processes cannot
+answer different questions in different processes and is refused.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import pathlib
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from flax import nnx
+
+from kdjax import data, generation, priming, store
+from kdjax.evaluation import extract
+from kdjax.generation import SamplingConfig
+from kdjax.models.llama.model import Llama
+
+JOB_FILE = "teacher_job.json"
+# Fields of the job file that change what a shard holds beyond the store spec.
+_JOB_IDENTITY_KEYS = ("answer_rule",)
+_QUESTION_KEYS = ("id", "question", "answer", "gold")
+
+
+class TeacherError(ValueError):
+  """Bad input to the teacher stage (questions, settings, a model it cannot use, a changed job)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherJob:
+  """The settings of one teacher run; recorded in the store folder as `teacher_job.json`."""
+
+  strategy: str
+  teacher_model: str
+  sampling: SamplingConfig
+  k: int = 50
+  placement: str = "system"
+  shard_size: int = 64
+  batch_size: int = 16
+  answer_rule: str = "strict"
+  correct_only: bool = False  # recorded for the trainer; the store keeps every response
+
+  def __post_init__(self):
+    priming.get_strategy(self.strategy)  # raises PrimingError for an unknown name
+    if self.placement not in priming.PLACEMENTS:
+      raise TeacherError(f"unknown placement {self.placement!r}; expected one of {priming.PLACEMENTS}")
+    if self.answer_rule not in extract.RULES:
+      raise TeacherError(f"unknown answer rule {self.answer_rule!r}; expected one of {extract.RULES}")
+    if self.shard_size < 1 or self.batch_size < 1 or self.k < 1:
+      raise TeacherError(f"need shard_size, batch_size and k >= 1, got {self.shard_size}, "
+                         f"{self.batch_size}, {self.k}")
+
+  def to_json(self) -> dict:
+    return {**dataclasses.asdict(self), "sampling": dataclasses.asdict(self.sampling)}
+
+
+# ----------------------------------------------------------------------------- inputs
+
+
+def _check_questions(questions: Sequence[dict], needs_gold_solution: bool) -> None:
+  ids = set()
+  for position, question in enumerate(questions):
+    missing = [key for key in _QUESTION_KEYS if key not in question]
+    if missing:
+      raise TeacherError(f"question at position {position} lacks {', '.join(missing)} "
+                         f"(expected dicts from kdjax.data.load_gsm8k)")
+    if not isinstance(question["id"], (int, np.integer)) or not 0 <= question["id"] < 2**31:
+      raise TeacherError(f"question at position {position}: id must be an int in [0, 2**31), "
+                         f"got {question['id']!r}")
+    if question["id"] in ids:
+      # Ids seed the sampling; two questions with one id would share their random draws.
+      raise TeacherError(f"question id {question['id']} appears more than once")
+    ids.add(question["id"])
+    if needs_gold_solution and not str(question["answer"]).strip():
+      raise TeacherError(f"question {question['id']} has an empty reference solution")
+
+
+def questions_fingerprint(questions: Sequence[dict]) -> str:
+  """A short hash of the question list (ids and texts, in order): a resume must see the same list."""
+  digest = hashlib.sha256()
+  for question in questions:
+    digest.update(f"{question['id']}:{data.question_hash(question['question'])}\n".encode())
+  return digest.hexdigest()[:16]
+
+
+def _check_local_model(model: Llama) -> None:
+  for leaf in jax.tree.leaves(nnx.state(model)):
+    if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
+      raise TeacherError(
+          "the teacher's parameters span devices of other processes; each process needs a "
+          "complete teacher on its own devices (load it with a mesh of jax.local_devices())")
+
+
+def _pad_id(tokenizer: Any) -> int:
+  for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if candidate is not None:
+      return int(candidate)
+  return 0
+
+
+def teacher_prompt_ids(tokenizer: Any, question: dict, strategy: str, placement: str) -> list[int]:
+  """The primed chat the teacher answers (with the reference solution for gold-hint strategies)."""
+  gold_solution = None
+  if priming.get_strategy(strategy).needs_gold_solution:
+    # Calculator annotations (`<<48/2=24>>`) are tool markup, not part of the worked solution.
+    gold_solution = data.strip_calculator_annotations(question["answer"])
+  messages = priming.teacher_messages(question["question"], strategy, gold_solution=gold_solution,
+                                      placement=placement)
+  return priming.encode_chat(tokenizer, messages)
+
+
+def student_prompt_ids(tokenizer: Any, question: dict) -> list[int]:
+  """The plain chat the student is trained on: no priming text, no hint."""
+  return priming.encode_chat(tokenizer, priming.student_messages(question["question"]))
+
+
+# ----------------------------------------------------------------------------- job file
+
+
+def _write_json_atomic(path: pathlib.Path, value: dict) -> None:
+  temp = path.with_name(path.name + ".tmp")
+  temp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
+  os.replace(temp, path)
+
+
+def _check_job_file(store_dir: pathlib.Path, job: TeacherJob) -> None:
+  path = store_dir / JOB_FILE
+  if not path.is_file():
+    return
+  try:
+    recorded = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError) as err:
+    raise TeacherError(f"cannot read {path}: {err}") from None
+  for key in _JOB_IDENTITY_KEYS:
+    if recorded.get(key) != getattr(job, key):
+      raise TeacherError(f"store {store_dir} was written with {key}={recorded.get(key)!r}, "
+                         f"not {getattr(job, key)!r}; use a new folder")
+
+
+def _finished_manifest(store_dir: pathlib.Path, num_shards: int) -> dict | None:
+  """manifest.json when it exists and every shard it lists is on disk, else None."""
+  path = store_dir / store.MANIFEST
+  if not path.is_file():
+    return None
+  try:
+    manifest = json.loads(path.read_text())
+  except (OSError, json.JSONDecodeError):
+    return None
+  listed = sorted(shard["index"] for shard in manifest.get("shards", []))
+  if listed != list(range(num_shards)):
+    return None
+  if not all((store_dir / store.shard_name(i)).is_file() for i in listed):
+    return None
+  return manifest
+
+
+# ----------------------------------------------------------------------------- progress
+
+
+class _Progress:
+  """A tqdm bar over this process's pending examples, showing response tokens per second."""
+
+  def __init__(self, enabled: bool, total: int, description: str):
+    from tqdm.auto import tqdm  # only needed when a run actually shows progress
+    self._bar = tqdm(total=total, desc=description, unit="ex", disable=not enabled, dynamic_ncols=True)
+    self._start = time.perf_counter()
+    self.tokens = 0
+
+  def for_shard(self) -> generation.ProgressCallback:
+    seen = {"tokens": 0, "examples": 0}
+
+    def callback(tokens: int, elapsed_s: float, done: int, total: int) -> None:
+      del elapsed_s, total
+      self.tokens += tokens - seen["tokens"]
+      self._bar.update(done - seen["examples"])
+      seen.update(tokens=tokens, examples=done)
+      rate = self.tokens / max(time.perf_counter() - self._start, 1e-9)
+      self._bar.set_postfix(tok_s=f"{rate:.1f}", tokens=self.tokens, refresh=False)
+
+    return callback
+
+  def close(self) -> None:
+    self._bar.close()
+
+
+# ----------------------------------------------------------------------------- generation
+
+
+def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job: TeacherJob, *,
+                   stop_ids: list[int], pad_id: int,
+                   progress: generation.ProgressCallback | None) -> list[store.TeacherRecord]:
+  """Generates the teacher's responses to `questions` and turns them into store records."""
+  teacher_prompts = [teacher_prompt_ids(tokenizer, q, job.strategy, job.placement) for q in questions]
+  student_prompts = [student_prompt_ids(tokenizer, q) for q in questions]
+  outputs = generation.generate(
+      model, teacher_prompts, job.sampling, stop_ids=stop_ids, pad_id=pad_id,
+      example_ids=[int(q["id"]) for q in questions], batch_size=job.batch_size,
+      topk_logprobs=job.k, progress=progress)
+  sampling = dataclasses.asdict(job.sampling)
+  records = []
+  for question, teacher_ids, student_ids, out in zip(questions, teacher_prompts, student_prompts, outputs):
+    # Special tokens (the end-of-turn stop token) stay in response_ids, which the student learns to
+    # emit, but not in the text answers are extracted from.
+    text = tokenizer.decode(out.tokens, skip_special_tokens=True)
+    answer = extract.extract_answer(text, job.answer_rule)
+    records.append(store.TeacherRecord(
+        question_id=int(question["id"]), question_hash=data.question_hash(question["question"]),
+        strategy=job.strategy, teacher_model=job.teacher_model, sampling=sampling,
+        student_prompt_ids=np.asarray(student_ids, np.int32),
+        teacher_prompt_ids=np.asarray(teacher_ids, np.int32),
+        response_text=text, response_ids=np.asarray(out.tokens, np.int32),
+        topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, tail_mass=out.tail_mass,
+        finish_reason=out.finish_reason, extracted_answer=answer,
+        gold_answer=float(question["gold"]), correct=extract.is_correct(answer, float(question["gold"]))))
+  return records
+
+
+def _barrier(name: str) -> None:
+  from jax.experimental import multihost_utils
+  multihost_utils.sync_global_devices(name)
+
+
+def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, **run: Any) -> dict:
+  summary = {"store_dir": str(store_dir), "strategy": job.strategy, "teacher_model": job.teacher_model,
+             "answer_rule": job.answer_rule, "correct_only": job.correct_only,
+             "finalized": manifest is not None, **run}
+  if manifest is not None:
+    reader = store.StoreReader(store_dir)
+    num_correct = sum(bool(reader.metadata(i)["correct"]) for i in range(len(reader)))
+    summary.update(
+        num_examples=manifest["num_examples"], num_shards=manifest["num_shards"],
+        shards=[shard["file"] for shard in manifest["shards"]], total_tokens=manifest["total_tokens"],
+        total_bytes=manifest["total_bytes"], bytes_per_token=manifest["bytes_per_token"],
+        num_correct=num_correct, accuracy=num_correct / len(reader) if len(reader) else None)
+  return summary
+
+
+def generate_store(
+    model: Llama,
+    tokenizer: Any,
+    questions: Sequence[dict],
+    strategy: str,
+    store_dir: str | os.PathLike,
+    *,
+    teacher_model_id: str,
+    sampling: SamplingConfig,
+    student_tokenizer: Any = None,
+    k: int = 50,
+    placement: str = "system",
+    shard_size: int = 64,
+    batch_size: int = 16,
+    correct_only: bool = False,
+    answer_rule: str = "strict",
+    questions_name: str = "",
+    process_index: int | None = None,
+    process_count: int | None = None,
+    progress: bool = True,
+) -> dict:
+  """Writes (or finishes) the teacher store for `questions` under `strategy`; returns a summary.
+
+  `questions` are dicts from `kdjax.data.load_gsm8k` (id, question, answer, gold); their ids seed
+  the sampling. A finished store with the same spec is left as it is; a partial one is resumed.
+  With `student_tokenizer`, both tokenizers must map tokens to the same ids (checked first).
+  `questions_name` (e.g. "gsm8k:train n=7000") goes into the store spec next to a fingerprint of
+  the list. Process `process_index` of `process_count` (default: jax's) writes its share of the
+  shards; under `jax.distributed` all processes meet at a barrier, process 0 writes manifest.json,
+  and every process returns the finished store's summary.
+  """
+  if student_tokenizer is not None:
+    # Before any heavy work: a store of top-k ids is useless to a student that reads them differently.
+    priming.check_same_tokenizer(tokenizer, student_tokenizer)
+  job = TeacherJob(strategy=strategy, teacher_model=teacher_model_id, sampling=sampling, k=k,
+                   placement=placement, shard_size=shard_size, batch_size=batch_size,
+                   answer_rule=answer_rule, correct_only=correct_only)
+  _check_questions(questions, priming.get_strategy(strategy).needs_gold_solution)
+  distributed = jax.process_count() > 1
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  store_dir = pathlib.Path(store_dir)
+
+  spec = store.StoreSpec(
+      teacher_model=teacher_model_id, strategy=strategy, vocab_size=model.config.vocab_size, k=k,
+      sampling=dataclasses.asdict(sampling), placement=placement,
+      questions=f"{questions_name} n={len(questions)} sha={questions_fingerprint(questions)}".strip())
+  writer = store.StoreWriter(store_dir, spec, num_examples=len(questions), shard_size=shard_size,
+                             process_index=process_index, process_count=process_count)
+  _check_job_file(store_dir, job)
+  run = {"process_index": process_index, "process_count": process_count, "skipped": False,
+         "shards_written": [], "tokens_generated": 0, "seconds": 0.0}
+
+  manifest = _finished_manifest(store_dir, writer.num_shards)
+  if manifest is not None:
+    return _summary(store_dir, job, manifest, **{**run, "skipped": True})
+  if process_index == 0:
+    _write_json_atomic(store_dir / JOB_FILE, job.to_json())
+
+  pending = writer.pending_shards()
+  if pending:
+    _check_local_model(model)
+  start = time.perf_counter()
+  bar = _Progress(progress, sum(len(range(*writer.shard_range(i))) for i in pending),
+                  f"teacher {strategy}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
+  stop_ids, pad_id = priming.stop_token_ids(tokenizer), _pad_id(tokenizer)
+  try:
+    for index in pending:
+      first, stop = writer.shard_range(index)
+      records = _shard_records(model, tokenizer, questions[first:stop], job, stop_ids=stop_ids,
+                               pad_id=pad_id, progress=bar.for_shard())
+      writer.write_shard(index, records)
+      run["shards_written"].append(index)
+      run["tokens_generated"] += sum(record.num_tokens for record in records)
+  finally:
+    bar.close()
+  run["seconds"] = time.perf_counter() - start
+
+  if distributed:
+    _barrier(f"kdjax.teacher:{strategy}:shards-written")
+  if process_index == 0:
+    missing = [i for i in range(writer.num_shards) if not (store_dir / store.shard_name(i)).is_file()]
+    if not missing:
+      manifest = writer.finalize()
+    else:
+      run["missing_shards"] = missing  # independent processes without jax.distributed: not all done
+  if distributed:
+    _barrier(f"kdjax.teacher:{strategy}:finalized")
+    manifest = _finished_manifest(store_dir, writer.num_shards)
+  return _summary(store_dir, job, manifest, **run)

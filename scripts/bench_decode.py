@@ -1,0 +1,93 @@
+"""Decode throughput of kdjax.generation vs transformers `generate` on SmolLM2-135M-Instruct (fp32, CPU).
+
+Both decode the same GSM8K chat prompts greedily, batched, for exactly `--new-tokens` tokens (stop tokens are
+ignored by kdjax and suppressed by HF's min_new_tokens, so every row produces the full count). kdjax is timed
+after a warm-up run that compiles; the compile time is reported separately.
+
+  JAX_PLATFORMS=cpu python scripts/bench_decode.py [--batch-size 16] [--new-tokens 128]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch-size", type=int, default=16)
+  parser.add_argument("--new-tokens", type=int, default=128)
+  parser.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                                      "gsm8k"))
+  parser.add_argument("--skip-hf", action="store_true", help="time kdjax only")
+  return parser.parse_args()
+
+
+def main() -> None:
+  args = parse_args()
+  import kdjax
+  from kdjax import data, fetch, generation, priming
+
+  gguf_path = fetch.smollm2_gguf()
+  model, _ = kdjax.load_model(gguf_path, dtype="float32")
+  tokenizer = kdjax.load_tokenizer(gguf_path)
+  questions = [row["question"] for row in data.load_gsm8k(args.gsm8k, "test")[:args.batch_size]]
+  prompts = [priming.encode_chat(tokenizer, priming.student_messages(q)) for q in questions]
+  total_tokens = args.batch_size * args.new_tokens
+  print(f"{args.batch_size} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
+        f"{args.new_tokens} new tokens each, greedy, fp32, {jax.devices()[0].platform}, "
+        f"{os.cpu_count()} cpu(s)")
+
+  sampling = generation.SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
+  run = lambda: generation.generate(model, prompts, sampling, stop_ids=[], pad_id=tokenizer.pad_token_id,
+                                    batch_size=args.batch_size)
+  start = time.perf_counter()
+  run()  # compiles the prefill and the decode loop for these shapes
+  warmup_s = time.perf_counter() - start
+  start = time.perf_counter()
+  outs = run()
+  kdjax_s = time.perf_counter() - start
+  assert all(len(o.tokens) == args.new_tokens for o in outs)
+  kdjax_tps = total_tokens / kdjax_s
+  print(f"kdjax: {kdjax_s:.2f} s, {kdjax_tps:.1f} tokens/s (prefill included); "
+        f"compile ~{warmup_s - kdjax_s:.1f} s (warm-up {warmup_s:.1f} s minus a timed run)")
+  if args.skip_hf:
+    return
+
+  import torch
+  import transformers
+  hf_model = transformers.AutoModelForCausalLM.from_pretrained(
+      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+  width = max(map(len, prompts))
+  ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int64)
+  mask = np.zeros((len(prompts), width), np.int64)
+  for row, prompt in enumerate(prompts):  # left padding, as HF expects for batched generation
+    ids[row, width - len(prompt):] = prompt
+    mask[row, width - len(prompt):] = 1
+  ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+  eos = priming.stop_token_ids(tokenizer)
+
+  def hf_generate(new_tokens: int):
+    with torch.no_grad():
+      return hf_model.generate(ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=new_tokens,
+                               min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+
+  hf_generate(4)  # warm-up: first-call allocations and lazy initialisation
+  start = time.perf_counter()
+  out = hf_generate(args.new_tokens)
+  hf_s = time.perf_counter() - start
+  assert out.shape[1] == width + args.new_tokens
+  hf_tps = total_tokens / hf_s
+  print(f"HF generate: {hf_s:.2f} s, {hf_tps:.1f} tokens/s (torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads)")
+  print(f"speed-up kdjax / HF: {kdjax_tps / hf_tps:.2f}x")
+
+
+if __name__ == "__main__":
+  main()

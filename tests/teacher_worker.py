@@ -1,0 +1,89 @@
+"""Helpers for tests/test_teacher.py: a tiny random teacher with SmolLM2's vocabulary, and a subprocess entry.
+
+Run as a script it writes a teacher store with the tiny teacher, optionally as one process of a
+`jax.distributed` group on localhost (`--num-processes 2 --process-id i --port P`), optionally
+pausing before every shard after the first (`--pause-s`) so a test can kill it between shards.
+It prints the summary of `generate_store` as one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import pathlib
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+
+from kdjax.generation import SamplingConfig  # noqa: E402
+from kdjax.models.llama import config as config_lib  # noqa: E402
+from kdjax.models.llama import model as model_lib  # noqa: E402
+
+STRATEGY = "confidence"
+TEACHER_ID = "tiny-random-teacher"
+# temperature > 0 with top-p and top-k filtering: the stores only agree if every row's key is right.
+SAMPLING = SamplingConfig(temperature=0.9, top_p=0.95, top_k=40, max_new_tokens=12, seed=7)
+K = 8
+SHARD_SIZE = 3
+BATCH_SIZE = 2
+
+
+def tiny_teacher():
+  """The "tiny" preset widened to SmolLM2's 49152 ids, with a scaled head so distributions are peaked."""
+  config = dataclasses.replace(config_lib.get_preset("tiny"), vocab_size=49152, rope_scaling=None,
+                               max_position_embeddings=4096, name="tiny-49152")
+  model = model_lib.init_model(config, seed=0)
+  model.lm_head[...] = model.lm_head[...] * 30.0
+  return model
+
+
+def run_store(store_dir, questions, tokenizer, **overrides) -> dict:
+  from kdjax import teacher
+  kwargs = dict(teacher_model_id=TEACHER_ID, sampling=SAMPLING, k=K, shard_size=SHARD_SIZE,
+                batch_size=BATCH_SIZE, progress=False)
+  kwargs.update(overrides)
+  return teacher.generate_store(tiny_teacher(), tokenizer, questions, STRATEGY, store_dir, **kwargs)
+
+
+def main() -> None:
+  parser = argparse.ArgumentParser()
+  parser.add_argument("--store", required=True)
+  parser.add_argument("--tokenizer", required=True, help="a folder saved with tokenizer.save_pretrained")
+  parser.add_argument("--gsm8k", required=True)
+  parser.add_argument("--num-questions", type=int, required=True)
+  parser.add_argument("--num-processes", type=int, default=1)
+  parser.add_argument("--process-id", type=int, default=0)
+  parser.add_argument("--port", type=int, default=0)
+  parser.add_argument("--pause-s", type=float, default=0.0)
+  args = parser.parse_args()
+
+  import jax
+  if args.num_processes > 1:
+    jax.distributed.initialize(coordinator_address=f"localhost:{args.port}",
+                               num_processes=args.num_processes, process_id=args.process_id)
+  from transformers import AutoTokenizer
+
+  from kdjax import data, generation
+  tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
+  questions = data.load_gsm8k(args.gsm8k, "train")[:args.num_questions]
+  if args.pause_s:
+    real_generate = generation.generate
+    calls = []
+
+    def paused_generate(*a, **kw):
+      if calls:  # after the first shard is on disk: leave the killer time to strike between shards
+        time.sleep(args.pause_s)
+      calls.append(1)
+      return real_generate(*a, **kw)
+
+    generation.generate = paused_generate
+  summary = run_store(args.store, questions, tokenizer)
+  print(json.dumps(summary), flush=True)
+
+
+if __name__ == "__main__":
+  main()

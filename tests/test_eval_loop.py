@@ -1,0 +1,175 @@
+"""The GSM8K evaluation loop with the real SmolLM2-135M-Instruct: records, scoring, resume, skip, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from kdjax import data
+from kdjax import generation
+from kdjax.evaluation import exemplars
+from kdjax.evaluation import extract
+from kdjax.evaluation import loop
+from kdjax.evaluation import report
+from kdjax.evaluation import stats
+
+CFG = loop.EvalConfig(num_questions=4, max_new_tokens=64, batch_size=2)
+
+
+@pytest.fixture(scope="module")
+def smollm2(smollm2_gguf):
+  import kdjax
+  model, _ = kdjax.load_model(smollm2_gguf)
+  return model, kdjax.load_tokenizer(smollm2_gguf)
+
+
+@pytest.fixture(scope="module")
+def questions(gsm8k_dir):
+  return data.load_gsm8k(gsm8k_dir, "test")
+
+
+@pytest.fixture(scope="module")
+def finished(smollm2, questions, tmp_path_factory):
+  """One complete evaluation folder (generated once for the module) and its summary."""
+  model, tokenizer = smollm2
+  out_dir = tmp_path_factory.mktemp("eval") / "base"
+  summary = loop.evaluate(model, tokenizer, questions, CFG, out_dir, arm="base", progress=False)
+  return out_dir, summary
+
+
+class GenerateSpy:
+  """Wraps `generation.generate`, recording the example ids it is asked for."""
+
+  def __init__(self, monkeypatch):
+    self.example_ids: list[int] = []
+    real = generation.generate
+
+    def spy(model, prompts, sampling, **kwargs):
+      self.example_ids.extend(kwargs["example_ids"])
+      return real(model, prompts, sampling, **kwargs)
+
+    monkeypatch.setattr(generation, "generate", spy)
+
+
+def _lines(path) -> list[str]:
+  return path.read_text(encoding="utf-8").splitlines(keepends=True)
+
+
+def test_samples_have_fields_and_agree_with_extract(finished, questions):
+  out_dir, summary = finished
+  samples = report.load_samples(out_dir)
+  assert sorted(s["id"] for s in samples) == [0, 1, 2, 3]
+  for sample in samples:
+    assert set(loop.SAMPLE_FIELDS) <= set(sample)
+    question = questions[sample["id"]]
+    assert sample["question"] == question["question"]
+    assert sample["gold"] == extract.gold_answer(question["answer"])
+    assert sample["prompt"].endswith("<|im_start|>assistant\n") and question["question"] in sample["prompt"]
+    assert 1 <= sample["num_output_tokens"] <= CFG.max_new_tokens
+    assert sample["hit_token_limit"] == (sample["finish_reason"] == "length")
+    if sample["hit_token_limit"]:
+      assert sample["num_output_tokens"] == CFG.max_new_tokens
+    assert set(sample["answers"]) == set(sample["correct"]) == set(extract.RULES)
+    for rule in extract.RULES:
+      answer = extract.extract_answer(sample["output"], rule)
+      assert sample["answers"][rule] == answer
+      assert sample["correct"][rule] == extract.is_correct(answer, sample["gold"])
+  assert summary["n"] == 4 and summary["arm"] == "base"
+  for rule in extract.RULES:
+    k = sum(s["correct"][rule] for s in samples)
+    assert summary["correct"][rule] == k and summary["accuracy"][rule] == k / 4
+    assert summary["wilson_interval"][rule] == list(stats.wilson_interval(k, 4))
+  tokens = sum(s["num_output_tokens"] for s in samples)
+  assert summary["output_tokens"] == tokens and summary["mean_output_tokens"] == tokens / 4
+  assert summary["tokens_per_second"] == pytest.approx(tokens / summary["seconds"])
+  assert json.loads((out_dir / loop.SUMMARY_FILE).read_text()) == summary
+
+
+def test_finished_folder_is_skipped(smollm2, questions, finished, monkeypatch):
+  out_dir, summary = finished
+  spy = GenerateSpy(monkeypatch)
+  again = loop.evaluate(*smollm2, questions, CFG, out_dir, arm="base", progress=False)
+  assert spy.example_ids == [] and again == summary
+
+
+def test_resume_redoes_only_the_missing_questions(smollm2, questions, finished, monkeypatch, tmp_path):
+  out_dir, summary = finished
+  resumed = tmp_path / "resumed"
+  shutil.copytree(out_dir, resumed)
+  (resumed / loop.SUMMARY_FILE).unlink()
+  lines = _lines(resumed / loop.SAMPLES_FILE)
+  assert len(lines) == 4
+  # Keep two records, then a torn write: half of the third record and no newline.
+  (resumed / loop.SAMPLES_FILE).write_text("".join(lines[:2]) + lines[2][:len(lines[2]) // 2], encoding="utf-8")
+  missing = sorted(json.loads(line)["id"] for line in lines[2:])
+  spy = GenerateSpy(monkeypatch)
+  again = loop.evaluate(*smollm2, questions, CFG, resumed, arm="base", progress=False)
+  assert sorted(spy.example_ids) == missing
+  new_lines = _lines(resumed / loop.SAMPLES_FILE)
+  assert len(new_lines) == 4 and new_lines[:2] == lines[:2]
+  by_id = {s["id"]: s for s in report.load_samples(out_dir)}
+  for sample in report.load_samples(resumed):
+    # Greedy, and the redone questions form the same batch as before: the same outputs.
+    assert sample["output"] == by_id[sample["id"]]["output"]
+  assert again["accuracy"] == summary["accuracy"] and again["n"] == 4
+
+
+def test_report_builds_from_two_folders(finished, tmp_path):
+  out_dir, summary = finished
+  other = tmp_path / "copy"
+  shutil.copytree(out_dir, other)
+  built = report.build_report({"base": out_dir, "copy": other}, tmp_path / "report", controls=("base",))
+  for name in ("base", "copy"):
+    arm = built["arms"][name]
+    assert arm["n"] == 4 and arm["accuracy"] == summary["accuracy"]["paper"]
+    assert arm["mean_output_tokens"] == summary["mean_output_tokens"]
+  assert built["comparisons"][0]["p_value"] == 1.0
+  assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / report.ACCURACY_PLOT).exists()
+
+
+# ----------------------------------------------------------------------------- without the model
+
+def test_other_settings_in_a_used_folder_are_refused(finished, questions):
+  out_dir, _ = finished
+  with pytest.raises(loop.EvalConfigMismatchError, match="holds outputs made with"):
+    loop.evaluate(None, None, questions, loop.EvalConfig(num_questions=4, max_new_tokens=32), out_dir, arm="base")
+
+
+def test_torn_and_corrupt_samples_files(tmp_path):
+  path = tmp_path / "samples.jsonl"
+  good = "".join(json.dumps({"id": i}) + "\n" for i in range(3))
+  for tail in ('{"id": 3', '{"id": 3}', "{broken\n", "\n\n"):
+    path.write_text(good + tail)
+    assert [r["id"] for r in loop.read_samples(path, repair=True)] == [0, 1, 2]
+    assert path.read_text() in (good, good + "\n\n")
+  path.write_text('{"id": 0}\nnot json\n{"id": 1}\n')
+  with pytest.raises(loop.EvalError, match="corrupt record"):
+    loop.read_samples(path)
+
+
+def test_question_selection_and_config_validation():
+  qs = [{"id": i, "question": f"q{i}", "gold": float(i)} for i in range(10)]
+  assert [q["id"] for q in loop.select_questions(qs, loop.EvalConfig(start=2, stop=8, num_questions=3))] == [2, 3, 4]
+  assert len(loop.select_questions(qs, loop.EvalConfig())) == 10
+  with pytest.raises(loop.EvalError, match="no questions"):
+    loop.select_questions(qs, loop.EvalConfig(start=20))
+  with pytest.raises(loop.EvalError, match="prompt_format"):
+    loop.EvalConfig(prompt_format="five_shot")
+  with pytest.raises(loop.EvalError, match="primary_rule"):
+    loop.EvalConfig(rules=("strict",), primary_rule="paper")
+  with pytest.raises(loop.EvalError, match="temperature"):
+    loop.EvalConfig(greedy=False, temperature=-1.0)
+
+
+def test_eight_shot_prompt():
+  messages = loop.prompt_messages("How many legs do 3 cats have?", "eight_shot_cot")
+  assert len(messages) == 17 and [m["role"] for m in messages[:2]] == ["user", "assistant"]
+  answers = [m["content"] for m in messages if m["role"] == "assistant"]
+  # Every exemplar ends "The final answer is N", which the strict (lm-eval) rule reads.
+  for (question, reasoning, answer), text in zip(exemplars.WEI_ET_AL_EXEMPLARS, answers):
+    assert text.endswith(f"The final answer is {answer}")
+    assert extract.extract_answer(text, "strict") == answer
+  assert "How many legs do 3 cats have?" in messages[-1]["content"]
+  assert loop.prompt_messages("Q?", "zero_shot_cot")[0]["role"] == "system"

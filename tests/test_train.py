@@ -1,0 +1,256 @@
+"""Student training loop: schedule, gradient accumulation, LoRA-only updates, resume after kill -9, 8 devices."""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import train_worker as worker
+from kdjax.distill import batches, losses
+from kdjax.distill import train as train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "train_worker.py"
+
+
+def _quiet(**overrides) -> train_lib.TrainConfig:
+  base = dict(batch_size=4, num_steps=2, pad_multiple=16, chunk_size=64, log_every=1, checkpoint_every=50,
+              tensorboard=False, progress_bar=False, async_checkpointing=False)
+  base.update(overrides)
+  return train_lib.TrainConfig(**base)
+
+
+@pytest.fixture(scope="module")
+def data():
+  return worker.synthetic_examples(16, seed=0), worker.synthetic_examples(8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  """Environment for subprocesses: one persistent compilation cache, so only the first run compiles."""
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _flat_params(model, which) -> dict[str, np.ndarray]:
+  return {".".join(map(str, p)): np.array(v[...]) for p, v in nnx.to_flat_state(nnx.state(model, which))}
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_schedule_warmup_cosine_floor_no_restart():
+  cfg = train_lib.TrainConfig(learning_rate=1e-3, warmup_steps=4, min_lr_ratio=0.1)
+  schedule = train_lib.make_schedule(cfg, total_steps=20)
+  lr = np.array([float(schedule(s)) for s in range(40)])
+  expected = np.empty(40)
+  expected[:4] = 1e-3 * np.arange(4) / 4
+  progress = np.minimum(np.arange(4, 40) - 4, 16) / 16
+  expected[4:] = 1e-4 + (1e-3 - 1e-4) * 0.5 * (1 + np.cos(np.pi * progress))
+  np.testing.assert_allclose(lr, expected, rtol=1e-5, atol=1e-12)
+  assert lr[20:].min() == pytest.approx(1e-4)  # stays at the floor after the last step
+  constant = train_lib.make_schedule(train_lib.TrainConfig(learning_rate=2e-3, schedule="constant"), 10)
+  assert [float(constant(s)) for s in (0, 5, 50)] == pytest.approx([2e-3] * 3)
+
+
+def test_config_errors():
+  with pytest.raises(train_lib.TrainError, match="optimizer"):
+    train_lib.TrainConfig(optimizer="lion")
+  with pytest.raises(train_lib.TrainError, match="grad_accum_steps"):
+    train_lib.TrainConfig(grad_accum_steps=0)
+  with pytest.raises(train_lib.TrainError, match="unknown TrainConfig fields"):
+    train_lib.TrainConfig.from_dict({"learning_rate": 1e-4, "lr": 1})
+  cfg = train_lib.TrainConfig.from_dict({"batch_size": 3, "grad_accum_steps": 2, "num_epochs": 2})
+  assert cfg.total_steps(13) == 2 * 3  # ceil(13 / 6) steps per epoch
+  assert train_lib.TrainConfig(num_steps=7, num_epochs=3).total_steps(100) == 7
+
+
+def test_rejects_model_without_lora_and_ce_data_for_kd(data, tmp_path):
+  from kdjax.models.llama import config as config_lib, model as model_lib
+  plain = model_lib.init_model(config_lib.get_preset("tiny"))
+  with pytest.raises(train_lib.TrainError, match="LoRAParam"):
+    train_lib.train(plain, data[0], None, _quiet(), losses.LossConfig(), tmp_path / "a")
+  ce_only = [batches.ce_example([1, 2, 3], [4, 5], 6)]
+  with pytest.raises(train_lib.TrainError, match="teacher"):
+    train_lib.train(worker.make_student(), ce_only, None, _quiet(), losses.LossConfig(), tmp_path / "b")
+
+
+# ------------------------------------------------------------------------------------------------ losses
+
+
+def _numpy_kd_ce(model, batch) -> tuple[float, float]:
+  """float64 forward KL(tail buckets) and CE token means from the full logits: an independent reference."""
+  logits = np.asarray(model(batch["input_ids"], attention_mask=batch["attention_mask"]), np.float64)
+  logq = logits - logits.max(-1, keepdims=True)
+  logq -= np.log(np.exp(logq).sum(-1, keepdims=True))
+  kd, ce, n = 0.0, 0.0, 0.0
+  for b, s in zip(*np.nonzero(batch["loss_mask"])):
+    ce -= logq[b, s, batch["target_ids"][b, s]]
+    p = np.append(np.exp(batch["teacher_logprobs"][b, s].astype(np.float64)), batch["teacher_tail"][b, s])
+    q_ids = np.exp(logq[b, s, batch["teacher_ids"][b, s]])
+    q = np.append(q_ids, 1.0 - q_ids.sum())
+    kd += np.sum(p * np.log(p / q))
+    n += 1
+  return kd / n, ce / n
+
+
+def test_evaluate_loss_matches_numpy_reference(data):
+  model = worker.make_student()
+  eval_batches = batches.eval_batches(data[1], 4, pad_multiple=16)
+  got = train_lib.evaluate_loss(model, eval_batches, losses.LossConfig(ce_weight=0.25), chunk_size=32)
+  kd_ce = [_numpy_kd_ce(model, b) for b in eval_batches]
+  counts = [b["loss_mask"].sum() for b in eval_batches]
+  kd_ref = sum(k * c for (k, _), c in zip(kd_ce, counts)) / sum(counts)
+  ce_ref = sum(c_ * c for (_, c_), c in zip(kd_ce, counts)) / sum(counts)
+  assert got["num_tokens"] == sum(e.num_loss_tokens for e in data[1])
+  assert got["kd"] == pytest.approx(kd_ref, rel=1e-4)
+  assert got["ce"] == pytest.approx(ce_ref, rel=1e-5)
+  assert got["loss"] == pytest.approx(0.75 * kd_ref + 0.25 * ce_ref, rel=1e-4)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def test_grad_accumulation_equals_big_batch_token_mean(data, tmp_path):
+  train, _ = data
+  loss_cfg = losses.LossConfig(ce_weight=0.5)
+  common = dict(optimizer="sgd", learning_rate=0.5, momentum=0.9, clip_norm=None, num_steps=2)
+  small = worker.make_student()
+  accum = train_lib.train(small, train, None, _quiet(batch_size=2, grad_accum_steps=2, **common), loss_cfg,
+                          tmp_path / "accum")
+  big = worker.make_student()
+  whole = train_lib.train(big, train, None, _quiet(batch_size=4, grad_accum_steps=1, **common), loss_cfg,
+                          tmp_path / "whole")
+  for a, b in zip(accum.history, whole.history):
+    assert a["loss_tokens"] == b["loss_tokens"]
+    assert a["loss"] == pytest.approx(b["loss"], rel=1e-6)
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+  # The step's loss is the token mean over all its loss tokens (the micro-batches hold different counts).
+  first = batches.collate([train[i] for i in batches.BatchIterator(train, 4, seed=0).epoch_plan(0)[0]],
+                          pad_multiple=16)
+  reference = train_lib.evaluate_loss(worker.make_student(), [first], loss_cfg, chunk_size=64)
+  assert accum.history[0]["loss"] == pytest.approx(reference["loss"], rel=1e-5)
+  got, want = _flat_params(small, nnx.LoRAParam), _flat_params(big, nnx.LoRAParam)
+  for name in want:
+    scale = np.abs(want[name]).max()
+    assert np.abs(got[name] - want[name]).max() <= 1e-6 * scale, name
+  assert any(np.abs(v).max() > 0 for k, v in got.items() if k.endswith("_lora_b"))  # it did move
+
+
+def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
+  train, val = data
+  model = worker.make_student()
+  frozen_before = _flat_params(model, train_lib.nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  lora_before = _flat_params(model, nnx.LoRAParam)
+  loss_cfg = losses.LossConfig(ce_weight=0.1)
+  val_batches = batches.eval_batches(val, 4, pad_multiple=16)
+  val_before = train_lib.evaluate_loss(model, val_batches, loss_cfg, chunk_size=64)["loss"]
+  cfg = _quiet(optimizer="adamw", learning_rate=2e-2, warmup_steps=2, num_steps=24, eval_every=8,
+               checkpoint_every=8, keep_checkpoints=2, tensorboard=True, log_every=5)
+  result = train_lib.train(model, train, val, cfg, loss_cfg, tmp_path)
+
+  frozen_after = _flat_params(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  assert frozen_before.keys() == frozen_after.keys() and len(frozen_after) > 5
+  for name, value in frozen_before.items():
+    assert np.array_equal(value, frozen_after[name]), name
+  lora_after = _flat_params(model, nnx.LoRAParam)
+  assert all(not np.array_equal(lora_before[k], lora_after[k]) for k in lora_before)
+
+  assert result.step == 24 and len(result.history) == 24
+  assert result.final_val["loss"] < 0.9 * val_before
+  assert result.best_val_loss == min(json.loads(line)["val_loss"] for line in
+                                     (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in line)
+  records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  train_records = [r for r in records if "kd" in r]
+  assert [r["step"] for r in train_records] == list(range(1, 25))
+  assert {"kd", "ce", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(train_records[0])
+  assert list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))
+  assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [16, 24]
+
+  # The best checkpoint holds the LoRA state of the best validation step.
+  fresh = worker.make_student()
+  meta = train_lib.restore_best_lora(fresh, tmp_path)
+  assert meta["step"] == result.best_step and meta["val_loss"] == pytest.approx(result.best_val_loss)
+  if result.best_step == 24:
+    for k, v in _flat_params(fresh, nnx.LoRAParam).items():
+      assert np.array_equal(v, lora_after[k])
+
+  # A second call on a finished workdir resumes at the end and changes nothing.
+  again = train_lib.train(worker.make_student(), train, val, cfg, loss_cfg, tmp_path)
+  assert again.step == 24 and again.history == []
+  for k, v in jax.tree.leaves_with_path(again.lora):
+    pass
+  assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
+             zip(jax.tree.leaves(again.lora), jax.tree.leaves(result.lora)))
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+def test_kill9_and_resume_is_bit_identical(tmp_path, compile_cache):
+  steps = "10"
+  reference = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(tmp_path / "ref"),
+                              "--out", str(tmp_path / "ref.npz"), "--steps", steps],
+                             env=compile_cache, capture_output=True, text=True, timeout=900)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, str(WORKER), "train", "--workdir", str(workdir), "--steps", steps,
+                           "--delay", "0.1"], env=compile_cache, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not _finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    assert _finished_checkpoints(workdir), "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  killed_at = _finished_checkpoints(workdir)[-1]
+  assert killed_at < int(steps)
+
+  resumed = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(workdir),
+                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
+                           env=compile_cache, capture_output=True, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
+  assert sorted(want) == sorted(got) and len(want) == 6
+  for name in want:
+    assert np.array_equal(want[name], got[name]), name
+  steps_logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
+                  if '"kd"' in line]
+  assert steps_logged == list(range(1, int(steps) + 1))  # steps after the checkpoint were logged once
+
+
+def test_eight_cpu_devices_match_single_device(tmp_path, compile_cache):
+  env = dict(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = tmp_path / "mesh.json"
+  run = subprocess.run([sys.executable, str(WORKER), "mesh", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["num_devices"] == 8
+  assert "fsdp" in result["mesh"]["wq_spec"]  # the base really was sharded
+  np.testing.assert_allclose(result["mesh"]["loss"], result["single"]["loss"], rtol=1e-5)
+  for name, want in result["single"]["lora"].items():
+    want, got = np.asarray(want), np.asarray(result["mesh"]["lora"][name])
+    assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
