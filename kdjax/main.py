@@ -7,8 +7,21 @@ import os
 import pathlib
 import sys
 
-from absl import app, flags
-from ml_collections import config_flags
+
+def _default_platform() -> None:
+  """Without a TPU, keep an installed libtpu from probing for one (slow, noisy); GPUs are left to jax."""
+  if "JAX_PLATFORMS" in os.environ:
+    return
+  has_tpu = any(pathlib.Path("/dev").glob("accel*")) or pathlib.Path("/dev/vfio").exists()
+  has_gpu = any(pathlib.Path("/dev").glob("nvidia[0-9]*"))
+  if not has_tpu and not has_gpu:
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
+_default_platform()
+
+from absl import app, flags  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
 
 _DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
 _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Experiment config file (configs/*.py).",

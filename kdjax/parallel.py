@@ -104,7 +104,7 @@ def shard_model(model: nnx.Module, mesh: Mesh, rules=DEFAULT_RULES) -> nnx.Modul
   """Places every parameter of `model` on `mesh` according to its logical axes (in place)."""
   state = nnx.state(model)
   shardings = state_shardings(state, mesh, rules)
-  placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s[...])), state, shardings,
+  placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v[...], s.get_raw_value())), state, shardings,
                         is_leaf=_is_variable)
   nnx.update(model, placed)
   return model

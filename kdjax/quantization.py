@@ -11,9 +11,9 @@ projections run inside `jax.lax.scan` on one layer's slice of a stacked `LayerSt
 is called from `Llama.forward`, so that lookup finds nothing and the weights would silently stay unquantized.
 Its offline path, `qwix.quantize_params`, quantizes a complete float param tree, whereas we must quantize each
 device's shard while the sharded loader reads it from the checkpoint, so that the full-precision model never
-exists (a 405B model does not fit in bf16 on the pods it fits on in int8). qwix would also store its own
-`QArray` leaves rather than the `{name}_scale` entries the layer body reads. The arithmetic is a few lines, so it
-is written here, once, for both numpy (the loader's host-side shards) and jax (`quantize_model`).
+exists (Llama 3.1 8B takes 16 GB in bf16, more than a 16 GiB v5e chip; 8.5 GiB in int8). qwix would also store
+its own `QArray` leaves rather than the `{name}_scale` entries the layer body reads. The arithmetic is a few
+lines, so it is written here, once, for both numpy (the loader's host-side shards) and jax (`quantize_model`).
 """
 
 from __future__ import annotations

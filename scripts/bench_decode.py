@@ -26,6 +26,9 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "gsm8k"))
   parser.add_argument("--skip-hf", action="store_true", help="time kdjax only")
+  parser.add_argument("--torch-threads", type=int, default=None,
+                      help="torch intra-op threads for HF (default: torch's own choice); on a busy machine "
+                           "one thread can be much faster than a spinning pool of two")
   return parser.parse_args()
 
 
@@ -62,6 +65,8 @@ def main() -> None:
 
   import torch
   import transformers
+  if args.torch_threads:
+    torch.set_num_threads(args.torch_threads)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
   width = max(map(len, prompts))

@@ -55,14 +55,22 @@ def teacher_arrays(rng: np.random.RandomState, batch: int, seq: int, vocab: int)
 
 # -------------------------------------------------------------------------------------------------- kdjax
 
-def kdjax_step_fn(graphdef, tx, loss_cfg, chunk_size):
-  """A jitted step (lora, opt_state, rest, batch, key) -> (lora, opt_state, loss), LoRA state donated."""
+def kdjax_step_fn(graphdef, tx, loss_cfg, chunk_size, dense: bool = False):
+  """A jitted step (lora, opt_state, rest, batch, key) -> (lora, opt_state, loss), LoRA state donated.
+
+  The loss is `distill_loss` (chunked, each chunk's logits recomputed in the backward pass), or with `dense`
+  the same divergence on materialised [B, S, V] logits, which shows what the chunking costs at this size.
+  """
 
   def loss_fn(lora, rest, batch, key):
     model = nnx.merge(graphdef, lora, rest)
-    hidden = model.forward(batch["input_ids"], return_logits=False, dropout_key=key).hidden
+    out = model.forward(batch["input_ids"], return_logits=dense, dropout_key=key)
+    if dense:
+      div = losses.per_token_divergence(out.logits, batch["teacher_ids"], batch["teacher_logprobs"], None,
+                                        loss_cfg)
+      return jnp.mean(div)
     loss_batch = {k: v for k, v in batch.items() if k != "input_ids"}
-    sums, _ = losses.distill_loss(hidden, model.lm_head_weight(), loss_batch, loss_cfg, chunk_size=chunk_size)
+    sums, _ = losses.distill_loss(out.hidden, model.lm_head_weight(), loss_batch, loss_cfg, chunk_size=chunk_size)
     return losses.total_loss(sums, loss_cfg)
 
   def step(lora, opt_state, rest, batch, key):
@@ -126,13 +134,22 @@ def main():
   parser.add_argument("--rounds", type=int, default=3, help="alternating timed rounds")
   parser.add_argument("--steps", type=int, default=2, help="steps per framework per round")
   parser.add_argument("--chunk-size", type=int, default=512, help="tokens per chunk of kdjax's loss")
-  parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--loss", choices=("chunked", "dense"), default="chunked",
+                      help="kdjax loss: distill_loss (default) or the same divergence on full logits")
+  parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                      help="torch threads; 1 also makes XLA's CPU matmuls single-threaded")
   args = parser.parse_args()
   torch.set_num_threads(args.threads)
+  if args.threads == 1:
+    # Before the first jax call initialises the backend. On a shared, oversubscribed machine multi-threaded
+    # matmuls spend much of their time waiting for descheduled worker threads; one thread each is the
+    # contention-robust comparison.
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
   path = fetch.smollm2_gguf()
   tokens = args.batch * args.seq
   print(f"SmolLM2-135M fp32, LoRA r={args.rank} on q,k,v,o, batch {args.batch}x{args.seq} = {tokens} tokens, "
-        f"top-{TOP_K} forward KL, SGD momentum; {jax.devices()[0].platform}, {os.cpu_count()} cores")
+        f"top-{TOP_K} forward KL, SGD momentum; {jax.devices()[0].platform}, {os.cpu_count()} cores, "
+        f"{args.threads} thread(s) per framework, kdjax loss {args.loss}")
 
   rng = np.random.RandomState(0)
   model, config = kdjax.load_model(path)
@@ -144,14 +161,16 @@ def main():
   lora_lib.add_lora(model, lora_cfg, seed=0)
   graphdef, lora, rest = lora_lib.split_lora(model)
   device = jax.devices()[0]
-  lora, rest = jax.device_put((lora, rest), device)
+  lora = jax.tree.map(jnp.copy, lora)  # the step donates its LoRA input; the model keeps its own arrays
   tx = optax.sgd(LEARNING_RATE, momentum=MOMENTUM)
-  opt_state = jax.jit(tx.init)(lora)
+  # Every input committed to the device from the first call on: tx.init's zeros come back uncommitted, and a
+  # change of committedness between the first and second call would compile the step twice.
+  lora, rest, opt_state = jax.device_put((lora, rest, jax.jit(tx.init)(lora)), device)
   loss_cfg = losses.LossConfig(divergence="forward_kl", topk_mode="tail")
   batch = jax.device_put({
       "input_ids": jnp.asarray(input_ids), "target_ids": jnp.asarray(teacher["teacher_ids"][..., 0]),
       "loss_mask": jnp.ones((args.batch, args.seq), jnp.float32), **teacher}, device)
-  step, loss_only = kdjax_step_fn(graphdef, tx, loss_cfg, args.chunk_size)
+  step, loss_only = kdjax_step_fn(graphdef, tx, loss_cfg, args.chunk_size, dense=args.loss == "dense")
   kdjax_initial = float(loss_only(lora, rest, batch, None))
   key = jax.random.key(0)
   state = {"lora": lora, "opt": opt_state, "step": 0}
@@ -209,6 +228,8 @@ def main():
   for name, label in (("kdjax", "kdjax LoRA KD step"), ("torch", "torch+PEFT KD step")):
     print(f"{label}  {wall[name] * 1000:8.1f} ms   {tokens / wall[name]:8.0f} tokens/s   "
           f"(cpu {cpu[name] * 1000:8.1f} ms/step)")
+  if step._cache_size() != 1:
+    print(f"WARNING: the kdjax step was compiled {step._cache_size()} times")
   print(f"speed-up (wall): {wall['torch'] / wall['kdjax']:.2f}x (target >= 1.5x); "
         f"cpu-time ratio {cpu['torch'] / cpu['kdjax']:.2f}x; medians of {args.rounds} rounds x {args.steps} steps")
 

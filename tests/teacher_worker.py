@@ -41,12 +41,32 @@ def tiny_teacher():
   return model
 
 
-def run_store(store_dir, questions, tokenizer, **overrides) -> dict:
+def int8_teacher(num_devices: int = 1):
+  """The tiny teacher with int8 projections, sharded over `num_devices` local devices (tensor axis)."""
+  import jax
+  from flax import nnx
+
+  from kdjax import parallel, quantization
+  model = tiny_teacher()
+  if num_devices > 1:
+    mesh = parallel.make_mesh({"tensor": num_devices}, devices=jax.local_devices()[:num_devices])
+    state = nnx.state(model)
+    # Placed here rather than with parallel.shard_model, which indexes its shardings with `[...]`
+    # (fails on flax 0.12.8, where a Variable holding a NamedSharding cannot be indexed).
+    placed = jax.tree.map(lambda v, s: v.replace(jax.device_put(v.get_value(), s.get_raw_value())),
+                          state, parallel.state_shardings(state, mesh),
+                          is_leaf=lambda x: isinstance(x, nnx.Variable))
+    nnx.update(model, placed)
+  return quantization.quantize_model(model)
+
+
+def run_store(store_dir, questions, tokenizer, model=None, **overrides) -> dict:
   from kdjax import teacher
   kwargs = dict(teacher_model_id=TEACHER_ID, sampling=SAMPLING, k=K, shard_size=SHARD_SIZE,
                 batch_size=BATCH_SIZE, progress=False)
   kwargs.update(overrides)
-  return teacher.generate_store(tiny_teacher(), tokenizer, questions, STRATEGY, store_dir, **kwargs)
+  model = tiny_teacher() if model is None else model
+  return teacher.generate_store(model, tokenizer, questions, STRATEGY, store_dir, **kwargs)
 
 
 def main() -> None:
@@ -59,9 +79,12 @@ def main() -> None:
   parser.add_argument("--process-id", type=int, default=0)
   parser.add_argument("--port", type=int, default=0)
   parser.add_argument("--pause-s", type=float, default=0.0)
+  parser.add_argument("--int8-devices", type=int, default=0,
+                      help="use the int8 teacher sharded over this many local devices")
   args = parser.parse_args()
 
   import jax
+  from flax import nnx
   if args.num_processes > 1:
     jax.distributed.initialize(coordinator_address=f"localhost:{args.port}",
                                num_processes=args.num_processes, process_id=args.process_id)
@@ -81,7 +104,12 @@ def main() -> None:
       return real_generate(*a, **kw)
 
     generation.generate = paused_generate
-  summary = run_store(args.store, questions, tokenizer)
+  model = int8_teacher(args.int8_devices) if args.int8_devices else None
+  if model is not None:
+    assert all(len(leaf.sharding.device_set) == args.int8_devices for leaf in jax.tree.leaves(nnx.state(model))
+               if leaf.ndim == 4), "the projections are not sharded"
+  summary = run_store(args.store, questions, tokenizer, model=model,
+                      teacher_model_id=f"{TEACHER_ID}-int8" if model is not None else TEACHER_ID)
   print(json.dumps(summary), flush=True)
 
 

@@ -282,3 +282,25 @@ def test_bad_input_raises():
     analysis.locate_heads({"a": {m: np.zeros((1, 1)) for m in analysis.METRICS}})
   with pytest.raises(analysis.AnalysisError, match="map_distance must be"):
     analysis.locate_heads({"a": {m: np.zeros((2, 2)) for m in analysis.METRICS}}, map_distance=np.zeros(3))
+
+
+def test_analyze_one_model_with_its_own_answer(tiny, tmp_path):
+  """answer_from appends the model's greedy answer; one model gets no locator and plots its sharpest heads."""
+  questions = [{"id": 7, "question": "Tom has 3 apples and buys"}]
+  tokenizer = ByteTokenizer()
+  prompt = [2 + b % 250 for b in questions[0]["question"][:24].encode()]
+  answer = generation.generate(tiny, [prompt], generation.SamplingConfig(max_new_tokens=5), stop_ids=[1],
+                               pad_id=PAD)[0].tokens
+  result = analysis.analyze({"base": tiny}, tokenizer, questions, tmp_path, answer_from="base", max_new_tokens=5)
+  assert result["prompt_tokens"] == [len(prompt) + len(answer)] and "greedy answer of base" in result["input"]
+  assert result["located_heads"] == [] and result["map_distance"] is None
+  assert set(result["plots"]) == {analysis.METRICS_PLOT, analysis.HEAD_MAPS_PLOT}
+  entropy = np.array(result["models"]["base"]["per_head"]["entropy"])
+  plotted = [tuple(h) for h in result["plotted_heads"]]
+  assert len(plotted) == 4 and max(entropy[h] for h in plotted) <= min(
+      entropy[l, h] for l in range(entropy.shape[0]) for h in range(entropy.shape[1]) if (l, h) not in plotted)
+  # The maps cover prompt and answer: the reference computation on the same tokens agrees.
+  expected = reference_metrics(reference_attention(tiny, prompt + answer), THRESHOLD)
+  np.testing.assert_allclose(entropy, expected["entropy"], atol=1e-5)
+  with pytest.raises(analysis.AnalysisError, match="answer_from"):
+    analysis.analyze({"base": tiny}, tokenizer, questions, tmp_path, answer_from="other")

@@ -89,3 +89,11 @@ def test_sharded_load_on_2x4_mesh_equals_single_device(tmp_path):
   proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=REPO,
                         timeout=600)
   assert proc.returncode == 0 and "OK" in proc.stdout, proc.stdout + proc.stderr[-3000:]
+
+
+def test_shard_model_places_parameters_by_logical_axes():
+  from kdjax.models.llama import config as config_lib, model as model_lib
+  model = model_lib.init_model(config_lib.PRESETS["tiny"])
+  mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+  parallel.shard_model(model, mesh)
+  assert model.layers.wq[...].sharding.mesh.shape == mesh.shape

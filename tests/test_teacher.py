@@ -155,9 +155,10 @@ def free_port() -> int:
     return sock.getsockname()[1]
 
 
-def worker_command(store_dir, tokenizer_dir, gsm8k_dir, *extra: str) -> list[str]:
+def worker_command(store_dir, tokenizer_dir, gsm8k_dir, *extra: str,
+                   num_questions: int = TINY_QUESTIONS) -> list[str]:
   return [sys.executable, str(WORKER), "--store", str(store_dir), "--tokenizer", str(tokenizer_dir),
-          "--gsm8k", str(gsm8k_dir), "--num-questions", str(TINY_QUESTIONS), *extra]
+          "--gsm8k", str(gsm8k_dir), "--num-questions", str(num_questions), *extra]
 
 
 @pytest.fixture(scope="module")
@@ -207,12 +208,12 @@ def _check_smollm2_stores(smollm2, questions, root, summaries, sampling, k) -> N
 
 
 def test_smollm2_store_equals_full_forward(smollm2, train_questions, tmp_path, monkeypatch):
-  """Issue acceptance 1 (small): 4 questions x 5 strategies; then a rerun finds every store finished."""
-  questions = train_questions[:4]
+  """Issue acceptance 1 (small): 3 questions x 5 strategies; then a rerun finds every store finished."""
+  questions = train_questions[:3]
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=12, seed=0)
   summaries = _smollm2_stores(smollm2, questions, tmp_path, sampling, k=20)
   _check_smollm2_stores(smollm2, questions, tmp_path, summaries, sampling, k=20)
-  print("bytes per token (4 questions, 12 new tokens):",
+  print("bytes per token (3 questions, 12 new tokens, k=20):",
         {s: round(store.StoreReader(tmp_path / s).bytes_per_token, 1) for s in summaries})
 
   # Idempotent: nothing is generated again and no shard is rewritten.
@@ -291,6 +292,7 @@ def test_kill_9_then_resume_equals_uninterrupted_run(tiny_reference, tokenizer_d
                                      AutoTokenizer.from_pretrained(str(tokenizer_dir)))
   assert summary["finalized"] and summary["shards_written"] == [1, 2]
   assert (path / store.shard_name(0)).stat().st_mtime_ns == first_shard.st_mtime_ns  # not regenerated
+  assert not list(path.glob("*.tmp"))
   assert_same_store(path, tiny_reference)
 
 
@@ -317,6 +319,42 @@ def test_two_processes_fill_one_store(tiny_reference, tokenizer_dir, gsm8k_dir, 
   shares = [json.loads((path / f"manifest-{i}.json").read_text())["shards"] for i in range(2)]
   assert [[s["index"] for s in share] for share in shares] == [[0, 2], [1]]
   assert_same_store(path, tiny_reference)
+
+
+@pytest.mark.slow  # one more subprocess, whose sharded programs compile afresh (~20 s on an idle machine)
+def test_int8_teacher_sharded_over_two_devices(tokenizer_dir, gsm8k_dir, worker_env, tmp_path):
+  """An int8 teacher tensor-sharded over two devices writes a store that equals its own full forward."""
+  from transformers import AutoTokenizer
+
+  from kdjax import quantization
+  path = tmp_path / "store"
+  env = {**worker_env, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+  proc = subprocess.run(worker_command(path, tokenizer_dir, gsm8k_dir, "--int8-devices", "2", num_questions=4),
+                        env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S)
+  summary = worker_summary(proc, proc.stdout, proc.stderr)
+  assert summary["finalized"] and summary["teacher_model"].endswith("int8")
+  model = teacher_worker.int8_teacher()  # the same weights on one device
+  assert quantization.is_quantized(model)
+  records = list(store.StoreReader(path))
+  assert len(records) == 4
+  assert_records_match_forward(model, AutoTokenizer.from_pretrained(str(tokenizer_dir)), records,
+                               teacher_worker.K, teacher_worker.SAMPLING)
+
+
+@pytest.mark.parametrize("placement", ["system", "user_prefix"])
+def test_teacher_prompt_placement(tokenizer_dir, train_questions, placement):
+  """The priming lands in the system turn or before the question in the user turn, as asked."""
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+  question = train_questions[0]
+  text = tokenizer.decode(teacher.teacher_prompt_ids(tokenizer, question, "teacher", placement))
+  system_turn, user_turn = text.split("<|im_start|>user")
+  instruction = priming.STRATEGIES["teacher"].instruction
+  assert (instruction in system_turn) == (placement == "system")
+  assert (instruction in user_turn) == (placement == "user_prefix")
+  if placement == "user_prefix":
+    assert user_turn.index(instruction) < user_turn.index(question["question"].strip())
+  assert text.endswith("<|im_start|>assistant\n")
 
 
 # ----------------------------------------------------------------------------- refusals
@@ -366,6 +404,7 @@ def test_resume_with_other_settings_is_refused(tiny_reference, tokenizer_dir, tr
 
 
 def test_bad_questions_are_refused(tokenizer_dir, train_questions, tmp_path):
+  """Duplicate ids, missing fields and unknown strategies stop with their own errors."""
   from transformers import AutoTokenizer
   tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
   duplicate = [train_questions[0], dict(train_questions[1], id=train_questions[0]["id"])]

@@ -30,7 +30,8 @@ def _quiet(**overrides) -> train_lib.TrainConfig:
 
 @pytest.fixture(scope="module")
 def data():
-  return worker.synthetic_examples(16, seed=0), worker.synthetic_examples(8, seed=1)
+  return (worker.synthetic_examples(16, seed=0, head_scale=10.0),
+          worker.synthetic_examples(8, seed=1, head_scale=10.0))
 
 
 @pytest.fixture(scope="module")
@@ -148,9 +149,10 @@ def test_grad_accumulation_equals_big_batch_token_mean(data, tmp_path):
 
 
 def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
-  train, val = data
-  model = worker.make_student()
-  frozen_before = _flat_params(model, train_lib.nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+  train = data[0]
+  val = train[:8]  # a tiny overfit problem: the random responses can only be memorised
+  model = worker.make_student(head_scale=10.0)  # the tiny preset's own head is too small to move the outputs
+  frozen_before = _flat_params(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
   lora_before = _flat_params(model, nnx.LoRAParam)
   loss_cfg = losses.LossConfig(ce_weight=0.1)
   val_batches = batches.eval_batches(val, 4, pad_multiple=16)
@@ -167,10 +169,11 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
   assert all(not np.array_equal(lora_before[k], lora_after[k]) for k in lora_before)
 
   assert result.step == 24 and len(result.history) == 24
-  assert result.final_val["loss"] < 0.9 * val_before
-  assert result.best_val_loss == min(json.loads(line)["val_loss"] for line in
-                                     (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_loss" in line)
   records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  val_losses = [val_before] + [r["val_loss"] for r in records if "val_loss" in r]
+  assert len(val_losses) == 4 and all(b < a for a, b in zip(val_losses, val_losses[1:])), val_losses
+  assert result.final_val["loss"] < 0.9 * val_before
+  assert result.best_val_loss == min(val_losses) and result.best_step == 24
   train_records = [r for r in records if "kd" in r]
   assert [r["step"] for r in train_records] == list(range(1, 25))
   assert {"kd", "ce", "loss", "lr", "grad_norm", "tokens_per_s"} <= set(train_records[0])
@@ -178,18 +181,15 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
   assert sorted(int(p.name) for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == [16, 24]
 
   # The best checkpoint holds the LoRA state of the best validation step.
-  fresh = worker.make_student()
+  fresh = worker.make_student(head_scale=10.0)
   meta = train_lib.restore_best_lora(fresh, tmp_path)
   assert meta["step"] == result.best_step and meta["val_loss"] == pytest.approx(result.best_val_loss)
-  if result.best_step == 24:
-    for k, v in _flat_params(fresh, nnx.LoRAParam).items():
-      assert np.array_equal(v, lora_after[k])
+  for k, v in _flat_params(fresh, nnx.LoRAParam).items():
+    assert np.array_equal(v, lora_after[k])
 
   # A second call on a finished workdir resumes at the end and changes nothing.
-  again = train_lib.train(worker.make_student(), train, val, cfg, loss_cfg, tmp_path)
+  again = train_lib.train(worker.make_student(head_scale=10.0), train, val, cfg, loss_cfg, tmp_path)
   assert again.step == 24 and again.history == []
-  for k, v in jax.tree.leaves_with_path(again.lora):
-    pass
   assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
              zip(jax.tree.leaves(again.lora), jax.tree.leaves(result.lora)))
 
@@ -202,6 +202,7 @@ def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
   return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
 
 
+@pytest.mark.slow  # three training subprocesses: ~30 s of CPU on an idle machine
 def test_kill9_and_resume_is_bit_identical(tmp_path, compile_cache):
   steps = "10"
   reference = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(tmp_path / "ref"),
@@ -241,6 +242,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, compile_cache):
   assert steps_logged == list(range(1, int(steps) + 1))  # steps after the checkpoint were logged once
 
 
+@pytest.mark.slow  # a subprocess compiling the step for one device and for a 2 x 4 mesh
 def test_eight_cpu_devices_match_single_device(tmp_path, compile_cache):
   env = dict(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
   out = tmp_path / "mesh.json"

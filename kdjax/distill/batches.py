@@ -36,15 +36,21 @@ class BatchError(ValueError):
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class TrainExample:
-  """One already-shifted training sequence (see the module docstring); teacher arrays None for CE-only data."""
+  """One already-shifted training sequence (see the module docstring).
 
-  input_ids: np.ndarray                  # [n] int32
-  target_ids: np.ndarray                 # [n] int32
-  loss_mask: np.ndarray                  # [n] float32
-  teacher_ids: np.ndarray | None = None  # [n, k] int32
-  teacher_logprobs: np.ndarray | None = None  # [n, k] float32
-  teacher_tail: np.ndarray | None = None  # [n] float32
-  question_id: int | None = None         # GSM8K train id, when known
+  The teacher arrays hold only the response rows: row ``i`` belongs to position ``teacher_offset + i``
+  (``teacher_offset = P - 1``), which keeps a whole store in memory without zero rows for the prompts. They are
+  None for CE-only data.
+  """
+
+  input_ids: np.ndarray                       # [n] int32
+  target_ids: np.ndarray                      # [n] int32
+  loss_mask: np.ndarray                       # [n] float32
+  teacher_offset: int = 0
+  teacher_ids: np.ndarray | None = None       # [m, k] int32
+  teacher_logprobs: np.ndarray | None = None  # [m, k] float32
+  teacher_tail: np.ndarray | None = None      # [m] float32
+  question_id: int | None = None              # GSM8K train id, when known
 
   def __len__(self) -> int:
     return int(self.input_ids.shape[0])
@@ -61,11 +67,10 @@ class TrainExample:
     """The first `max_length` positions; response tokens beyond them lose their loss."""
     if len(self) <= max_length:
       return self
-    cut = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
-    for name in ("input_ids", "target_ids", "loss_mask") + TEACHER_KEYS:
-      if cut[name] is not None:
-        cut[name] = cut[name][:max_length]
-    return TrainExample(**cut)
+    rows = max(0, max_length - self.teacher_offset)
+    teacher = {name: None if getattr(self, name) is None else getattr(self, name)[:rows] for name in TEACHER_KEYS}
+    return dataclasses.replace(self, input_ids=self.input_ids[:max_length], target_ids=self.target_ids[:max_length],
+                               loss_mask=self.loss_mask[:max_length], **teacher)
 
 
 def _ids(values: Any, name: str) -> np.ndarray:
@@ -84,13 +89,6 @@ def _shifted(prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.n
   mask = np.zeros(x.shape, np.float32)
   mask[prompt.size - 1:x.size - 1] = 1.0
   return x, targets, mask
-
-
-def _teacher_rows(rows: np.ndarray, prompt_len: int, total_len: int) -> np.ndarray:
-  """Places per-response-token rows at positions [P - 1, n - 2]; zeros elsewhere."""
-  out = np.zeros((total_len,) + rows.shape[1:], rows.dtype)
-  out[prompt_len - 1:total_len - 1] = rows
-  return out
 
 
 def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logprobs: Any,
@@ -116,9 +114,8 @@ def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logp
     if tail.shape != (num,):
       raise BatchError(f"tail_mass must be [{num}], got {tail.shape}")
   x, targets, mask = _shifted(prompt, response)
-  p, n = prompt.size, x.size
-  return TrainExample(x, targets, mask, _teacher_rows(topk_ids.astype(np.int32), p, n),
-                      _teacher_rows(topk_logprobs, p, n), _teacher_rows(tail, p, n), question_id)
+  return TrainExample(x, targets, mask, prompt.size - 1, topk_ids.astype(np.int32), topk_logprobs, tail,
+                      question_id)
 
 
 def ce_example(prompt_ids: Any, solution_ids: Any, end_token_id: int | None, *,
@@ -208,8 +205,10 @@ def collate(examples: Sequence[TrainExample], *, pad_multiple: int = 64, batch_s
     batch["target_ids"][row, :n] = example.target_ids
     batch["loss_mask"][row, :n] = example.loss_mask
     if "teacher_ids" in batch:
+      start = example.teacher_offset
       for key in TEACHER_KEYS:
-        batch[key][row, :n] = getattr(example, key)
+        rows = getattr(example, key)
+        batch[key][row, start:start + len(rows)] = rows
   return batch
 
 

@@ -240,12 +240,13 @@ def peft_config(model: model_lib.Llama, *, base_model_name_or_path: str | None =
   if not targets:
     raise LoraError("the model has no LoRA adapters to export")
   rank = lora_rank(model)
+  alpha = round(model.lora_scale * rank, 6)  # the model keeps alpha / r; undo the division's rounding
   return {
       "peft_type": "LORA",
       "task_type": "CAUSAL_LM",
       "base_model_name_or_path": base_model_name_or_path,
       "r": rank,
-      "lora_alpha": model.lora_scale * rank,
+      "lora_alpha": int(alpha) if float(alpha).is_integer() else alpha,
       "lora_dropout": model.lora_dropout,
       "target_modules": [HF_MODULES[n][0] for n in targets],
       "bias": "none",

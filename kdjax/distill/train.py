@@ -33,7 +33,7 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax import parallel
 from kdjax.distill import batches as batches_lib
@@ -245,9 +245,13 @@ def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]]
                   chunk_size: int = 512, mesh: Mesh | None = None) -> dict[str, float]:
   """Token means over every loss token of `batches`: "kd", "ce", "loss" (cfg's total), accuracies, and counts.
 
-  `batches` are `batches.collate` dicts; no dropout. Sums are accumulated in float64 on the host.
+  `batches` are `batches.collate` dicts; no dropout. Sums are accumulated in float64 on the host. A model
+  sharded over a mesh gets its batches sharded over the same mesh unless `mesh` says otherwise.
   """
   graphdef, state = nnx.split(model)
+  if mesh is None:
+    sharding = getattr(jax.tree.leaves(state)[0], "sharding", None)
+    mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
   totals: dict[str, float] = {}
   for batch in batches:
     sums, extra = _eval_sums(graphdef, state, _place_batch(batch, mesh), loss_cfg, chunk_size)
@@ -317,23 +321,31 @@ def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
 # ------------------------------------------------------------------------------------------------ metrics
 
 
+def _logged_step(line: str) -> float:
+  try:
+    return json.loads(line)["step"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    return math.inf  # unreadable: dropped
+
+
 class _MetricsLog:
   """Per-step metrics to `metrics.jsonl`, TensorBoard and a tqdm bar; device values are fetched in windows."""
 
   def __init__(self, workdir: pathlib.Path, cfg: TrainConfig, start_step: int, total_steps: int):
     self.path = workdir / METRICS_FILE
-    if self.path.exists():
-      # A killed run may have logged steps past its last checkpoint; the resumed run logs them again.
-      kept = [line for line in self.path.read_text().splitlines()
-              if line.strip() and json.loads(line).get("step", 0) <= start_step]
+    primary = jax.process_index() == 0  # one writer on a multi-host pod
+    if primary and self.path.exists():
+      # A killed run may have logged steps past its last checkpoint (or half a line); the resumed run logs
+      # those steps again.
+      kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
       self.path.write_text("".join(line + "\n" for line in kept))
-    self.file = open(self.path, "a")
+    self.file = open(self.path, "a") if primary else None
     self.writer = None
-    if cfg.tensorboard:
+    if cfg.tensorboard and primary:
       from tensorboardX import SummaryWriter  # imports torch when present: only when asked for
-      self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step or None)
+      self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
     from tqdm.auto import tqdm
-    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not cfg.progress_bar,
+    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (cfg.progress_bar and primary),
                     dynamic_ncols=True)
     self.pending: list[tuple[int, dict, int, float]] = []
     self.window_start = time.perf_counter()
@@ -362,6 +374,8 @@ class _MetricsLog:
     self._write({"step": step, **{f"val_{k}": float(v) for k, v in values.items()}}, "val")
 
   def _write(self, record: dict, prefix: str) -> None:
+    if self.file is None:
+      return
     self.file.write(json.dumps(record) + "\n")
     self.file.flush()
     if self.writer is not None:
@@ -372,12 +386,30 @@ class _MetricsLog:
   def close(self) -> None:
     self.flush()
     self.bar.close()
-    self.file.close()
+    if self.file is not None:
+      self.file.close()
     if self.writer is not None:
       self.writer.close()
 
 
 # ------------------------------------------------------------------------------------------------ train
+
+
+def _shard_model(model: nnx.Module, mesh: Mesh) -> None:
+  """Places every variable of `model` on `mesh` by its logical axes (in place; no-op for placed arrays)."""
+  state = nnx.state(model)
+  # Array leaves against NamedSharding leaves: both trees share the State / Variable structure.
+  nnx.update(model, jax.tree.map(jax.device_put, state, parallel.state_shardings(state, mesh)))
+
+
+def _mesh_shardings(tree: Any, mesh: Mesh) -> Any:
+  """Shardings for LoRA / optimizer state: variables by their logical axes (optimizer moments keep their
+  parameter's metadata), plain arrays (step counts) replicated."""
+  def one(x):
+    if isinstance(x, nnx.Variable):
+      return x.replace(parallel.named_sharding(x.get_metadata().get("logical_axes"), x.get_raw_value().shape, mesh))
+    return NamedSharding(mesh, PartitionSpec())
+  return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
 def _check_data(name: str, data: Sequence[batches_lib.TrainExample], loss_cfg: losses.LossConfig) -> None:
@@ -402,17 +434,27 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   if val_data:
     _check_data("val_data", val_data, loss_cfg)
   if mesh is not None:
-    parallel.shard_model(model, mesh)
+    _shard_model(model, mesh)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   if not jax.tree.leaves(lora):
     raise TrainError("the model has no nnx.LoRAParam variables; call kdjax.distill.lora.add_lora first")
-  lora = jax.tree.map(jnp.copy, lora)  # the step donates its LoRA input; keep the model's own arrays alive
 
   total_steps = cfg.total_steps(len(train_data))
-  schedule = make_schedule(cfg, total_steps)
+  # Host copies of every step's learning rate, for the logs (no per-step device round trip).
+  learning_rates = np.asarray(jax.vmap(make_schedule(cfg, total_steps))(jnp.arange(total_steps)))
   tx = make_optimizer(cfg, total_steps)
-  opt_state = jax.jit(tx.init)(lora)
   key = jax.random.key(cfg.seed)
+
+  def place(tree):
+    if mesh is None:
+      # Committed arrays from the first step on: the step's outputs are committed, and a change of
+      # committedness between calls would compile the step twice.
+      return jax.device_put(tree, jax.devices()[0])
+    return jax.tree.map(jax.device_put, tree, _mesh_shardings(tree, mesh))
+
+  lora = place(lora)
+  opt_state = place(jax.jit(tx.init)(lora))
+  rest = place(rest) if mesh is None else rest  # on a mesh: already placed by `_shard_model`
   iterator = batches_lib.BatchIterator(train_data, cfg.examples_per_step, seed=cfg.seed,
                                        pad_multiple=cfg.pad_multiple, max_length=cfg.max_length,
                                        sort_window=cfg.sort_window)
@@ -431,16 +473,15 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     iterator.restore(meta["data"])
     if meta.get("config") != dataclasses.asdict(cfg):
       logger.warning("resuming %s with a TrainConfig that differs from the checkpoint's", workdir)
+    lora, opt_state = place(lora), place(opt_state)
     logger.info("resumed from step %d of %d", step, total_steps)
 
-  if mesh is None:
-    # Committed inputs from the first step on: the step's outputs are committed, and a change of
-    # committedness between calls would compile the step twice.
-    lora, opt_state, rest = jax.device_put((lora, opt_state, rest), jax.devices()[0])
+  # No buffer donation: LoRA and its optimizer state are small, and asynchronous checkpoints may still be
+  # reading the previous step's arrays.
   shardings = jax.tree.map(lambda x: x.sharding, (lora, opt_state))
   step_fn = jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, cfg.chunk_size,
                                       getattr(model, "lora_dropout", 0.0) > 0.0),
-                    donate_argnums=(0, 1), out_shardings=(*shardings, None))
+                    out_shardings=(*shardings, None))
   log = _MetricsLog(workdir, cfg, step, total_steps)
   try:
     while step < total_steps:
@@ -449,7 +490,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
       micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
       lora, opt_state, metrics = step_fn(lora, opt_state, rest, _place_batch(micro, mesh, leading=1),
                                          jax.random.fold_in(key, step))
-      log.add(step + 1, metrics, real_tokens, float(schedule(step)))
+      log.add(step + 1, metrics, real_tokens, float(learning_rates[step]))
       step += 1
       last = step == total_steps
       if step % cfg.log_every == 0 or last:
@@ -462,6 +503,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
           best_val, best_step = final_val["loss"], step
           checkpoints.save_best(step, lora, best_val)
       if step % cfg.checkpoint_every == 0 or last:
+        log.flush()  # the log is complete up to every checkpoint a restart may resume from
         meta = {"step": step, "data": iterator.state(), "best_val_loss": best_val, "best_step": best_step,
                 "val": final_val, "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg)}
         checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)}, meta)

@@ -46,18 +46,27 @@ class KVCache(NamedTuple):
 
   Slot `t` of every row is the t-th token fed to the model (padding included), so all rows share one write
   index; `valid` masks padding slots and `positions` are the rotary positions of each row's next token.
+  Keys and values are laid out [layers, batch, kv_heads, slots, head_dim]: attention contracts over head_dim
+  and slots with (batch, kv_heads) as batch dimensions, so it reads the cache without transposing it.
   """
-  k: jax.Array          # [layers, batch, max_len, kv_heads, head_dim]
+  k: jax.Array          # [layers, batch, kv_heads, max_len, head_dim]
   v: jax.Array
   valid: jax.Array      # [batch, max_len] bool
   index: jax.Array      # int32 scalar: next slot to write
   positions: jax.Array  # int32 [batch]: rotary position of the next token of each row
 
+  @staticmethod
+  def kv_shape(config: LlamaConfig, batch: int, max_len: int) -> tuple[int, ...]:
+    return (config.num_layers, batch, config.num_kv_heads, max_len, config.head_dim)
+
   @classmethod
   def init(cls, config: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
-    shape = (config.num_layers, batch, max_len, config.num_kv_heads, config.head_dim)
+    shape = cls.kv_shape(config, batch, max_len)
     return cls(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype), jnp.zeros((batch, max_len), bool),
                jnp.zeros((), jnp.int32), jnp.zeros((batch,), jnp.int32))
+
+
+KV_CACHE_AXES = ("layers", "batch", "kv_heads", "seq", "head_dim")
 
 
 @dataclasses.dataclass
@@ -112,8 +121,8 @@ def project(x: jax.Array, p: dict[str, jax.Array], name: str, dtype, lora_scale:
   ins, outs = PROJECTIONS[name]
   w = p[name]
   y = jnp.einsum(f"bs{ins},{ins}{outs}->bs{outs}", x, w.astype(dtype))
-  if f"{name}_scale" in p:  # int8 weight-only: per-output-channel scale applied after the matmul
-    y = y * p[f"{name}_scale"].astype(dtype)
+  if f"{name}_scale" in p:  # int8 weight-only: per-output-channel scale applied after the matmul, in float32
+    y = (y.astype(jnp.float32) * p[f"{name}_scale"].astype(jnp.float32)).astype(dtype)
   if f"{name}_lora_a" in p:
     rate, key = dropout
     xin = x
@@ -128,40 +137,46 @@ def project(x: jax.Array, p: dict[str, jax.Array], name: str, dtype, lora_scale:
 
 
 def decoder_layer(p: dict[str, jax.Array], x: jax.Array, *, config: LlamaConfig, positions: jax.Array,
-                  inv_freq: jax.Array, mask: jax.Array, kv: tuple[jax.Array, jax.Array] | None,
-                  write_index: jax.Array | None, dtype, lora_scale: float = 0.0,
-                  dropout: tuple[float, jax.Array | None] = (0.0, None), return_attention: bool = False):
-  """One pre-norm Llama block. `mask` [batch, seq, keys] is True where a query may attend to a key.
+                  inv_freq: jax.Array, mask: jax.Array, cached: tuple[jax.Array, jax.Array, jax.Array] | None,
+                  dtype, lora_scale: float = 0.0, dropout: tuple[float, jax.Array | None] = (0.0, None),
+                  return_attention: bool = False):
+  """One pre-norm Llama block; returns (x, this step's (k, v), attention probabilities or None).
 
-  With `kv` (this layer's cache [batch, max_len, kv_heads, head_dim] pair), the new keys/values are written at
-  `write_index` and attention runs over the whole cache; otherwise over the current sequence.
+  `mask` [batch, seq, seq] says which of the current tokens each query may attend to. With `cached` (this layer's
+  cache keys and values [batch, kv_heads, max_len, head_dim] and the mask of their valid slots [batch, max_len]),
+  queries also attend to the cache. The cache is only read here: the caller writes the new keys/values once for
+  all layers, so a decode step never copies the cache.
   """
   b, s, _ = x.shape
   h = rms_norm(x, p["attn_norm"], config.rms_norm_eps)
   q = apply_rope(project(h, p, "wq", dtype, lora_scale, dropout), positions, inv_freq)
   k = apply_rope(project(h, p, "wk", dtype, lora_scale, dropout), positions, inv_freq)
   v = project(h, p, "wv", dtype, lora_scale, dropout)
-  if kv is not None:
-    k_all = jax.lax.dynamic_update_slice(kv[0], k.astype(kv[0].dtype), (0, write_index, 0, 0))
-    v_all = jax.lax.dynamic_update_slice(kv[1], v.astype(kv[1].dtype), (0, write_index, 0, 0))
-    new_kv = (k_all, v_all)
-    k, v = k_all.astype(dtype), v_all.astype(dtype)
-  else:
-    new_kv = None
   groups = config.num_heads // config.num_kv_heads
   q = q.reshape(b, s, config.num_kv_heads, groups, config.head_dim)
-  scores = jnp.einsum("bsgqk,btgk->bgqst", q, k, preferred_element_type=jnp.float32)
-  scores = scores * (config.head_dim ** -0.5)
-  scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
-  probs = jax.nn.softmax(scores, axis=-1)
-  attn = jnp.einsum("bgqst,btgk->bsgqk", probs.astype(dtype), v).reshape(b, s, config.num_heads, config.head_dim)
+  scale, neg = config.head_dim ** -0.5, jnp.finfo(jnp.float32).min
+  scores = jnp.einsum("bsgqk,btgk->bgqst", q, k, preferred_element_type=jnp.float32) * scale
+  scores = jnp.where(mask[:, None, None, :, :], scores, neg)
+  if cached is not None:
+    k_cache, v_cache, valid = cached
+    cache_scores = jnp.einsum("bsgqk,bgtk->bgqst", q, k_cache.astype(dtype),
+                              preferred_element_type=jnp.float32) * scale
+    cache_scores = jnp.where(valid[:, None, None, None, :], cache_scores, neg)
+    probs = jax.nn.softmax(jnp.concatenate([cache_scores, scores], axis=-1), axis=-1)
+    cache_probs, probs_new = probs[..., :k_cache.shape[2]], probs[..., k_cache.shape[2]:]
+    attn = (jnp.einsum("bgqst,bgtk->bsgqk", cache_probs.astype(dtype), v_cache.astype(dtype)) +
+            jnp.einsum("bgqst,btgk->bsgqk", probs_new.astype(dtype), v))
+  else:
+    probs = jax.nn.softmax(scores, axis=-1)
+    attn = jnp.einsum("bgqst,btgk->bsgqk", probs.astype(dtype), v)
+  attn = attn.reshape(b, s, config.num_heads, config.head_dim)
   x = x + project(attn, p, "wo", dtype, lora_scale, dropout)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = project(h, p, "w_gate", dtype, lora_scale, dropout)
   up = project(h, p, "w_up", dtype, lora_scale, dropout)
   x = x + project(jax.nn.silu(gate) * up, p, "w_down", dtype, lora_scale, dropout)
   attention = probs.reshape(b, config.num_heads, s, -1) if return_attention else None
-  return x, new_kv, attention
+  return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), attention  # cache layout
 
 
 class LayerStack(nnx.Module):
@@ -229,45 +244,28 @@ class Llama(nnx.Module):
     offset = cache.positions[:, None] if cache is not None else 0
     if positions is None:
       positions = offset + jnp.maximum(jnp.cumsum(attention_mask, axis=1) - 1, 0)
-    if cache is None:
-      key_valid = attention_mask
-      query_slot = jnp.arange(s)
-      key_slot = jnp.arange(s)
-    else:
-      key_valid = jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index))
-      query_slot = cache.index + jnp.arange(s)
-      key_slot = jnp.arange(cache.valid.shape[1])
-    mask = (key_slot[None, None, :] <= query_slot[None, :, None]) & key_valid[:, None, :]
+    slot = jnp.arange(s)
+    mask = (slot[None, None, :] <= slot[None, :, None]) & attention_mask[:, None, :]  # causal, no padding keys
 
     x = jnp.take(self.embed[...], input_ids, axis=0).astype(dtype)
     inv_freq = jnp.asarray(rope_inv_freq(config))
-    layer_params = self.layers.arrays()
     lora_scale, dropout_rate = self.lora_scale, self.lora_dropout
     layer_keys = (jax.random.split(dropout_key, config.num_layers) if dropout_key is not None
                   else jnp.zeros((config.num_layers,), jnp.uint32))
-    write_index = cache.index if cache is not None else None
 
-    def body(carry, xs):
-      x, kv_all = carry
-      p, layer_index, key = xs
-      kv = None
-      if kv_all is not None:
-        kv = (jax.lax.dynamic_index_in_dim(kv_all[0], layer_index, keepdims=False),
-              jax.lax.dynamic_index_in_dim(kv_all[1], layer_index, keepdims=False))
+    def body(x, xs):
+      p, cache_kv, key = xs
+      cached = None if cache is None else (cache_kv[0], cache_kv[1], cache.valid)
       x, new_kv, attention = decoder_layer(
-          p, x, config=config, positions=positions, inv_freq=inv_freq, mask=mask, kv=kv,
-          write_index=write_index, dtype=dtype, lora_scale=lora_scale,
-          dropout=(dropout_rate, key if dropout_key is not None else None), return_attention=return_attention)
-      if kv_all is not None:
-        kv_all = tuple(jax.lax.dynamic_update_index_in_dim(full, new, layer_index, axis=0)
-                       for full, new in zip(kv_all, new_kv))
-      return (x, kv_all), attention
+          p, x, config=config, positions=positions, inv_freq=inv_freq, mask=mask, cached=cached, dtype=dtype,
+          lora_scale=lora_scale, dropout=(dropout_rate, key if dropout_key is not None else None),
+          return_attention=return_attention)
+      return x, (new_kv if cache is not None else None, attention)
 
     if self.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    kv_init = (cache.k, cache.v) if cache is not None else None
-    (x, kv_all), attention = jax.lax.scan(
-        body, (x, kv_init), (layer_params, jnp.arange(config.num_layers), layer_keys))
+    cache_kv = (cache.k, cache.v) if cache is not None else None
+    x, (new_kv, attention) = jax.lax.scan(body, x, (self.layers.arrays(), cache_kv, layer_keys))
 
     hidden = rms_norm(x, self.final_norm[...], config.rms_norm_eps)
     logits = None
@@ -275,9 +273,13 @@ class Llama(nnx.Module):
       logits = jnp.einsum("bsd,dv->bsv", hidden, self.lm_head_weight().astype(dtype),
                           preferred_element_type=jnp.float32)
     new_cache = None
-    if cache is not None:
-      new_cache = KVCache(kv_all[0], kv_all[1], key_valid, cache.index + s,
-                          cache.positions + attention_mask.sum(axis=1).astype(jnp.int32))
+    if cache is not None:  # one in-place write of every layer's new keys/values
+      start = (0, 0, 0, cache.index, 0)
+      new_cache = KVCache(
+          jax.lax.dynamic_update_slice(cache.k, new_kv[0].astype(cache.k.dtype), start),
+          jax.lax.dynamic_update_slice(cache.v, new_kv[1].astype(cache.v.dtype), start),
+          jax.lax.dynamic_update_slice(cache.valid, attention_mask, (0, cache.index)), cache.index + s,
+          cache.positions + attention_mask.sum(axis=1).astype(jnp.int32))
     return ForwardOutput(logits=logits, hidden=hidden, cache=new_cache, attention=attention)
 
 
