@@ -161,12 +161,15 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
 
 # ----------------------------------------------------------------------------- compiled functions
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "max_len"))
+@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
 def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array,
-             max_len: int) -> tuple[KVCache, jax.Array]:
-  """Runs the left-padded prompts through the model: (cache holding them, logits [B, V] of the last slot)."""
+             cache: KVCache) -> tuple[KVCache, jax.Array]:
+  """Runs the left-padded prompts through the model: (cache holding them, logits [B, V] of the last slot).
+
+  The empty cache comes in as an argument: built inside the jit it would be a constant, and XLA would spend
+  minutes constant-folding attention over it.
+  """
   model = nnx.merge(graphdef, state)
-  cache = KVCache.init(model.config, ids.shape[0], max_len, model.dtype)
   out = model.forward(ids, attention_mask=mask, cache=cache, return_logits=False)
   return out.cache, last_logits(model, out.hidden)
 
@@ -182,7 +185,7 @@ _step_jit = jax.jit(lambda graphdef, state, cache, tokens: _step(nnx.merge(graph
                     static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_logits: jax.Array,
             example_ids: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array,
             stop_ids: jax.Array, opts: _DecodeOptions) -> _DecodeResult:
@@ -299,8 +302,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
     batch_examples = [ids_of_example[i] for i in members] + [0] * (rows - len(members))
     length = round_up(max(len(p) for p in batch_prompts), length_bucket)
     ids, mask = left_pad(batch_prompts, length, pad_id)
-    cache, logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask),
-                             max_len=length + sampling.max_new_tokens)
+    empty = KVCache.init(model.config, rows, length + sampling.max_new_tokens, model.dtype)
+    cache, logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), empty)
     out = _decode(graphdef, state, cache, logits, jnp.asarray(batch_examples, jnp.int32),
                   jnp.uint32(sampling.seed), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
                   jnp.asarray(stop_array), opts=opts)

@@ -20,7 +20,7 @@ def _default_platform() -> None:
 
 _default_platform()
 
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
 _DEMO = str(pathlib.Path(__file__).resolve().parents[1] / "configs" / "demo.py")
@@ -31,6 +31,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEMO, "Experiment config fi
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not flags.FLAGS["verbosity"].present:  # orbax logs every read and write at INFO
+    logging.set_verbosity(logging.WARNING)
   from kdjax import pipeline
   try:
     pipeline.run(_CONFIG.value)

@@ -11,6 +11,7 @@ import pytest
 from flax import nnx
 
 from kdjax import generation
+from kdjax.models.llama.model import KVCache
 from kdjax.generation import GenerationError, SamplingConfig, generate
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
@@ -70,7 +71,8 @@ def test_cached_decoding_equals_full_forward_for_ragged_left_padded_batch(tiny):
   assert ids.shape == (4, 64) and mask.sum(axis=1).tolist() == [3, 11, 7, 1]
   assert (ids[~mask] == PAD).all() and mask[:, -1].all()  # padding on the left
   graphdef, state = nnx.split(tiny)
-  cache, logits = generation._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), max_len=64 + NEW)
+  empty = KVCache.init(tiny.config, len(RAGGED_PROMPTS), 64 + NEW)
+  cache, logits = generation._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), empty)
   per_step = [np.asarray(logits)]
   for t in range(NEW - 1):
     logits, cache = generation._step_jit(graphdef, state, cache, jnp.asarray(continuations[:, t]))

@@ -99,8 +99,11 @@ def assert_records_match_forward(model, tokenizer, records: list[store.TeacherRe
     # Row j is the distribution at the position before response token j.
     expected = reference[prompt_len - 1:prompt_len - 1 + n]
     ids = record.topk_ids.astype(np.int64)
+    # 1e-4, plus float32 noise that grows with the log-prob's magnitude: cached decoding and this
+    # forward sum in different orders. Over 64 SmolLM2 answers (75850 entries) the largest gap was
+    # 1.2e-4, at log-prob -16.2; the 99.9th percentile was 5e-5.
     np.testing.assert_allclose(record.topk_logprobs, np.take_along_axis(expected, ids, axis=1),
-                               atol=1e-4, rtol=0, err_msg=where)
+                               atol=1e-4, rtol=1e-5, err_msg=where)
     tail = 1.0 - np.exp(np.take_along_axis(expected, ids, axis=1)).sum(axis=1)
     np.testing.assert_allclose(record.tail_mass, tail, atol=1e-4, rtol=0, err_msg=where)
     # The stored ids are a top-k set: no other id is more likely than the least likely stored one.
