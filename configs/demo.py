@@ -11,7 +11,7 @@ def get_config():
   c.workdir = "runs/demo"
   c.arms = "ground_truth,nodistill"
   c.data.source = "../shared/data/gsm8k"
-  c.data.num_train_questions = 32
+  c.data.num_train_questions = 24
   c.data.num_validation = 8
   for role in (c.teacher, c.student):
     role.source = "smollm2"
@@ -19,7 +19,7 @@ def get_config():
     role.dtype = "float32"
   c.teacher.model_id = c.student.model_id = "HuggingFaceTB/SmolLM2-135M-Instruct"
   c.teacher.quantization = "none"
-  c.teacher.max_new_tokens = 160
+  c.teacher.max_new_tokens = 128
   c.teacher.batch_size = 16
   c.teacher.shard_size = 16
   c.student.remat = False
@@ -29,15 +29,15 @@ def get_config():
   c.train.optimizer = "adamw"
   c.train.learning_rate = 5e-4
   c.train.warmup_steps = 2
-  c.train.batch_size = 4
+  c.train.batch_size = 8
   c.train.num_epochs = 1
   c.train.max_len = 512
-  c.train.eval_every = 2
-  c.train.checkpoint_every = 2
+  c.train.eval_every = 1
+  c.train.checkpoint_every = 1
   c.train.log_every = 1
-  c.eval.num_questions = 32
-  c.eval.max_new_tokens = 160
-  c.eval.batch_size = 16
+  c.eval.num_questions = 24
+  c.eval.max_new_tokens = 128
+  c.eval.batch_size = 24
   c.plan.model = "student"
   c.plan.batch_size = 16
   c.plan.max_len = 512

@@ -185,7 +185,7 @@ _step_jit = jax.jit(lambda graphdef, state, cache, tokens: _step(nnx.merge(graph
                     static_argnums=0)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("cache",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
 def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_logits: jax.Array,
             example_ids: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array,
             stop_ids: jax.Array, opts: _DecodeOptions) -> _DecodeResult:

@@ -142,14 +142,20 @@ def stage_convert(c, wd: Workdir) -> None:
   from kdjax import checkpoint, convert
   arms = config_lib.arm_names(c)
   roles = ["student"] + (["teacher"] if any(config_lib.ARMS[a]["mode"] == "kd" for a in arms) else [])
+  settings = {}
   for role in roles:
     target = wd.model(role)
-    if checkpoint.is_kdjax_checkpoint(target):
-      log(f"convert: {target} already converted")
-      continue
     quantize = role == "teacher" and c.teacher.quantization == "int8"
     quantize = quantize or (role == "student" and bool(c.student.quantize))
     param_dtype = "float32" if c[role].dtype == "float32" else "bfloat16"
+    settings[role] = (c[role].source, quantize, param_dtype)
+    if checkpoint.is_kdjax_checkpoint(target):
+      log(f"convert: {target} already converted")
+      continue
+    if role == "teacher" and settings["teacher"] == settings["student"]:  # self-distillation: one conversion
+      target.symlink_to(wd.model("student").name, target_is_directory=True)
+      log(f"convert: teacher is the student's checkpoint ({target} -> {wd.model('student').name})")
+      continue
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
     convert.convert(str(_resolve_source(c[role].source)), str(target), dtype=param_dtype, quantize=quantize)
 
@@ -297,7 +303,7 @@ def run(c: ml_collections.ConfigDict) -> None:
   validate(c)
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
-  wd = Workdir(pathlib.Path(c.workdir))
+  wd = Workdir(pathlib.Path(c.workdir).absolute())  # orbax needs absolute paths
   wd.root.mkdir(parents=True, exist_ok=True)
   if jax.process_index() == 0:
     (wd.root / "config.json").write_text(c.to_json_best_effort(indent=2))

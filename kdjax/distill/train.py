@@ -426,7 +426,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   `val_data` should be a held-out slice of GSM8K *train* (never test); its loss picks the best checkpoint.
   With `mesh`, parameters are sharded by their logical axes and the batch over ("data", "fsdp").
   """
-  workdir = pathlib.Path(workdir)
+  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
   workdir.mkdir(parents=True, exist_ok=True)
   if not train_data:
     raise TrainError("train_data is empty")
