@@ -96,7 +96,7 @@ def restore_model(directory: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
 
   abstract = nnx.eval_shape(build)
   if mesh is None:
-    mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.local_devices()[:1])
   graphdef, state = nnx.split(abstract)
   shardings = parallel.state_shardings(state, mesh, rules)
   target = jax.tree.map(

@@ -29,26 +29,33 @@ def _samples_path(path: pathlib.Path) -> pathlib.Path:
   return path / "samples.jsonl" if path.is_dir() else path
 
 
+def read_jsonl_objects(path: pathlib.Path, error: type[Exception] = ValueError) -> list[dict]:
+  """One JSON object per non-empty line; a bad line raises `error` naming the file and line."""
+  rows = []
+  with path.open(encoding="utf-8-sig") as f:  # -sig: tolerate a byte-order mark from spreadsheet exports
+    for line_number, line in enumerate(f, start=1):
+      if not line.strip():
+        continue
+      try:
+        row = json.loads(line)
+      except json.JSONDecodeError as e:
+        raise error(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
+      if not isinstance(row, dict):
+        raise error(f"{path}:{line_number}: expected a JSON object per line")
+      rows.append(row)
+  return rows
+
+
 def load_samples(path: str | pathlib.Path) -> list[dict]:
   """Records of a `samples.jsonl` file (or of the one inside folder `path`)."""
   path = _samples_path(pathlib.Path(path))
   if not path.is_file():
     raise SamplesFormatError(f"samples file not found: {path}")
-  samples = []
-  with path.open(encoding="utf-8") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise SamplesFormatError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise SamplesFormatError(f"{path}:{line_number}: expected a JSON object")
-      missing = [field for field in REQUIRED_FIELDS if field not in record]
-      if missing:
-        raise SamplesFormatError(f"{path}:{line_number}: missing field(s) {missing}")
-      samples.append(record)
+  samples = read_jsonl_objects(path, SamplesFormatError)
+  for line_number, record in enumerate(samples, start=1):
+    missing = [field for field in REQUIRED_FIELDS if field not in record]
+    if missing:
+      raise SamplesFormatError(f"{path}: record {line_number}: missing field(s) {missing}")
   return samples
 
 

@@ -21,6 +21,7 @@ from absl import app
 from absl import flags
 
 from kdjax.evaluation import extract
+from kdjax.evaluation import report
 from kdjax.evaluation import stats
 
 _INPUT = flags.DEFINE_string("input", None, "Saved outputs: a .jsonl or .csv file.")
@@ -55,19 +56,7 @@ def read_rows(path: pathlib.Path) -> list[dict]:
         return list(csv.DictReader(f))
       except csv.Error as e:
         raise RescoreError(f"{path}: not valid CSV ({e})") from None
-  rows = []
-  with path.open(encoding="utf-8-sig") as f:
-    for line_number, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        row = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise RescoreError(f"{path}:{line_number}: not valid JSON ({e.msg})") from None
-      if not isinstance(row, dict):
-        raise RescoreError(f"{path}:{line_number}: expected a JSON object per line")
-      rows.append(row)
-  return rows
+  return report.read_jsonl_objects(path, RescoreError)
 
 
 def _normalise_question(question: str) -> str:

@@ -253,7 +253,7 @@ def load_into_model(source: TensorSource, config: LlamaConfig, *, mesh=None, rul
   check_source(source, config, params)
   model = model_lib.abstract_model(config, dtype=dtype, param_dtype=param_dtype, remat=remat)
   if mesh is None:
-    mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    mesh = parallel.make_mesh({"fsdp": 1}, devices=jax.local_devices()[:1])
   for param in params:
     name = param.split(".")[-1]
     if quantize and name in quantization.QUANTIZED_PROJECTIONS:
