@@ -39,6 +39,11 @@ DEFAULT_RULES: tuple[tuple[str, str | tuple[str, ...] | None], ...] = (
 )
 
 
+def normalize_index(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
+  """A device shard's index (as given to `make_array_from_callback`) with explicit start and stop."""
+  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
+
+
 def make_mesh(shape: Mapping[str, int] | None = None, devices: Sequence[Any] | None = None) -> Mesh:
   """A mesh with axes data / fsdp / tensor. One size may be -1 (the remaining devices); default all fsdp."""
   devices = list(devices if devices is not None else jax.devices())

@@ -53,13 +53,6 @@ def log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------ validation
 
-def _resolve_source(source: str) -> pathlib.Path:
-  if source == "smollm2":
-    from kdjax import fetch
-    return fetch.smollm2_gguf()
-  return pathlib.Path(source)
-
-
 def validate(c: ml_collections.ConfigDict) -> None:
   """Checks everything that can be checked before heavy work; raises ConfigError with one line."""
   try:
@@ -157,7 +150,7 @@ def stage_convert(c, wd: Workdir) -> None:
       log(f"convert: teacher is the student's checkpoint ({target} -> {wd.model('student').name})")
       continue
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
-    convert.convert(str(_resolve_source(c[role].source)), str(target), dtype=param_dtype, quantize=quantize)
+    convert.convert(c[role].source, str(target), dtype=param_dtype, quantize=quantize)
 
 
 def stage_generate(c, wd: Workdir) -> None:
@@ -274,12 +267,11 @@ def stage_report(c, wd: Workdir) -> None:
           if (p / "samples.jsonl").exists()}
   if not arms:
     raise ConfigError(f"no evaluated arms under {wd.root / 'arms'}: run the eval stage first")
-  result = report.build_report(arms, wd.root / "report", rule=c.report.rule,
-                               paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY)
+  report.build_report(arms, wd.root / "report", rule=c.report.rule,
+                      paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY)
   log(f"report: {wd.root / 'report' / 'report.md'}")
   if jax.process_index() == 0:
     print((wd.root / "report" / "report.md").read_text())
-  del result
 
 
 def stage_analyze(c, wd: Workdir) -> None:

@@ -127,10 +127,6 @@ def quantize_model(model: model_lib.Llama) -> model_lib.Llama:
   return model
 
 
-def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
-
-
 def build_quantized(shape: tuple[int, ...], n_in: int, read: LayerReader, weight_sharding: jax.sharding.Sharding,
                     scale_sharding: jax.sharding.Sharding) -> tuple[jax.Array, jax.Array]:
   """Int8 weight and scale arrays of a stacked projection [layers, in..., out...], read shard by shard.
@@ -155,7 +151,7 @@ def build_quantized(shape: tuple[int, ...], n_in: int, read: LayerReader, weight
     return scales[key]
 
   def weight_callback(index: tuple[slice, ...]) -> np.ndarray:
-    index = _normalize(index, shape)
+    index = parallel.normalize_index(index, shape)
     layers, in_index, out_index = range(index[0].start, index[0].stop), index[1:1 + n_in], index[1 + n_in:]
     key = key_of(layers, out_index)
     blocks, layer_scales = [], []
@@ -171,7 +167,7 @@ def build_quantized(shape: tuple[int, ...], n_in: int, read: LayerReader, weight
     return np.stack(blocks)
 
   def scale_callback(index: tuple[slice, ...]) -> np.ndarray:
-    index = _normalize(index, scale_shape)
+    index = parallel.normalize_index(index, scale_shape)
     return scale_block(range(index[0].start, index[0].stop), index[1:])
 
   q = jax.make_array_from_callback(shape, weight_sharding, weight_callback)

@@ -188,10 +188,6 @@ def read_param(source: TensorSource, config: LlamaConfig, param: str, layer: int
   return block[(full,) + in_rest + (full,) + out_rest]
 
 
-def _normalize(index: tuple[slice, ...], shape: tuple[int, ...]) -> tuple[slice, ...]:
-  return tuple(slice(*s.indices(n)[:2]) for s, n in zip(index, shape))
-
-
 def check_source(source: TensorSource, config: LlamaConfig, params: list[str]) -> None:
   """Fails with one clear line if a tensor is missing or has the wrong shape, before anything is loaded."""
   names = set(source.names())
@@ -220,7 +216,7 @@ def build_array(source: TensorSource, config: LlamaConfig, param: str, sharding:
   cache: dict[tuple, np.ndarray] = {}  # devices with equal shards (replicas) share one read
 
   def callback(index: tuple[slice, ...]) -> np.ndarray:
-    index = _normalize(index, shape)
+    index = parallel.normalize_index(index, shape)
     key = tuple((s.start, s.stop) for s in index)
     if key not in cache:
       if stacked:
