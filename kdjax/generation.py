@@ -170,7 +170,7 @@ def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax
   minutes constant-folding attention over it.
   """
   model = nnx.merge(graphdef, state)
-  out = model.forward(ids, attention_mask=mask, cache=cache, return_logits=False)
+  out = model.forward(ids, attention_mask=mask, cache=cache, cache_is_empty=True, return_logits=False)
   return out.cache, last_logits(model, out.hidden)
 
 

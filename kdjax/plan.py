@@ -317,7 +317,8 @@ def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prom
 
   def prefill(state, input_ids, attention_mask, cache):
     model = nnx.merge(graphdef, state)
-    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, return_logits=False)
+    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, cache_is_empty=True,
+                        return_logits=False)
     # Prompts are left-padded, so the last slot holds every row's last real token.
     last = jnp.einsum("bd,dv->bv", out.hidden[:, -1], model.lm_head_weight().astype(dtype),
                       preferred_element_type=jnp.float32)

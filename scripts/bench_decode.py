@@ -2,7 +2,8 @@
 
 Both decode the same GSM8K chat prompts greedily, batched, for exactly `--new-tokens` tokens (stop tokens are
 ignored by kdjax and suppressed by HF's min_new_tokens, so every row produces the full count). kdjax is timed
-after a warm-up run that compiles; the compile time is reported separately.
+after a warm-up run that compiles; the compile time is reported separately. Last, the speed-up ceiling that
+this CPU's fp32 GEMM rates allow over HF's time (scripts/roofline.py).
 
   JAX_PLATFORMS=cpu python scripts/bench_decode.py [--batch-size 16] [--new-tokens 128]
 """
@@ -25,6 +26,8 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--new-tokens", type=int, default=128)
   parser.add_argument("--gsm8k", default=os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                                       "gsm8k"))
+  parser.add_argument("--length-bucket", type=int, default=16,
+                      help="kdjax pads prompts to a multiple of this (HF pads to the longest prompt)")
   parser.add_argument("--skip-hf", action="store_true", help="time kdjax only")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch intra-op threads for HF (default: torch's own choice); on a busy machine "
@@ -49,7 +52,7 @@ def main() -> None:
 
   sampling = generation.SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
   run = lambda: generation.generate(model, prompts, sampling, stop_ids=[], pad_id=tokenizer.pad_token_id,
-                                    batch_size=args.batch_size)
+                                    batch_size=args.batch_size, length_bucket=args.length_bucket)
   start = time.perf_counter()
   run()  # compiles the prefill and the decode loop for these shapes
   warmup_s = time.perf_counter() - start
@@ -92,6 +95,9 @@ def main() -> None:
   print(f"HF generate: {hf_s:.2f} s, {hf_tps:.1f} tokens/s (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)")
   print(f"speed-up kdjax / HF: {kdjax_tps / hf_tps:.2f}x")
+  import roofline
+  print(roofline.ceiling_line("decode", hf_s, roofline.decode_floor(model.config, list(map(len, prompts)),
+                                                                    args.new_tokens), 3.0))
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 
 Prints the median time of (a) a 512-token prefill (full logits, batch 1) and (b) a forward+backward of a
 4x256-token batch (mean next-token cross-entropy, gradients for every parameter), and kdjax's speed-up.
-Both frameworks are warmed up first; compile time is printed apart.
+Both frameworks are warmed up first; compile time is printed apart. Last, the speed-up ceiling that this
+CPU's fp32 GEMM rates allow over torch's times (scripts/roofline.py).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import torch
 from flax import nnx
 
 import kdjax
+import roofline
 from kdjax import fetch
 
 
@@ -98,6 +100,9 @@ def main():
   print(f"speed-up prefill 512:     {results['torch prefill 512'] / results['kdjax prefill 512']:.2f}x (target 1.5x)")
   print(f"speed-up fwd+bwd 4x256:   {results['torch fwd+bwd 4x256'] / results['kdjax fwd+bwd 4x256']:.2f}x "
         "(target 1.5x)")
+  print(roofline.ceiling_line("prefill 512", results["torch prefill 512"], roofline.prefill_floor(config), 1.5))
+  print(roofline.ceiling_line("fwd+bwd 4x256", results["torch fwd+bwd 4x256"],
+                              roofline.train_floor(config, 4, 256, frozen_base=False), 1.5))
 
 
 if __name__ == "__main__":

@@ -32,6 +32,7 @@ import torch
 from flax import nnx
 
 import kdjax
+import roofline
 from kdjax import fetch
 from kdjax.distill import lora as lora_lib
 from kdjax.distill import losses
@@ -232,6 +233,8 @@ def main():
     print(f"WARNING: the kdjax step was compiled {step._cache_size()} times")
   print(f"speed-up (wall): {wall['torch'] / wall['kdjax']:.2f}x (target >= 1.5x); "
         f"cpu-time ratio {cpu['torch'] / cpu['kdjax']:.2f}x; medians of {args.rounds} rounds x {args.steps} steps")
+  print(roofline.ceiling_line("LoRA KD step", wall["torch"],
+                              roofline.train_floor(config, args.batch, args.seq, frozen_base=True), 1.5))
 
 if __name__ == "__main__":
   main()

@@ -342,8 +342,9 @@ def direct_total(hidden, lm_head, batch, cfg):
   return ((1 - cfg.ce_weight) * (mask * kd).sum() + cfg.ce_weight * (mask * ce).sum()) / mask.sum()
 
 
-def chunked_total(hidden, lm_head, batch, cfg, chunk_size):
-  sums, metrics = losses.distill_loss(hidden, lm_head, batch, cfg, chunk_size=chunk_size)
+def chunked_total(hidden, lm_head, batch, cfg, chunk_size, residual_budget_bytes=losses.DEFAULT_RESIDUAL_BUDGET):
+  sums, metrics = losses.distill_loss(hidden, lm_head, batch, cfg, chunk_size=chunk_size,
+                                      residual_budget_bytes=residual_budget_bytes)
   return losses.total_loss(sums, cfg), (sums, metrics)
 
 
@@ -383,8 +384,8 @@ def test_distill_loss_chunked_matches_direct():
     np.testing.assert_allclose(metrics["student_topk_mass_sum"], (student_mass * mask).sum(), rtol=1e-5)
 
 
-def test_distill_loss_memory_does_not_scale_with_tokens_times_vocab():
-  """XLA's buffer plan for loss + gradients stays far below one [B*S, V] float32 logits buffer."""
+def _loss_grad_temp_bytes(residual_budget_bytes: int) -> tuple[int, int, int]:
+  """(XLA's temp bytes for loss + gradients, one [B*S, V] float32 buffer, one [chunk, V] float32 buffer)."""
   dim, vocab, k, chunk_size = 16, 8192, 8, 32
   batch_size, seq_len = 4, 256
   spec = jax.ShapeDtypeStruct
@@ -392,14 +393,35 @@ def test_distill_loss_memory_does_not_scale_with_tokens_times_vocab():
            "teacher_ids": spec((batch_size, seq_len, k), jnp.int32),
            "teacher_logprobs": spec((batch_size, seq_len, k), jnp.float32)}
   cfg = cfg_for("jsd", temperature=2.0, ce_weight=0.5)
-  grad_fn = jax.jit(jax.grad(lambda h, w, b: chunked_total(h, w, b, cfg, chunk_size)[0], argnums=(0, 1)))
+  grad_fn = jax.jit(jax.grad(
+      lambda h, w, b: chunked_total(h, w, b, cfg, chunk_size, residual_budget_bytes)[0], argnums=(0, 1)))
   compiled = grad_fn.lower(spec((batch_size, seq_len, dim), jnp.float32), spec((dim, vocab), jnp.float32),
                            batch).compile()
-  temp_bytes = compiled.memory_analysis().temp_size_in_bytes
-  full_logits_bytes = batch_size * seq_len * vocab * 4
-  chunk_logits_bytes = chunk_size * vocab * 4
+  return (compiled.memory_analysis().temp_size_in_bytes, batch_size * seq_len * vocab * 4,
+          chunk_size * vocab * 4)
+
+
+def test_distill_loss_memory_does_not_scale_with_tokens_times_vocab():
+  """Over the residual budget, XLA's buffer plan stays far below one [B*S, V] float32 logits buffer."""
+  temp_bytes, full_logits_bytes, chunk_logits_bytes = _loss_grad_temp_bytes(residual_budget_bytes=0)
   assert temp_bytes < full_logits_bytes / 4
   assert temp_bytes < 12 * chunk_logits_bytes
+
+
+def test_distill_loss_keeps_residuals_under_the_budget_with_equal_gradients():
+  """Under the budget the chunks' residuals are kept (no recomputation); values and gradients do not change."""
+  temp_bytes, full_logits_bytes, _ = _loss_grad_temp_bytes(residual_budget_bytes=1 << 30)
+  assert temp_bytes >= full_logits_bytes
+  rng = np.random.default_rng(13)
+  hidden, lm_head, batch = make_batch(rng)
+  cfg = cfg_for("forward_kl", ce_weight=0.3, topk_mode="tail")
+  results = [jax.jit(jax.value_and_grad(chunked_total, argnums=(0, 1), has_aux=True), static_argnums=(3, 4, 5))(
+      f32(hidden), f32(lm_head), batch, cfg, 4, budget) for budget in (0, 1 << 30)]
+  (recomputed, _), grads_recomputed = results[0]
+  (kept, _), grads_kept = results[1]
+  np.testing.assert_allclose(kept, recomputed, rtol=1e-6)
+  for a, b in zip(grads_kept, grads_recomputed):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
 def test_masked_positions_get_zero_gradient_even_with_garbage():

@@ -41,8 +41,9 @@ position; teacher log-probs of -inf are allowed (zero teacher mass) but make rev
 wherever the student puts mass there, which is the mathematically correct value.
 
 Memory. ``distill_loss`` never builds a ``[B, S, V]`` buffer: it flattens tokens, pads them to a multiple
-of ``chunk_size`` with masked tokens, and scans over chunks; each chunk is wrapped in ``jax.checkpoint`` so
-the backward pass recomputes the chunk's ``[chunk_size, V]`` logits instead of storing them. It returns SUMS
+of ``chunk_size`` with masked tokens, and scans over chunks. When the chunks' ``[chunk_size, V]`` residuals
+would exceed ``residual_budget_bytes`` in total, each chunk is wrapped in ``jax.checkpoint`` so the backward
+pass recomputes its logits instead of storing them. It returns SUMS
 over loss tokens so callers can take one token mean over all micro-batches and devices.
 """
 
@@ -55,6 +56,9 @@ from typing import Any, Mapping, NamedTuple
 import jax
 import jax.numpy as jnp
 
+# Up to this many bytes of [tokens, V] softmax residuals are kept for the backward pass (a 1024-token batch of
+# a 49k vocabulary); larger batches, or 128k vocabularies, recompute each chunk's logits instead.
+DEFAULT_RESIDUAL_BUDGET = 256 << 20
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "none")
 TOPK_MODES = ("renormalize", "tail")
 
@@ -210,7 +214,8 @@ def dense_divergence(student_logits: jax.Array, teacher_logprobs_full: jax.Array
 
 
 def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teacher_logprobs: jax.Array,
-                         teacher_tail: jax.Array | None, cfg: LossConfig) -> jax.Array:
+                         teacher_tail: jax.Array | None, cfg: LossConfig,
+                         student_logsumexp: jax.Array | None = None) -> jax.Array:
   """cfg.divergence per position between dense student logits and a sparse top-k teacher.
 
   Args:
@@ -220,6 +225,8 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     teacher_tail: [...] teacher mass outside the k ids, or None to use ``1 - sum exp(teacher_logprobs)``.
       Only read in "tail" mode.
     cfg: loss configuration.
+    student_logsumexp: [...] logsumexp of `student_logits` when the caller has it already; used at T = 1,
+      where it saves a second pass over the vocabulary.
 
   Returns:
     [...] divergence, times T**2 when cfg.scale_by_t2. No gradient flows into teacher inputs.
@@ -242,7 +249,11 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     log_p = jax.nn.log_softmax(teacher_lp / temp, axis=-1)
   else:
     # Student: exact tempered probabilities of the k ids, the rest of the vocabulary as one bucket.
-    log_q_ids = student_at_ids - jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    if student_logsumexp is not None and temp == 1.0:
+      normaliser = student_logsumexp.astype(dtype)[..., None]
+    else:
+      normaliser = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
+    log_q_ids = student_at_ids - normaliser
     log_q_rest = _log_rest(jax.nn.logsumexp(log_q_ids, axis=-1, keepdims=True))
     log_q = _floor_last_bucket(jnp.concatenate([log_q_ids, log_q_rest], axis=-1))
     # Teacher: tail at T = 1, tempered as one bucket (the approximation documented above).
@@ -299,7 +310,8 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
 
 
 def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.Array], cfg: LossConfig, *,
-                 chunk_size: int = 128) -> tuple[LossSums, dict[str, jax.Array]]:
+                 chunk_size: int = 128, residual_budget_bytes: int = DEFAULT_RESIDUAL_BUDGET
+                 ) -> tuple[LossSums, dict[str, jax.Array]]:
   """Chunked KD + CE sums over loss tokens, never materialising [B, S, V] logits.
 
   Args:
@@ -310,6 +322,8 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       ``teacher_tail [B, S]``; teacher arrays at t describe the token predicted at t.
     cfg: loss configuration.
     chunk_size: tokens per chunk (capped at B * S); the token count is padded with masked tokens.
+    residual_budget_bytes: when keeping every chunk's float32 [chunk, V] residuals for the backward pass
+      would take more than this, each chunk's logits are recomputed in the backward pass instead.
 
   Returns:
     (LossSums(kd_sum, ce_sum, num_tokens), metrics) where metrics are loss-token sums too:
@@ -350,7 +364,11 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       return jnp.sum(jnp.where(valid, weight * values, 0.0))
 
     student_top1 = jnp.argmax(logits, axis=-1)
-    out = {"ce": masked_sum(token_cross_entropy(logits, part["target_ids"])), "num_tokens": jnp.sum(weight),
+    # One pass over the vocabulary for the log-normaliser, shared by CE, KD (at T = 1) and the metrics.
+    lse = jax.nn.logsumexp(logits, axis=-1)
+    target = jnp.clip(part["target_ids"], 0, logits.shape[-1] - 1)
+    ce = lse - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
+    out = {"ce": masked_sum(ce), "num_tokens": jnp.sum(weight),
            "student_target_acc_sum": masked_sum((student_top1 == part["target_ids"]).astype(logits_dtype))}
     if not cfg.uses_teacher:
       out["kd"] = jnp.zeros((), logits_dtype)
@@ -360,19 +378,23 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     teacher_tail = part.get("teacher_tail")
     if teacher_tail is not None:
       teacher_tail = jnp.where(valid, teacher_tail.astype(logits_dtype), 0.0)
-    out["kd"] = masked_sum(per_token_divergence(logits, teacher_ids, teacher_lp, teacher_tail, cfg))
+    out["kd"] = masked_sum(per_token_divergence(logits, teacher_ids, teacher_lp, teacher_tail, cfg, lse))
     teacher_top1 = jnp.take_along_axis(teacher_ids, jnp.argmax(teacher_lp, axis=-1)[:, None], axis=-1)[:, 0]
     out["teacher_top1_agree_sum"] = masked_sum((student_top1 == teacher_top1).astype(logits_dtype))
     out["teacher_topk_mass_sum"] = masked_sum(jnp.sum(jnp.exp(teacher_lp), axis=-1))
-    student_lp = jnp.take_along_axis(logits, teacher_ids, axis=-1) - jax.nn.logsumexp(logits, -1, keepdims=True)
+    student_lp = jnp.take_along_axis(logits, teacher_ids, axis=-1) - lse[:, None]
     out["student_topk_mass_sum"] = masked_sum(jax.lax.stop_gradient(jnp.sum(jnp.exp(student_lp), axis=-1)))
     return out
 
-  # prevent_cse=False is safe (and faster) inside scan, which already keeps the recomputation apart.
-  checkpointed = jax.checkpoint(chunk_sums, prevent_cse=False)
+  # The backward pass needs each chunk's [chunk, V] probabilities. Kept for every chunk they would cost
+  # about `residual_bytes`; above the budget each chunk recomputes its logits in the backward pass instead
+  # (prevent_cse=False is safe, and faster, inside scan, which already keeps the recomputation apart).
+  residual_bytes = num_chunks * chunk * lm_head.shape[1] * jnp.dtype(logits_dtype).itemsize
+  recompute = residual_bytes > residual_budget_bytes
+  chunk_fn = jax.checkpoint(chunk_sums, prevent_cse=False) if recompute else chunk_sums
 
   def step(carry: dict[str, jax.Array], part: dict[str, jax.Array]):
-    out = checkpointed(lm_head, part)
+    out = chunk_fn(lm_head, part)
     return jax.tree.map(jnp.add, carry, out), None
 
   init = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype),

@@ -152,31 +152,40 @@ def decoder_layer(p: dict[str, jax.Array], x: jax.Array, *, config: LlamaConfig,
   q = apply_rope(project(h, p, "wq", dtype, lora_scale, dropout), positions, inv_freq)
   k = apply_rope(project(h, p, "wk", dtype, lora_scale, dropout), positions, inv_freq)
   v = project(h, p, "wv", dtype, lora_scale, dropout)
-  groups = config.num_heads // config.num_kv_heads
-  q = q.reshape(b, s, config.num_kv_heads, groups, config.head_dim)
-  scale, neg = config.head_dim ** -0.5, jnp.finfo(jnp.float32).min
-  scores = jnp.einsum("bsgqk,btgk->bgqst", q, k, preferred_element_type=jnp.float32) * scale
-  scores = jnp.where(mask[:, None, None, :, :], scores, neg)
+  n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+  # Attention runs as plain batched matmuls over (batch, kv_head): the `groups` query heads that share a kv head
+  # and the s query positions form one [groups * s, head_dim] matrix. Keys and values are in the cache layout.
+  q = q.reshape(b, s, n_kv, groups, head_dim).transpose(0, 2, 3, 1, 4).reshape(b, n_kv, groups * s, head_dim)
+  k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [b, g, s, head_dim]
+  scale, neg = head_dim ** -0.5, jnp.finfo(jnp.float32).min
+
+  def scores_against(keys, keep):  # -> [b, g, groups, s, keys]
+    raw = jnp.einsum("bgmk,bgtk->bgmt", q, keys.astype(dtype), preferred_element_type=jnp.float32) * scale
+    return jnp.where(keep, raw.reshape(b, n_kv, groups, s, keys.shape[2]), neg)
+
+  def weighted(weights, values):  # [b, g, groups, s, keys] x [b, g, keys, head_dim] -> [b, g, groups * s, head_dim]
+    return jnp.einsum("bgmt,bgtk->bgmk", weights.reshape(b, n_kv, groups * s, -1).astype(dtype),
+                      values.astype(dtype))
+
+  scores = scores_against(k, mask[:, None, None, :, :])
   if cached is not None:
     k_cache, v_cache, valid = cached
-    cache_scores = jnp.einsum("bsgqk,bgtk->bgqst", q, k_cache.astype(dtype),
-                              preferred_element_type=jnp.float32) * scale
-    cache_scores = jnp.where(valid[:, None, None, None, :], cache_scores, neg)
-    probs = jax.nn.softmax(jnp.concatenate([cache_scores, scores], axis=-1), axis=-1)
-    cache_probs, probs_new = probs[..., :k_cache.shape[2]], probs[..., k_cache.shape[2]:]
-    attn = (jnp.einsum("bgqst,bgtk->bsgqk", cache_probs.astype(dtype), v_cache.astype(dtype)) +
-            jnp.einsum("bgqst,btgk->bsgqk", probs_new.astype(dtype), v))
+    slots = k_cache.shape[2]
+    probs = jax.nn.softmax(
+        jnp.concatenate([scores_against(k_cache, valid[:, None, None, None, :]), scores], axis=-1), axis=-1)
+    attn = weighted(probs[..., :slots], v_cache) + weighted(probs[..., slots:], v)
   else:
     probs = jax.nn.softmax(scores, axis=-1)
-    attn = jnp.einsum("bgqst,btgk->bsgqk", probs.astype(dtype), v)
-  attn = attn.reshape(b, s, config.num_heads, config.head_dim)
+    attn = weighted(probs, v)
+  attn = attn.reshape(b, n_kv, groups, s, head_dim).transpose(0, 3, 1, 2, 4).reshape(
+      b, s, config.num_heads, head_dim)
   x = x + project(attn, p, "wo", dtype, lora_scale, dropout)
   h = rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = project(h, p, "w_gate", dtype, lora_scale, dropout)
   up = project(h, p, "w_up", dtype, lora_scale, dropout)
   x = x + project(jax.nn.silu(gate) * up, p, "w_down", dtype, lora_scale, dropout)
   attention = probs.reshape(b, config.num_heads, s, -1) if return_attention else None
-  return x, (k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)), attention  # cache layout
+  return x, (k, v), attention
 
 
 class LayerStack(nnx.Module):
@@ -228,13 +237,15 @@ class Llama(nnx.Module):
 
   def forward(self, input_ids: jax.Array, *, attention_mask: jax.Array | None = None,
               positions: jax.Array | None = None, cache: KVCache | None = None,
-              return_logits: bool = True, return_attention: bool = False,
+              cache_is_empty: bool = False, return_logits: bool = True, return_attention: bool = False,
               dropout_key: jax.Array | None = None) -> ForwardOutput:
     """Runs the model on `input_ids` [batch, seq].
 
     attention_mask [batch, seq]: 1 for real tokens, 0 for (left) padding. Positions default to the count of
     real tokens before each one (plus the cache's positions when decoding), so left-padded rows get the
     positions they would have unpadded. With `cache`, the tokens are appended at the cache's write index.
+    `cache_is_empty` (static) promises that the cache holds no tokens yet, as in a prefill: the tokens then
+    attend only to each other, and no time goes to attention over empty slots.
     """
     config, dtype = self.config, self.dtype
     b, s = input_ids.shape
@@ -255,7 +266,7 @@ class Llama(nnx.Module):
 
     def body(x, xs):
       p, cache_kv, key = xs
-      cached = None if cache is None else (cache_kv[0], cache_kv[1], cache.valid)
+      cached = None if cache_kv is None else (cache_kv[0], cache_kv[1], cache.valid)
       x, new_kv, attention = decoder_layer(
           p, x, config=config, positions=positions, inv_freq=inv_freq, mask=mask, cached=cached, dtype=dtype,
           lora_scale=lora_scale, dropout=(dropout_rate, key if dropout_key is not None else None),
@@ -264,7 +275,7 @@ class Llama(nnx.Module):
 
     if self.remat:
       body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
-    cache_kv = (cache.k, cache.v) if cache is not None else None
+    cache_kv = (cache.k, cache.v) if cache is not None and not cache_is_empty else None
     x, (new_kv, attention) = jax.lax.scan(body, x, (self.layers.arrays(), cache_kv, layer_keys))
 
     hidden = rms_norm(x, self.final_norm[...], config.rms_norm_eps)

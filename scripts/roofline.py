@@ -1,0 +1,166 @@
+"""How fast any framework could run the benchmarked SmolLM2 workloads on this CPU (fp32): a compute floor.
+
+The floor of a workload is the sum, over its matrix products, of FLOPs divided by the fp32 GEMM rate that
+this machine reaches on that product's shape, measured here with both jax and torch and taking the faster.
+Everything else (softmax, norms, rotary, the loss, memory traffic, framework overhead) is counted as free,
+attention is counted causally (no work above the diagonal) at the best rate seen, and the GEMM probes reuse
+weights that stay in cache. So the floor is optimistic, and `reference seconds / floor` is an upper bound
+on the speed-up any implementation can reach over that reference: the ceiling the benchmarks print.
+
+  python scripts/roofline.py   # prints the floors of the four benchmarked workloads
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from collections import defaultdict
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from kdjax.models.llama.config import LlamaConfig, get_preset
+
+Shape = tuple[int, int, int]  # (m, k, n) of an [m, k] @ [k, n] product
+
+
+def _best_seconds(fn, repeats: int) -> float:
+  fn()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    fn()
+    best = min(best, time.perf_counter() - start)
+  return best
+
+
+@functools.cache
+def gemm_rate(shape: Shape, repeats: int = 5) -> float:
+  """The faster of jax's and torch's fp32 FLOP/s on one [m, k] @ [k, n] product (operands in cache)."""
+  import torch
+  m, k, n = shape
+  rng = np.random.default_rng(0)
+  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
+  ja, jb = jnp.asarray(a), jnp.asarray(b)
+  matmul = jax.jit(jnp.matmul)
+  jax_s = _best_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)
+  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+  torch_s = _best_seconds(lambda: torch.matmul(ta, tb), repeats)
+  return 2.0 * m * k * n / min(jax_s, torch_s)
+
+
+class Floor:
+  """Accumulates matrix-product FLOPs by shape; `seconds()` is their sum at this machine's measured rates."""
+
+  def __init__(self):
+    self.flops: dict[Shape, float] = defaultdict(float)
+    self.attention_flops = 0.0
+
+  def gemm(self, m: int, k: int, n: int, count: float = 1.0, *, forward_only: bool = True,
+           weight_grad: bool = False) -> None:
+    """`count` products [m, k] @ [k, n]; with backward, also dX = dY @ W^T and optionally dW = X^T @ dY."""
+    self.flops[(m, k, n)] += 2.0 * m * k * n * count
+    if not forward_only:
+      self.flops[(m, n, k)] += 2.0 * m * k * n * count
+      if weight_grad:
+        self.flops[(k, m, n)] += 2.0 * m * k * n * count
+
+  def seconds(self) -> float:
+    gemm_s = sum(flops / gemm_rate(shape) for shape, flops in self.flops.items())
+    best = max(gemm_rate(shape) for shape in self.flops) if self.flops else 1.0
+    return gemm_s + self.attention_flops / best
+
+  def total_flops(self) -> float:
+    return sum(self.flops.values()) + self.attention_flops
+
+
+def _layer_products(config: LlamaConfig) -> list[tuple[int, int]]:
+  """(k, n) of every weight product of one decoder layer."""
+  d, f = config.hidden_size, config.intermediate_size
+  q, kv = config.num_heads * config.head_dim, config.num_kv_heads * config.head_dim
+  return [(d, q), (d, kv), (d, kv), (q, d), (d, f), (d, f), (f, d)]
+
+
+def add_forward(floor: Floor, config: LlamaConfig, tokens: int, causal_pairs: float, logits_tokens: int, *,
+                backward: bool = False, weight_grad: bool = False) -> None:
+  """A forward (and optionally backward) pass over `tokens` tokens.
+
+  causal_pairs: (query, key) pairs attended in total; logits_tokens: positions whose logits are computed.
+  """
+  for k, n in _layer_products(config):
+    floor.gemm(tokens, k, n, config.num_layers, forward_only=not backward, weight_grad=weight_grad)
+  if logits_tokens:
+    floor.gemm(logits_tokens, config.hidden_size, config.vocab_size, forward_only=not backward,
+               weight_grad=weight_grad)
+  # QK^T and PV: 2 products of 2 * head_dim FLOPs per (query, key) pair and head; a backward pass is 2x that.
+  attention = 4.0 * config.num_heads * config.head_dim * causal_pairs * config.num_layers
+  floor.attention_flops += attention * (3.0 if backward else 1.0)
+
+
+def causal_pairs(length: int) -> float:
+  return length * (length + 1) / 2.0
+
+
+def prefill_floor(config: LlamaConfig, length: int = 512) -> Floor:
+  """bench_model's prefill: one sequence, logits at every position."""
+  floor = Floor()
+  add_forward(floor, config, length, causal_pairs(length), length)
+  return floor
+
+
+def train_floor(config: LlamaConfig, batch: int, seq: int, *, frozen_base: bool) -> Floor:
+  """A forward + backward pass with logits everywhere; weight gradients unless the base is frozen (LoRA)."""
+  floor = Floor()
+  add_forward(floor, config, batch * seq, batch * causal_pairs(seq), batch * seq, backward=True,
+              weight_grad=not frozen_base)
+  return floor
+
+
+def decode_floor(config: LlamaConfig, prompt_lengths: list[int], new_tokens: int) -> Floor:
+  """bench_decode: unpadded prompts prefilled (last logits only), then `new_tokens` steps of the batch."""
+  floor = Floor()
+  rows = len(prompt_lengths)
+  pairs = sum(causal_pairs(p) for p in prompt_lengths)
+  add_forward(floor, config, sum(prompt_lengths), pairs, 0)
+  floor.gemm(rows, config.hidden_size, config.vocab_size)
+  for step in range(1, new_tokens):  # the first new token comes from the prefill's logits
+    context = sum(p + step for p in prompt_lengths)
+    add_forward(floor, config, rows, context, rows)
+  return floor
+
+
+def ceiling_line(label: str, reference_s: float, floor: Floor, target: float) -> str:
+  """One line: the floor, and the largest speed-up over `reference_s` that it allows, against the target."""
+  floor_s = floor.seconds()
+  ceiling = reference_s / floor_s
+  verdict = "reachable at most" if ceiling >= target else "out of reach on this CPU"
+  return (f"{label}: compute floor {floor_s * 1000:.0f} ms ({floor.total_flops() / 1e9:.0f} GFLOP at this "
+          f"CPU's best fp32 GEMM rates) -> speed-up ceiling {ceiling:.2f}x over the reference; target "
+          f"{target:.1f}x {verdict}")
+
+
+def main() -> None:
+  config = get_preset("smollm2-135m")
+  rates = {shape: gemm_rate(shape) / 1e9 for shape in [(512, 576, 1536), (1024, 576, 1536), (16, 576, 1536),
+                                                        (512, 576, 49152), (16, 576, 49152)]}
+  print("fp32 GEMM rate, best of jax and torch (GFLOP/s): " +
+        ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in rates.items()))
+  from kdjax import data, fetch, priming  # noqa: F401  (prompt lengths of bench_decode)
+  import kdjax
+  gsm8k = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
+  tokenizer = kdjax.load_tokenizer(fetch.smollm2_gguf())
+  prompts = [priming.encode_chat(tokenizer, priming.student_messages(row["question"]))
+             for row in data.load_gsm8k(gsm8k, "test")[:16]]
+  for label, floor in [("prefill 512", prefill_floor(config)),
+                       ("fwd+bwd 4x256, all gradients", train_floor(config, 4, 256, frozen_base=False)),
+                       ("LoRA step 4x256, frozen base", train_floor(config, 4, 256, frozen_base=True)),
+                       ("decode 16 x 128 new tokens", decode_floor(config, [len(p) for p in prompts], 128))]:
+    print(f"{label:32s} {floor.total_flops() / 1e9:7.0f} GFLOP   floor {floor.seconds() * 1000:8.0f} ms")
+
+
+if __name__ == "__main__":
+  main()

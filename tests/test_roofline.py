@@ -1,0 +1,39 @@
+"""The benchmark ceilings' FLOP model (scripts/roofline.py) against XLA's own count and a hand-computed case."""
+
+import dataclasses
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import pytest
+from flax import nnx
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+import roofline  # noqa: E402
+
+from kdjax.models.llama.config import get_preset  # noqa: E402
+from kdjax.models.llama.model import init_model  # noqa: E402
+
+
+def test_gemm_flops_by_hand():
+  floor = roofline.Floor()
+  floor.gemm(4, 3, 5, 2.0, forward_only=False, weight_grad=True)
+  assert floor.flops == {(4, 3, 5): 240.0, (4, 5, 3): 240.0, (3, 4, 5): 240.0}
+  assert roofline.causal_pairs(4) == 10  # 1 + 2 + 3 + 4 keys
+
+
+@pytest.mark.parametrize("length", [64, 512])
+def test_prefill_flops_are_a_tight_lower_bound_on_xla_count(length):
+  """Our matmul FLOPs never exceed XLA's count of the whole forward, and cover nearly all of it."""
+  # One layer: XLA's cost analysis counts a scan's body once, whatever its trip count.
+  config = dataclasses.replace(get_preset("smollm2-135m"), num_layers=1)
+  model = nnx.eval_shape(lambda: init_model(config))
+  graphdef, state = nnx.split(model)
+  lowered = jax.jit(lambda s, ids: nnx.merge(graphdef, s)(ids)).lower(
+      state, jax.ShapeDtypeStruct((1, length), jnp.int32))
+  xla_flops = lowered.cost_analysis()["flops"]
+  ours = roofline.prefill_floor(config, length).total_flops()
+  # XLA counts full (non-causal) attention and the elementwise work; we count causal attention and matmuls only.
+  assert ours <= xla_flops
+  assert ours >= 0.97 * xla_flops  # measured: 0.999 at 64 tokens, 0.990 at 512
