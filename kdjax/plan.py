@@ -34,7 +34,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-from kdjax import parallel, quantization
+from kdjax import generation, parallel, quantization
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
@@ -310,7 +310,7 @@ def _oom_bytes(message: str) -> int | None:
   return int(float(value) * {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}[unit])
 
 
-def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prompt_len: int, dtype, mesh, rules):
+def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prompt_len: int, mesh, rules):
   """Compiles prefill and decode; yields (step name, compiled executable)."""
   logits = parallel.named_sharding(("batch", "vocab"), (batch, config.vocab_size), mesh, rules)
   cache_shardings = jax.tree.map(lambda a: a.sharding, cache)
@@ -320,9 +320,7 @@ def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prom
     out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, cache_is_empty=True,
                         return_logits=False)
     # Prompts are left-padded, so the last slot holds every row's last real token.
-    last = jnp.einsum("bd,dv->bv", out.hidden[:, -1], model.lm_head_weight().astype(dtype),
-                      preferred_element_type=jnp.float32)
-    return last, out.cache
+    return generation.last_logits(model, out.hidden), out.cache
 
   def decode(state, tokens, cache):
     model = nnx.merge(graphdef, state)
@@ -384,8 +382,7 @@ def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology:
   start = time.perf_counter()
   try:
     with _optimization_level(optimization_level):
-      for name, compiled in _compile_steps(graphdef, state, cache, config, batch_size, prompt_len, compute_dtype,
-                                           mesh, rules):
+      for name, compiled in _compile_steps(graphdef, state, cache, config, batch_size, prompt_len, mesh, rules):
         steps[name] = _step_memory(compiled)
   except jax.errors.JaxRuntimeError as err:
     if "RESOURCE_EXHAUSTED" not in str(err):

@@ -60,11 +60,11 @@ class Floor:
     self.flops: dict[Shape, float] = defaultdict(float)
     self.attention_flops = 0.0
 
-  def gemm(self, m: int, k: int, n: int, count: float = 1.0, *, forward_only: bool = True,
+  def gemm(self, m: int, k: int, n: int, count: float = 1.0, *, backward: bool = False,
            weight_grad: bool = False) -> None:
     """`count` products [m, k] @ [k, n]; with backward, also dX = dY @ W^T and optionally dW = X^T @ dY."""
     self.flops[(m, k, n)] += 2.0 * m * k * n * count
-    if not forward_only:
+    if backward:
       self.flops[(m, n, k)] += 2.0 * m * k * n * count
       if weight_grad:
         self.flops[(k, m, n)] += 2.0 * m * k * n * count
@@ -92,10 +92,9 @@ def add_forward(floor: Floor, config: LlamaConfig, tokens: int, causal_pairs: fl
   causal_pairs: (query, key) pairs attended in total; logits_tokens: positions whose logits are computed.
   """
   for k, n in _layer_products(config):
-    floor.gemm(tokens, k, n, config.num_layers, forward_only=not backward, weight_grad=weight_grad)
+    floor.gemm(tokens, k, n, config.num_layers, backward=backward, weight_grad=weight_grad)
   if logits_tokens:
-    floor.gemm(logits_tokens, config.hidden_size, config.vocab_size, forward_only=not backward,
-               weight_grad=weight_grad)
+    floor.gemm(logits_tokens, config.hidden_size, config.vocab_size, backward=backward, weight_grad=weight_grad)
   # QK^T and PV: 2 products of 2 * head_dim FLOPs per (query, key) pair and head; a backward pass is 2x that.
   attention = 4.0 * config.num_heads * config.head_dim * causal_pairs * config.num_layers
   floor.attention_flops += attention * (3.0 if backward else 1.0)
@@ -149,8 +148,8 @@ def main() -> None:
                                                         (512, 576, 49152), (16, 576, 49152)]}
   print("fp32 GEMM rate, best of jax and torch (GFLOP/s): " +
         ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in rates.items()))
-  from kdjax import data, fetch, priming  # noqa: F401  (prompt lengths of bench_decode)
-  import kdjax
+  import kdjax  # the prompts of bench_decode, for their lengths
+  from kdjax import data, fetch, priming
   gsm8k = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
   tokenizer = kdjax.load_tokenizer(fetch.smollm2_gguf())
   prompts = [priming.encode_chat(tokenizer, priming.student_messages(row["question"]))

@@ -18,7 +18,7 @@ from kdjax.models.llama.model import init_model  # noqa: E402
 
 def test_gemm_flops_by_hand():
   floor = roofline.Floor()
-  floor.gemm(4, 3, 5, 2.0, forward_only=False, weight_grad=True)
+  floor.gemm(4, 3, 5, 2.0, backward=True, weight_grad=True)
   assert floor.flops == {(4, 3, 5): 240.0, (4, 5, 3): 240.0, (3, 4, 5): 240.0}
   assert roofline.causal_pairs(4) == 10  # 1 + 2 + 3 + 4 keys
 

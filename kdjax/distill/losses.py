@@ -272,12 +272,18 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
   return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
 
 
-def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array) -> jax.Array:
-  """-log softmax(student_logits)[target] at T = 1; targets are clipped into [0, V)."""
+def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array,
+                        student_logsumexp: jax.Array | None = None) -> jax.Array:
+  """-log softmax(student_logits)[target] at T = 1; targets are clipped into [0, V).
+
+  `student_logsumexp` [...]: the logits' logsumexp when the caller has it already (one pass fewer).
+  """
   logits = student_logits.astype(_float_dtype(student_logits.dtype))
   target = jnp.clip(target_ids, 0, logits.shape[-1] - 1)[..., None]
   picked = jnp.take_along_axis(logits, target, axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - picked
+  if student_logsumexp is None:
+    student_logsumexp = jax.nn.logsumexp(logits, axis=-1)
+  return student_logsumexp.astype(logits.dtype) - picked
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -366,9 +372,7 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     student_top1 = jnp.argmax(logits, axis=-1)
     # One pass over the vocabulary for the log-normaliser, shared by CE, KD (at T = 1) and the metrics.
     lse = jax.nn.logsumexp(logits, axis=-1)
-    target = jnp.clip(part["target_ids"], 0, logits.shape[-1] - 1)
-    ce = lse - jnp.take_along_axis(logits, target[:, None], axis=-1)[:, 0]
-    out = {"ce": masked_sum(ce), "num_tokens": jnp.sum(weight),
+    out = {"ce": masked_sum(token_cross_entropy(logits, part["target_ids"], lse)), "num_tokens": jnp.sum(weight),
            "student_target_acc_sum": masked_sum((student_top1 == part["target_ids"]).astype(logits_dtype))}
     if not cfg.uses_teacher:
       out["kd"] = jnp.zeros((), logits_dtype)
