@@ -19,6 +19,9 @@ def _default_platform() -> None:
 
 
 _default_platform()
+if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu":
+  from kdjax import hostmem  # before jax starts its threads: XLA:CPU then reuses its step buffers
+  hostmem.keep_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402

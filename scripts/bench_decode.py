@@ -3,7 +3,7 @@
 Both decode the same GSM8K chat prompts greedily, batched, for exactly `--new-tokens` tokens (stop tokens are
 ignored by kdjax and suppressed by HF's min_new_tokens, so every row produces the full count). kdjax is timed
 after a warm-up run that compiles; the compile time is reported separately. Last, the speed-up ceiling that
-this CPU's fp32 GEMM rates allow over HF's time (scripts/roofline.py).
+this CPU's fp32 GEMM rates allow over HF's time (scripts/roofline.py). Host memory as in bench_train.py (--malloc).
 
   JAX_PLATFORMS=cpu python scripts/bench_decode.py [--batch-size 16] [--new-tokens 128]
 """
@@ -32,11 +32,17 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch intra-op threads for HF (default: torch's own choice); on a busy machine "
                            "one thread can be much faster than a spinning pool of two")
+  parser.add_argument("--malloc", choices=("keep", "glibc"), default="keep",
+                      help="keep: kdjax.hostmem.keep_freed_memory(), for both frameworks, as kdjax.main does on "
+                           "CPU; glibc: the C library's defaults")
   return parser.parse_args()
 
 
 def main() -> None:
   args = parse_args()
+  if args.malloc == "keep":  # before either framework starts its threads
+    from kdjax import hostmem
+    hostmem.keep_freed_memory()
   import kdjax
   from kdjax import data, fetch, generation, priming
 

@@ -5,7 +5,7 @@
 Prints the median time of (a) a 512-token prefill (full logits, batch 1) and (b) a forward+backward of a
 4x256-token batch (mean next-token cross-entropy, gradients for every parameter), and kdjax's speed-up.
 Both frameworks are warmed up first; compile time is printed apart. Last, the speed-up ceiling that this
-CPU's fp32 GEMM rates allow over torch's times (scripts/roofline.py).
+CPU's fp32 GEMM rates allow over torch's times (scripts/roofline.py). Host memory as in bench_train.py (--malloc).
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from flax import nnx
 
 import kdjax
 import roofline
-from kdjax import fetch
+from kdjax import fetch, hostmem
 
 
 def median_time(fn, repeats: int) -> float:
@@ -42,7 +42,12 @@ def main():
   parser = argparse.ArgumentParser()
   parser.add_argument("--repeats", type=int, default=5)
   parser.add_argument("--threads", type=int, default=os.cpu_count())
+  parser.add_argument("--malloc", choices=("keep", "glibc"), default="keep",
+                      help="keep: kdjax.hostmem.keep_freed_memory(), for both frameworks, as kdjax.main does on "
+                           "CPU; glibc: the C library's defaults")
   args = parser.parse_args()
+  if args.malloc == "keep":  # before either framework starts its threads
+    hostmem.keep_freed_memory()
   torch.set_num_threads(args.threads)
   path = fetch.smollm2_gguf()
 

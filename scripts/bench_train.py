@@ -12,6 +12,8 @@ step is a PEFT model in train mode with the same loss written in torch and `torc
 Both are warmed up, then timed in alternating rounds (kdjax, torch, kdjax, ...) so that a burst of load from
 other processes on a shared machine hits both; the median step time of each is reported with tokens/s and
 the ratio (target >= 1.5x). Before timing, the two losses at the same (untrained) weights are compared.
+By default the process keeps freed memory for reuse (kdjax.hostmem, as `kdjax.main` does on CPU), which spares
+both frameworks faulting their step buffers in again on every step; --malloc=glibc keeps the C library's defaults.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ from flax import nnx
 
 import kdjax
 import roofline
-from kdjax import fetch
+from kdjax import fetch, hostmem
 from kdjax.distill import lora as lora_lib
 from kdjax.distill import losses
 
@@ -139,7 +141,12 @@ def main():
                       help="kdjax loss: distill_loss (default) or the same divergence on full logits")
   parser.add_argument("--threads", type=int, default=os.cpu_count(),
                       help="torch threads; 1 also makes XLA's CPU matmuls single-threaded")
+  parser.add_argument("--malloc", choices=("keep", "glibc"), default="keep",
+                      help="keep: kdjax.hostmem.keep_freed_memory(), for both frameworks, as kdjax.main does on "
+                           "CPU; glibc: the C library's defaults")
   args = parser.parse_args()
+  if args.malloc == "keep":  # before either framework starts its threads
+    hostmem.keep_freed_memory()
   torch.set_num_threads(args.threads)
   if args.threads == 1:
     # Before the first jax call initialises the backend. On a shared, oversubscribed machine multi-threaded
@@ -150,7 +157,7 @@ def main():
   tokens = args.batch * args.seq
   print(f"SmolLM2-135M fp32, LoRA r={args.rank} on q,k,v,o, batch {args.batch}x{args.seq} = {tokens} tokens, "
         f"top-{TOP_K} forward KL, SGD momentum; {jax.devices()[0].platform}, {os.cpu_count()} cores, "
-        f"{args.threads} thread(s) per framework, kdjax loss {args.loss}")
+        f"{args.threads} thread(s) per framework, kdjax loss {args.loss}, malloc {args.malloc}")
 
   rng = np.random.RandomState(0)
   model, config = kdjax.load_model(path)

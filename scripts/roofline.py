@@ -2,7 +2,8 @@
 
 The floor of a workload is the sum, over its matrix products, of FLOPs divided by the fp32 GEMM rate that
 this machine reaches on that product's shape, measured here with both jax and torch and taking the faster.
-Everything else (softmax, norms, rotary, the loss, memory traffic, framework overhead) is counted as free,
+A training step adds one pass its loss cannot skip: the log-normaliser (logsumexp) of every logit row and its
+gradient, timed the same way. Everything else (softmax, norms, rotary, memory traffic, overhead) is free,
 attention is counted causally (no work above the diagonal) at the best rate seen, and the GEMM probes reuse
 weights that stay in cache. So the floor is optimistic, and `reference seconds / floor` is an upper bound
 on the speed-up any implementation can reach over that reference: the ceiling the benchmarks print.
@@ -53,12 +54,25 @@ def gemm_rate(shape: Shape, repeats: int = 5) -> float:
   return 2.0 * m * k * n / min(jax_s, torch_s)
 
 
+@functools.cache
+def normalizer_seconds(rows: int, cols: int, repeats: int = 3) -> float:
+  """The faster of jax and torch at logsumexp over the rows of a float32 [rows, cols] array plus its gradient."""
+  import torch
+  x = np.random.default_rng(0).standard_normal((rows, cols), np.float32)
+  jx, tx = jnp.asarray(x), torch.from_numpy(x).requires_grad_()
+  grad = jax.jit(jax.grad(lambda v: jax.nn.logsumexp(v, axis=-1).sum()))
+  jax_s = _best_seconds(lambda: grad(jx).block_until_ready(), repeats)
+  torch_s = _best_seconds(lambda: torch.logsumexp(tx, dim=-1).sum().backward(), repeats)
+  return min(jax_s, torch_s)
+
+
 class Floor:
   """Accumulates matrix-product FLOPs by shape; `seconds()` is their sum at this machine's measured rates."""
 
   def __init__(self):
     self.flops: dict[Shape, float] = defaultdict(float)
     self.attention_flops = 0.0
+    self.normalizers: list[tuple[int, int]] = []  # (rows, vocab) of each loss's log-normaliser, with gradient
 
   def gemm(self, m: int, k: int, n: int, count: float = 1.0, *, backward: bool = False,
            weight_grad: bool = False) -> None:
@@ -72,7 +86,7 @@ class Floor:
   def seconds(self) -> float:
     gemm_s = sum(flops / gemm_rate(shape) for shape, flops in self.flops.items())
     best = max(gemm_rate(shape) for shape in self.flops) if self.flops else 1.0
-    return gemm_s + self.attention_flops / best
+    return gemm_s + self.attention_flops / best + sum(normalizer_seconds(*shape) for shape in self.normalizers)
 
   def total_flops(self) -> float:
     return sum(self.flops.values()) + self.attention_flops
@@ -112,10 +126,11 @@ def prefill_floor(config: LlamaConfig, length: int = 512) -> Floor:
 
 
 def train_floor(config: LlamaConfig, batch: int, seq: int, *, frozen_base: bool) -> Floor:
-  """A forward + backward pass with logits everywhere; weight gradients unless the base is frozen (LoRA)."""
+  """A forward + backward pass with a loss over logits everywhere; weight gradients unless the base is frozen."""
   floor = Floor()
   add_forward(floor, config, batch * seq, batch * causal_pairs(seq), batch * seq, backward=True,
               weight_grad=not frozen_base)
+  floor.normalizers.append((batch * seq, config.vocab_size))
   return floor
 
 
@@ -137,8 +152,9 @@ def ceiling_line(label: str, reference_s: float, floor: Floor, target: float) ->
   floor_s = floor.seconds()
   ceiling = reference_s / floor_s
   verdict = "reachable at most" if ceiling >= target else "out of reach on this CPU"
+  loss = " + the loss's log-normaliser" if floor.normalizers else ""
   return (f"{label}: compute floor {floor_s * 1000:.0f} ms ({floor.total_flops() / 1e9:.0f} GFLOP at this "
-          f"CPU's best fp32 GEMM rates) -> speed-up ceiling {ceiling:.2f}x over the reference; target "
+          f"CPU's best fp32 GEMM rates{loss}) -> speed-up ceiling {ceiling:.2f}x over the reference; target "
           f"{target:.1f}x {verdict}")
 
 
@@ -148,6 +164,8 @@ def main() -> None:
                                                         (512, 576, 49152), (16, 576, 49152)]}
   print("fp32 GEMM rate, best of jax and torch (GFLOP/s): " +
         ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in rates.items()))
+  print(f"logsumexp + gradient over [1024, {config.vocab_size}], best of jax and torch: "
+        f"{normalizer_seconds(1024, config.vocab_size) * 1000:.0f} ms")
   import kdjax  # the prompts of bench_decode, for their lengths
   from kdjax import data, fetch, priming
   gsm8k = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "gsm8k")
