@@ -29,6 +29,7 @@ def parse_args() -> argparse.Namespace:
   parser.add_argument("--length-bucket", type=int, default=16,
                       help="kdjax pads prompts to a multiple of this (HF pads to the longest prompt)")
   parser.add_argument("--skip-hf", action="store_true", help="time kdjax only")
+  parser.add_argument("--torch-device", default="cpu", help="where HF runs: cpu (default) or cuda")
   parser.add_argument("--torch-threads", type=int, default=None,
                       help="torch intra-op threads for HF (default: torch's own choice); on a busy machine "
                            "one thread can be much faster than a spinning pool of two")
@@ -77,20 +78,23 @@ def main() -> None:
   if args.torch_threads:
     torch.set_num_threads(args.torch_threads)
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
-      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval()
+      str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval().to(args.torch_device)
   width = max(map(len, prompts))
   ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int64)
   mask = np.zeros((len(prompts), width), np.int64)
   for row, prompt in enumerate(prompts):  # left padding, as HF expects for batched generation
     ids[row, width - len(prompt):] = prompt
     mask[row, width - len(prompt):] = 1
-  ids_t, mask_t = torch.from_numpy(ids), torch.from_numpy(mask)
+  ids_t, mask_t = torch.from_numpy(ids).to(args.torch_device), torch.from_numpy(mask).to(args.torch_device)
   eos = priming.stop_token_ids(tokenizer)
 
   def hf_generate(new_tokens: int):
     with torch.no_grad():
-      return hf_model.generate(ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=new_tokens,
-                               min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+      out = hf_model.generate(ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=new_tokens,
+                              min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+    if out.is_cuda:  # kernels run asynchronously: the clock stops when they are done
+      torch.cuda.synchronize()
+    return out
 
   hf_generate(4)  # warm-up: first-call allocations and lazy initialisation
   start = time.perf_counter()
@@ -101,6 +105,8 @@ def main() -> None:
   print(f"HF generate: {hf_s:.2f} s, {hf_tps:.1f} tokens/s (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)")
   print(f"speed-up kdjax / HF: {kdjax_tps / hf_tps:.2f}x")
+  if jax.devices()[0].platform != "cpu":
+    return  # the compute floor below is measured from this CPU's GEMM rates
   import roofline
   print(roofline.ceiling_line("decode", hf_s, roofline.decode_floor(model.config, list(map(len, prompts)),
                                                                     args.new_tokens), 3.0))
