@@ -58,7 +58,8 @@ def main() -> None:
         f"{os.cpu_count()} cpu(s)")
 
   sampling = generation.SamplingConfig(temperature=0.0, max_new_tokens=args.new_tokens)
-  run = lambda: generation.generate(model, prompts, sampling, stop_ids=[], pad_id=tokenizer.pad_token_id,
+  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+  run = lambda: generation.generate(model, prompts, sampling, stop_ids=[], pad_id=pad_id,
                                     batch_size=args.batch_size, length_bucket=args.length_bucket)
   start = time.perf_counter()
   run()  # compiles the prefill and the decode loop for these shapes
@@ -80,7 +81,7 @@ def main() -> None:
   hf_model = transformers.AutoModelForCausalLM.from_pretrained(
       str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32).eval().to(args.torch_device)
   width = max(map(len, prompts))
-  ids = np.full((len(prompts), width), tokenizer.pad_token_id, np.int64)
+  ids = np.full((len(prompts), width), pad_id, np.int64)
   mask = np.zeros((len(prompts), width), np.int64)
   for row, prompt in enumerate(prompts):  # left padding, as HF expects for batched generation
     ids[row, width - len(prompt):] = prompt
@@ -91,7 +92,7 @@ def main() -> None:
   def hf_generate(new_tokens: int):
     with torch.no_grad():
       out = hf_model.generate(ids_t, attention_mask=mask_t, do_sample=False, max_new_tokens=new_tokens,
-                              min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=tokenizer.pad_token_id)
+                              min_new_tokens=new_tokens, eos_token_id=eos, pad_token_id=pad_id)
     if out.is_cuda:  # kernels run asynchronously: the clock stops when they are done
       torch.cuda.synchronize()
     return out
