@@ -58,6 +58,18 @@ class TrainConfig:
   `batch_size` is the number of sequences per micro-batch (over all devices); a step sees
   `batch_size * grad_accum_steps` sequences. `num_steps`, when set, overrides `num_epochs`. `eval_every=0`
   evaluates only at the end; `clip_norm=None` disables clipping.
+
+  Learning-rate scaling (`lr_reference_batch`, SGD only). With `lr_reference_batch = R`, `learning_rate` is the
+  rate of an update over R examples and a step over B = `examples_per_step` examples uses
+  `peak_learning_rate = learning_rate * B / R`. The rule: with a mean-reduced loss, one SGD step at batch B and
+  rate lr * B moves the weights by lr * (sum of the B per-example gradients), which is what B steps at batch 1
+  and rate lr do to first order in lr (the gradients are taken at one point instead of B successive ones).
+  Its limits: the loss is a mean over loss *tokens*, so an example weighs in proportion to its token count
+  rather than equally; clipping applies to the step's mean gradient, which clips less often than B separate
+  per-example clips (so the large batch moves more where the paper's updates were clipped); momentum's memory
+  spans 1 / (1 - momentum) steps, i.e. B times more examples; and the cosine has B times fewer, larger steps.
+  `None` (or 0) uses `learning_rate` as given. AdamW normalises the gradient's scale away, so the rule does not
+  hold for it and a batch other than R is refused.
   """
 
   optimizer: str = "sgd"
@@ -68,7 +80,10 @@ class TrainConfig:
   adam_b2: float = 0.999
   warmup_steps: int = 0
   schedule: str = "cosine"
-  min_lr_ratio: float = 0.1  # the cosine's floor as a fraction of learning_rate; it never restarts
+  # The cosine decays from the peak (after warmup) to min_lr_ratio * peak, reached at the last update of the
+  # run (steps counted over all epochs); it never restarts. 0 is the usual "cosine to zero".
+  min_lr_ratio: float = 0.1
+  lr_reference_batch: int | None = None  # see "Learning-rate scaling" above
   clip_norm: float | None = 1.0
   grad_accum_steps: int = 1
   batch_size: int = 8
@@ -111,6 +126,13 @@ class TrainConfig:
       raise TrainError(f"TrainConfig needs num_steps or num_epochs >= 1, got num_epochs={self.num_epochs}")
     if self.warmup_steps < 0 or self.eval_every < 0:
       raise TrainError("TrainConfig.warmup_steps and eval_every must be >= 0")
+    if self.lr_reference_batch is not None and self.lr_reference_batch < 0:
+      raise TrainError(f"TrainConfig.lr_reference_batch must be >= 0 or None, got {self.lr_reference_batch}")
+    if (self.lr_reference_batch and self.optimizer != "sgd"
+        and self.examples_per_step != self.lr_reference_batch):
+      raise TrainError(f"the linear learning-rate rule (train.lr_reference_batch={self.lr_reference_batch}) holds "
+                       f"for SGD, not {self.optimizer}: set train.lr_reference_batch=0 and choose the learning "
+                       f"rate for batch {self.examples_per_step} yourself")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -125,14 +147,23 @@ class TrainConfig:
   def examples_per_step(self) -> int:
     return self.batch_size * self.grad_accum_steps
 
+  @property
+  def peak_learning_rate(self) -> float:
+    """The schedule's peak: `learning_rate`, scaled by `examples_per_step / lr_reference_batch` when that is set."""
+    if not self.lr_reference_batch:
+      return self.learning_rate
+    return self.learning_rate * self.examples_per_step / self.lr_reference_batch
+
   def total_steps(self, num_examples: int) -> int:
     if self.num_steps is not None:
       return self.num_steps
     return self.num_epochs * -(-num_examples // self.examples_per_step)
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(repr=False)
 class TrainResult:
+  """What `train` did. `summary()` is its one log line; the repr is deliberately short (the state is large)."""
+
   step: int                           # optimizer steps done (== total steps when training finished)
   lora: nnx.State                     # final LoRA state (also written into the model)
   best_val_loss: float | None
@@ -140,14 +171,47 @@ class TrainResult:
   final_val: dict[str, float] | None  # validation metrics at the last step
   history: list[dict[str, float]]     # per-step training metrics of this process (a resumed run: the rest)
   workdir: pathlib.Path
+  seconds: float = 0.0                # wall time of this call's steps (a resumed run: the rest)
+  tokens: int = 0                     # real (unpadded) tokens of this call's steps
+  peak_learning_rate: float = 0.0
+  selected_step: int | None = None    # set by `select_adapter`: the step whose LoRA state the model holds
+  update_norms: dict | None = None    # set by `select_adapter`: see `lora.relative_update_norms`
+
+  def __repr__(self) -> str:
+    return f"TrainResult({self.summary()})"
+
+  def summary(self) -> str:
+    """One line: steps, final train / validation loss, best step, time, tokens/s, and the update norms."""
+    last_train = self.history[-1]["loss"] if self.history else None
+    val = self.final_val["loss"] if self.final_val else None
+    parts = [f"{self.step} steps (peak lr {self.peak_learning_rate:.3g})",
+             f"final train loss {_fmt(last_train)}", f"val loss {_fmt(val)}"]
+    if self.best_step is not None:
+      parts.append(f"best val {_fmt(self.best_val_loss)} at step {self.best_step}")
+    else:
+      parts.append("no validation data: the final step is kept")
+    rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
+    parts.append(f"{self.seconds:.1f} s, {rate:.0f} tokens/s" if self.tokens else "nothing left to train")
+    if self.update_norms:
+      parts.append(f"|scale BA|/|W| mean {self.update_norms['mean']:.3g} max {self.update_norms['max']:.3g} "
+                   f"(step {self.selected_step})")
+    return ", ".join(parts)
+
+
+def _fmt(value: float | None) -> str:
+  return "n/a" if value is None else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to `min_lr_ratio * lr` at `total_steps` (and flat after), or flat."""
-  lr, warmup = cfg.learning_rate, cfg.warmup_steps
+  """Linear warmup from 0, then cosine decay to `min_lr_ratio * lr` at `total_steps` (and flat after), or flat.
+
+  `lr` is `cfg.peak_learning_rate`. The cosine spans every update of the run from the end of warmup to
+  `total_steps` in one half period: no restarts, and the floor is reached only after the last update.
+  """
+  lr, warmup = cfg.peak_learning_rate, cfg.warmup_steps
   if cfg.schedule == "constant":
     if warmup == 0:
       return optax.constant_schedule(lr)
@@ -318,6 +382,35 @@ def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
   return restored["meta"]
 
 
+UPDATE_NORMS_FILE = "update_norms.json"
+
+
+def select_adapter(model: nnx.Module, result: TrainResult) -> TrainResult:
+  """Puts the adapter to export into `model` and records how far it moved the base weights.
+
+  With validation data that is the best-validation LoRA state (`workdir/best`); without it (e.g.
+  `data.num_validation=0`) the final state `train` left in the model. Writes `workdir/update_norms.json`
+  ({"per_module": {"<layer>.<target>": ||scale * A B||_F / ||W||_F}, "mean", "max", "step"}), appends the
+  mean and max to metrics.jsonl, and returns `result` with `selected_step` and `update_norms` set.
+  """
+  from kdjax.distill import lora as lora_lib
+  step = result.step
+  if result.best_step is not None:
+    step = restore_best_lora(model, result.workdir)["step"]
+  per_module = lora_lib.relative_update_norms(model)
+  values = list(per_module.values())
+  norms = {"per_module": per_module, "mean": float(np.mean(values)), "max": float(np.max(values)), "step": step}
+  if jax.process_index() == 0:
+    (result.workdir / UPDATE_NORMS_FILE).write_text(json.dumps(norms, indent=1) + "\n")
+    metrics = result.workdir / METRICS_FILE
+    # One such line per workdir: a re-run (e.g. after a failed export) replaces it.
+    kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
+            if '"update_norm_mean"' not in line]
+    kept.append(json.dumps({"step": step, "update_norm_mean": norms["mean"], "update_norm_max": norms["max"]}))
+    metrics.write_text("".join(line + "\n" for line in kept))
+  return dataclasses.replace(result, selected_step=step, update_norms=norms)
+
+
 # ------------------------------------------------------------------------------------------------ metrics
 
 
@@ -418,6 +511,18 @@ def _check_data(name: str, data: Sequence[batches_lib.TrainExample], loss_cfg: l
                      f"{loss_cfg.divergence!r} needs them (use divergence='none', ce_weight=1 for gold CE)")
 
 
+def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_length: int | None) -> None:
+  """Refuses data whose responses `max_length` truncates away entirely: the steps would have nothing to learn."""
+  total, empty = batches_lib.count_loss_tokens(data, max_length)
+  if total == 0:
+    shortest = min(len(e) - e.num_loss_tokens for e in data)  # prompt length + 1 of the shortest prompt
+    raise TrainError(f"train.max_len={max_length} leaves no loss token in {name}: every response is cut off "
+                     f"(the shortest prompt has {shortest} tokens); raise train.max_len above {shortest}")
+  if empty:
+    logger.warning("%s: train.max_len=%s cuts off the whole response of %d of %d examples", name, max_length,
+                   empty, len(data))
+
+
 def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
           val_data: Sequence[batches_lib.TrainExample] | None, cfg: TrainConfig, loss_cfg: losses.LossConfig,
           workdir: str | pathlib.Path, *, mesh: Mesh | None = None) -> TrainResult:
@@ -431,8 +536,10 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   if not train_data:
     raise TrainError("train_data is empty")
   _check_data("train_data", train_data, loss_cfg)
+  _check_loss_tokens("train_data", train_data, cfg.max_length)
   if val_data:
     _check_data("val_data", val_data, loss_cfg)
+    _check_loss_tokens("val_data", val_data, cfg.max_length)
   if mesh is not None:
     _shard_model(model, mesh)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -483,10 +590,12 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
                                       getattr(model, "lora_dropout", 0.0) > 0.0),
                     out_shardings=(*shardings, None))
   log = _MetricsLog(workdir, cfg, step, total_steps)
+  start_time, tokens_trained = time.perf_counter(), 0
   try:
     while step < total_steps:
       batch = next(iterator)
       real_tokens = int(batch["attention_mask"].sum())
+      tokens_trained += real_tokens
       micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
       lora, opt_state, metrics = step_fn(lora, opt_state, rest, _place_batch(micro, mesh, leading=1),
                                          jax.random.fold_in(key, step))
@@ -512,4 +621,5 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     checkpoints.close()
   nnx.update(model, lora)
   return TrainResult(step=step, lora=lora, best_val_loss=best_val, best_step=best_step, final_val=final_val,
-                     history=log.history, workdir=workdir)
+                     history=log.history, workdir=workdir, seconds=time.perf_counter() - start_time,
+                     tokens=tokens_trained, peak_learning_rate=cfg.peak_learning_rate)
