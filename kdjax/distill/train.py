@@ -160,6 +160,19 @@ class TrainConfig:
     return self.num_epochs * -(-num_examples // self.examples_per_step)
 
 
+def train_config(c: Any) -> TrainConfig:
+  """The TrainConfig of an experiment config (`kdjax.config`'s `train` section, its seed); raises TrainError
+  for a bad value, so it can be called to check a config before any stage runs."""
+  t = c.train
+  return TrainConfig(
+      optimizer=t.optimizer, learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
+      warmup_steps=t.warmup_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
+      lr_reference_batch=t.lr_reference_batch or None, clip_norm=t.clip_norm or None, batch_size=t.batch_size,
+      grad_accum_steps=t.grad_accum_steps, num_epochs=t.num_epochs, max_length=t.max_len,
+      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+      seed=c.seed, chunk_size=t.chunk_size, log_every=t.log_every, progress_bar=jax.process_index() == 0)
+
+
 @dataclasses.dataclass(repr=False)
 class TrainResult:
   """What `train` did. `summary()` is its one log line; the repr is deliberately short (the state is large)."""
@@ -515,9 +528,10 @@ def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_
   """Refuses data whose responses `max_length` truncates away entirely: the steps would have nothing to learn."""
   total, empty = batches_lib.count_loss_tokens(data, max_length)
   if total == 0:
-    shortest = min(len(e) - e.num_loss_tokens for e in data)  # prompt length + 1 of the shortest prompt
+    shortest = min(len(e) - e.num_loss_tokens for e in data)  # the shortest prompt's length
     raise TrainError(f"train.max_len={max_length} leaves no loss token in {name}: every response is cut off "
-                     f"(the shortest prompt has {shortest} tokens); raise train.max_len above {shortest}")
+                     f"(the shortest prompt has {shortest} tokens); train.max_len must be at least {shortest} to "
+                     f"keep even one response token, and well above it to train on whole responses")
   if empty:
     logger.warning("%s: train.max_len=%s cuts off the whole response of %d of %d examples", name, max_length,
                    empty, len(data))
