@@ -367,3 +367,34 @@ def test_max_len_that_leaves_no_loss_token_is_refused(tmp_path):
   with pytest.raises(train_lib.TrainError, match=r"train.max_len=6 leaves no loss token in train_data.*at least 7 "):
     train_lib.train(worker.make_student(), examples, None, _quiet(max_length=6), loss_cfg, tmp_path)
   assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer, a checkpoint, three steps over its 49152-token vocabulary: ~60 s loaded
+def test_train_stage_with_num_validation_zero_exports_the_final_adapter(smollm2_gguf, gsm8k_dir, tmp_path,
+                                                                       capsys):
+  """The CLI's train stage end to end (finetune arm) without a validation split: no best-checkpoint selection."""
+  import dataclasses as dc
+  from kdjax import checkpoint, pipeline
+  from kdjax import config as config_lib
+  from kdjax.models.llama import config as llama_config, model as model_lib
+  tokenizer = checkpoint.load_tokenizer(smollm2_gguf)
+  student = model_lib.init_model(dc.replace(llama_config.get_preset("tiny"), vocab_size=len(tokenizer)))
+  checkpoint.save_model(student, tmp_path / "models" / "student", tokenizer=tokenizer)
+  c = config_lib.get_default_config()
+  c.workdir, c.arms, c.data.source = str(tmp_path), "finetune", str(gsm8k_dir)
+  c.data.num_train_questions, c.data.num_validation = 3, 0
+  c.student.dtype, c.student.remat = "float32", False
+  c.train.max_len, c.train.num_epochs, c.train.log_every = 256, 1, 1
+  pipeline.stage_train(c, pipeline.Workdir(tmp_path))
+  arm = tmp_path / "arms" / "finetune"
+  assert (arm / "adapter" / "adapter_config.json").is_file()
+  norms = json.loads((arm / "train" / train_lib.UPDATE_NORMS_FILE).read_text())
+  assert norms["step"] == 3 and norms["max"] > 0 and len(norms["per_module"]) == 2 * 4  # 2 layers x wq wk wv wo
+  summary = [line for line in capsys.readouterr().out.splitlines() if "train: finetune: 3 steps" in line]
+  assert len(summary) == 1 and "no validation data" in summary[0] and "TrainResult" not in summary[0]
+  # The exported adapter is the final state: importing it gives the same relative update norms.
+  from kdjax.distill import lora
+  reloaded = lora.import_peft(model_lib.init_model(dc.replace(llama_config.get_preset("tiny"),
+                                                              vocab_size=len(tokenizer))), arm / "adapter")
+  got = lora.relative_update_norms(reloaded)
+  assert got == pytest.approx(norms["per_module"], rel=1e-6)
