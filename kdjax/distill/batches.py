@@ -151,7 +151,8 @@ def gold_examples(gsm8k_examples: Sequence[Mapping[str, Any]], tokenizer: Any, *
   if end_token_id is None:
     stops = priming.stop_token_ids(tokenizer)
     if not stops:
-      raise BatchError("the tokenizer has no eos / end-of-turn token; pass end_token_id")
+      raise BatchError("the student's tokenizer has no eos or end-of-turn token to end a gold solution with; "
+                       "use a student whose tokenizer defines one")
     end_token_id = stops[0]
   out = []
   for example in gsm8k_examples:

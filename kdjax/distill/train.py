@@ -11,7 +11,9 @@ and `accum=2, batch=B` equals `accum=1, batch=2B`.
 Checkpoints (`workdir/checkpoints/<step>`, asynchronous, every `checkpoint_every` steps, the last
 `keep_checkpoints` kept) hold the LoRA state, optimizer state and RNG key (Orbax pytree) and a JSON item with the
 step, the data iterator's position and the best validation loss so far. `workdir/best/<step>` keeps the LoRA state
-with the lowest validation loss. A restarted `train` resumes from the latest checkpoint; every random choice
+with the lowest validation loss. `select_adapter` then puts the adapter to export into the model (that best state,
+or the final one when there is no validation data) and writes `workdir/update_norms.json`, how far it moved each
+adapted weight. A restarted `train` resumes from the latest checkpoint; every random choice
 (data order, dropout) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
 uninterrupted one.
 """
@@ -521,7 +523,7 @@ def _mesh_shardings(tree: Any, mesh: Mesh) -> Any:
 def _check_data(name: str, data: Sequence[batches_lib.TrainExample], loss_cfg: losses.LossConfig) -> None:
   if loss_cfg.uses_teacher and not all(e.has_teacher for e in data):
     raise TrainError(f"{name} has examples without teacher top-k arrays but divergence="
-                     f"{loss_cfg.divergence!r} needs them (use divergence='none', ce_weight=1 for gold CE)")
+                     f"{loss_cfg.divergence!r} needs them (gold solutions alone train with divergence 'none' and CE weight 1: the finetune arm)")
 
 
 def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_length: int | None) -> None:
