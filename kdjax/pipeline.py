@@ -207,7 +207,7 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
 
 
 def stage_train(c, wd: Workdir) -> None:
-  from kdjax.distill import lora, train
+  from kdjax.distill import lora, results, train
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
     mode = config_lib.ARMS[arm]["mode"]
@@ -224,7 +224,7 @@ def stage_train(c, wd: Workdir) -> None:
     cfg = train.train_config(c)
     result = train.train(model, train_data, val_data or None, cfg, _loss_config(c, mode), wd.arm(arm) / "train",
                          mesh=mesh)
-    result = train.select_adapter(model, result)  # best validation step, or the final one without validation
+    result = results.select_adapter(model, result)  # best validation step, or the final one without validation
     lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)
     log(f"train: {arm}: {result.summary()}; adapter -> {adapter}")
 

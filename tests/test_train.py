@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import train_worker as worker
-from kdjax.distill import batches, losses
+from kdjax.distill import batches, losses, results
 from kdjax.distill import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -186,7 +186,7 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
   assert meta["step"] == result.best_step and meta["val_loss"] == pytest.approx(result.best_val_loss)
   for k, v in _flat_params(fresh, nnx.LoRAParam).items():
     assert np.array_equal(v, lora_after[k])
-  selected = train_lib.select_adapter(fresh, result)  # what the train stage exports: the best step's state
+  selected = results.select_adapter(fresh, result)  # what the train stage exports: the best step's state
   assert selected.selected_step == result.best_step and selected.update_norms["max"] > 0
 
   # A second call on a finished workdir resumes at the end and changes nothing.
@@ -333,11 +333,11 @@ def test_without_validation_the_final_state_is_selected_and_norms_recorded(data,
   result = train_lib.train(model, data[0], None, cfg, losses.LossConfig(ce_weight=0.2), tmp_path)
   assert result.best_step is None and not any(p.name.isdigit() for p in (tmp_path / "best").iterdir())
   final = _flat_params(model, nnx.LoRAParam)
-  selected = train_lib.select_adapter(model, result)
+  selected = results.select_adapter(model, result)
   assert selected.selected_step == 3
   for name, value in _flat_params(model, nnx.LoRAParam).items():
     assert np.array_equal(value, final[name]), name  # the final state, untouched
-  written = json.loads((tmp_path / train_lib.UPDATE_NORMS_FILE).read_text())
+  written = json.loads((tmp_path / results.UPDATE_NORMS_FILE).read_text())
   per_module = written["per_module"]
   assert set(per_module) == {f"{layer}.{t}" for layer in range(2) for t in ("wq", "wv", "w_up")}
   for key, value in per_module.items():  # float64 from the raw factors and the base weight
@@ -388,7 +388,7 @@ def test_train_stage_with_num_validation_zero_exports_the_final_adapter(smollm2_
   pipeline.stage_train(c, pipeline.Workdir(tmp_path))
   arm = tmp_path / "arms" / "finetune"
   assert (arm / "adapter" / "adapter_config.json").is_file()
-  norms = json.loads((arm / "train" / train_lib.UPDATE_NORMS_FILE).read_text())
+  norms = json.loads((arm / "train" / results.UPDATE_NORMS_FILE).read_text())
   assert norms["step"] == 3 and norms["max"] > 0 and len(norms["per_module"]) == 2 * 4  # 2 layers x wq wk wv wo
   summary = [line for line in capsys.readouterr().out.splitlines() if "train: finetune: 3 steps" in line]
   assert len(summary) == 1 and "no validation data" in summary[0] and "TrainResult" not in summary[0]

@@ -11,7 +11,7 @@ and `accum=2, batch=B` equals `accum=1, batch=2B`.
 Checkpoints (`workdir/checkpoints/<step>`, asynchronous, every `checkpoint_every` steps, the last
 `keep_checkpoints` kept) hold the LoRA state, optimizer state and RNG key (Orbax pytree) and a JSON item with the
 step, the data iterator's position and the best validation loss so far. `workdir/best/<step>` keeps the LoRA state
-with the lowest validation loss. `select_adapter` then puts the adapter to export into the model (that best state,
+with the lowest validation loss. `results.select_adapter` then puts the adapter to export into the model (that best state,
 or the final one when there is no validation data) and writes `workdir/update_norms.json`, how far it moved each
 adapted weight. A restarted `train` resumes from the latest checkpoint; every random choice
 (data order, dropout) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
@@ -40,8 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kdjax import parallel
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
+from kdjax.distill.results import METRICS_FILE, TrainResult
 
-METRICS_FILE = "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 _MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -173,48 +173,6 @@ def train_config(c: Any) -> TrainConfig:
       grad_accum_steps=t.grad_accum_steps, num_epochs=t.num_epochs, max_length=t.max_len,
       eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
       seed=c.seed, chunk_size=t.chunk_size, log_every=t.log_every, progress_bar=jax.process_index() == 0)
-
-
-@dataclasses.dataclass(repr=False)
-class TrainResult:
-  """What `train` did. `summary()` is its one log line; the repr is deliberately short (the state is large)."""
-
-  step: int                           # optimizer steps done (== total steps when training finished)
-  lora: nnx.State                     # final LoRA state (also written into the model)
-  best_val_loss: float | None
-  best_step: int | None
-  final_val: dict[str, float] | None  # validation metrics at the last step
-  history: list[dict[str, float]]     # per-step training metrics of this process (a resumed run: the rest)
-  workdir: pathlib.Path
-  seconds: float = 0.0                # wall time of this call's steps (a resumed run: the rest)
-  tokens: int = 0                     # real (unpadded) tokens of this call's steps
-  peak_learning_rate: float = 0.0
-  selected_step: int | None = None    # set by `select_adapter`: the step whose LoRA state the model holds
-  update_norms: dict | None = None    # set by `select_adapter`: see `lora.relative_update_norms`
-
-  def __repr__(self) -> str:
-    return f"TrainResult({self.summary()})"
-
-  def summary(self) -> str:
-    """One line: steps, final train / validation loss, best step, time, tokens/s, and the update norms."""
-    last_train = self.history[-1]["loss"] if self.history else None
-    val = self.final_val["loss"] if self.final_val else None
-    parts = [f"{self.step} steps (peak lr {self.peak_learning_rate:.3g})",
-             f"final train loss {_fmt(last_train)}", f"val loss {_fmt(val)}"]
-    if self.best_step is not None:
-      parts.append(f"best val {_fmt(self.best_val_loss)} at step {self.best_step}")
-    else:
-      parts.append("no validation data: the final step is kept")
-    rate = self.tokens / self.seconds if self.seconds > 0 else 0.0
-    parts.append(f"{self.seconds:.1f} s, {rate:.0f} tokens/s" if self.tokens else "nothing left to train")
-    if self.update_norms:
-      parts.append(f"|scale BA|/|W| mean {self.update_norms['mean']:.3g} max {self.update_norms['max']:.3g} "
-                   f"(step {self.selected_step})")
-    return ", ".join(parts)
-
-
-def _fmt(value: float | None) -> str:
-  return "n/a" if value is None else f"{value:.4f}"
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -397,36 +355,6 @@ def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
   return restored["meta"]
 
 
-UPDATE_NORMS_FILE = "update_norms.json"
-
-
-def select_adapter(model: nnx.Module, result: TrainResult) -> TrainResult:
-  """Puts the adapter to export into `model` and records how far it moved the base weights.
-
-  With validation data that is the best-validation LoRA state (`workdir/best`); without it (e.g.
-  `data.num_validation=0`) the final state `train` left in the model. Writes `workdir/update_norms.json`
-  ({"per_module": {"<layer>.<target>": ||scale * A B||_F / ||W||_F}, "mean", "max", "step"}), appends the
-  mean and max to metrics.jsonl, and returns `result` with `selected_step` and `update_norms` set.
-  """
-  from kdjax.distill import lora as lora_lib
-  step = result.step
-  if result.best_step is not None:
-    step = restore_best_lora(model, result.workdir)["step"]
-  per_module = lora_lib.relative_update_norms(model)
-  values = list(per_module.values())
-  norms = {"per_module": per_module, "mean": float(np.mean(values)), "max": float(np.max(values)), "step": step}
-  if jax.process_index() == 0:
-    (result.workdir / UPDATE_NORMS_FILE).write_text(json.dumps(norms, indent=1) + "\n")
-    metrics = result.workdir / METRICS_FILE
-    # One such line per workdir: a re-run (e.g. after a failed export) replaces it.
-    kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
-            if '"update_norm_mean"' not in line]
-    kept.append(json.dumps({"step": step, "update_norm_mean": norms["mean"], "update_norm_max": norms["max"]}))
-    metrics.write_text("".join(line + "\n" for line in kept))
-  return dataclasses.replace(result, selected_step=step, update_norms=norms)
-
-
-# ------------------------------------------------------------------------------------------------ metrics
 
 
 def _logged_step(line: str) -> float:
