@@ -1,6 +1,6 @@
 """Arm `nodistill`: control: the student evaluated as it is.
 
-Paper defaults (kdjax.config): 405B int8 teacher, 8B student with LoRA, reverse KL, SGD.
+Paper defaults (kdjax.config): 8B student as it is; no training, so no schedule.
   python -m kdjax.main --config=configs/nodistill.py --config.teacher.source=... --config.student.source=...
 """
 

@@ -2,7 +2,8 @@
 
 Every key is listed here, so a misspelt override (`--config.no_such_key=1`) is an error. Paper defaults:
 Llama 3.1 405B Instruct int8 teacher, Llama 3.1 8B Instruct student, LoRA r 4 / alpha 8 / dropout 0.1 on
-q, k, v, o, reverse KL at T = 5.94 with CE weight 0.61, SGD lr 5e-6 momentum 0.9, cosine, 2 epochs, the first
+q, k, v, o, reverse KL at T = 5.94 with CE weight 0.61, SGD lr 5e-6 momentum 0.9 at one example per update,
+cosine over all updates, 2 epochs, the first
 2638 GSM8K train questions.
 """
 
@@ -95,13 +96,16 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.train.weight_decay = 0.0
   c.train.warmup_steps = 0
   c.train.schedule = "cosine"       # decays to min_lr_ratio * lr and stays there: no restarts
-  c.train.min_lr_ratio = 0.1
+  c.train.min_lr_ratio = 0.1        # the cosine's floor (x peak lr), reached at the last update
+  # learning_rate is the rate of an update over this many examples; a larger batch B x grad_accum scales it by
+  # B x grad_accum / lr_reference_batch (SGD's linear rule, see TrainConfig in distill/train.py); 0: as given
+  c.train.lr_reference_batch = 1
   c.train.clip_norm = 1.0
-  c.train.batch_size = 8
+  c.train.batch_size = 1            # the paper: one example per update, 2 x 2638 updates
   c.train.grad_accum_steps = 1
   c.train.num_epochs = 2
   c.train.max_len = 1024
-  c.train.eval_every = 100
+  c.train.eval_every = 500          # at batch 1: ~10 validation passes over the 2 x 2638 updates
   c.train.checkpoint_every = 100
   c.train.keep_checkpoints = 2
   c.train.chunk_size = 256
@@ -145,6 +149,9 @@ def recommended(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.learning_rate = 2e-4
   c.train.weight_decay = 0.0
   c.train.warmup_steps = 20
+  c.train.batch_size = 8            # its own schedule: batch 8 at this rate, no rescaling
+  c.train.lr_reference_batch = 0
+  c.train.eval_every = 100
   return c
 
 

@@ -207,7 +207,7 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
 
 
 def stage_train(c, wd: Workdir) -> None:
-  from kdjax.distill import lora, train
+  from kdjax.distill import lora, results, train
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
     mode = config_lib.ARMS[arm]["mode"]
@@ -221,19 +221,12 @@ def stage_train(c, wd: Workdir) -> None:
     lora.add_lora(model, _lora_config(c), seed=c.seed)
     train_data, val_data = _train_examples(c, wd, arm, tokenizer)
     log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({mode})")
-    cfg = train.TrainConfig(
-        optimizer=c.train.optimizer, learning_rate=c.train.learning_rate, momentum=c.train.momentum,
-        weight_decay=c.train.weight_decay, warmup_steps=c.train.warmup_steps, schedule=c.train.schedule,
-        min_lr_ratio=c.train.min_lr_ratio, clip_norm=c.train.clip_norm or None, batch_size=c.train.batch_size,
-        grad_accum_steps=c.train.grad_accum_steps, num_epochs=c.train.num_epochs, max_length=c.train.max_len,
-        eval_every=c.train.eval_every, checkpoint_every=c.train.checkpoint_every,
-        keep_checkpoints=c.train.keep_checkpoints, seed=c.seed, chunk_size=c.train.chunk_size,
-        log_every=c.train.log_every, progress_bar=jax.process_index() == 0)
+    cfg = train.train_config(c)
     result = train.train(model, train_data, val_data or None, cfg, _loss_config(c, mode), wd.arm(arm) / "train",
                          mesh=mesh)
-    train.restore_best_lora(model, wd.arm(arm) / "train")
+    result = results.select_adapter(model, result)  # best validation step, or the final one without validation
     lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)
-    log(f"train: {arm}: done ({result}); adapter -> {adapter}")
+    log(f"train: {arm}: {result.summary()}; adapter -> {adapter}")
 
 
 def load_student_for_arm(c, wd: Workdir, arm: str, mesh):

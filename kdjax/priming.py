@@ -24,8 +24,14 @@ ANSWER_FORMAT_INSTRUCTION = (
 PLACEMENTS = ("system", "user_prefix")
 Placement = Literal["system", "user_prefix"]
 
-# Appended to eos when present: chat models end a turn with one of these rather than eos itself.
-_END_OF_TURN_TOKENS = ("<|eot_id|>", "<|im_end|>", "<|end_of_text|>")
+# Appended to eos when present: chat models end a turn with one of these rather than eos itself. Llama 3.1
+# ends a turn with <|eot_id|>, or with <|eom_id|> ("end of message") where it expects a tool's reply; its
+# generation config stops on both and on <|end_of_text|>.
+_END_OF_TURN_TOKENS = ("<|eot_id|>", "<|eom_id|>", "<|im_end|>", "<|end_of_text|>")
+
+# The question the chat-template check renders: any question shows a template difference, since templates
+# differ in what they put around the messages, not in the question.
+_TEMPLATE_PROBE_QUESTION = "Ann has 3 boxes of 12 pencils and gives away 7. How many pencils are left?"
 
 
 class PrimingError(ValueError):
@@ -193,9 +199,12 @@ def stop_token_ids(tokenizer: Any) -> list[int]:
 
 
 def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None:
-  """Raises TokenizerMismatchError unless both tokenizers have the same token->id map.
+  """Raises TokenizerMismatchError unless both tokenizers have the same token->id map and chat template.
 
-  Distillation on top-k ids only makes sense when an id means the same token to both models.
+  Distillation on top-k ids only makes sense when an id means the same token to both models. And the store
+  keeps the student prompt as the *teacher's* template renders it, while the student is evaluated on prompts
+  its own template renders, so both must render the student prompt to the same ids
+  (`check_same_student_prompt`).
   """
   teacher_vocab = teacher_tokenizer.get_vocab()
   student_vocab = student_tokenizer.get_vocab()
@@ -208,3 +217,37 @@ def check_same_tokenizer(teacher_tokenizer: Any, student_tokenizer: Any) -> None
     raise TokenizerMismatchError(
         f"teacher and student tokenizers differ: token {token!r} has id {teacher_vocab[token]} "
         f"(teacher) vs {student_vocab.get(token)} (student)")
+  check_same_student_prompt(teacher_tokenizer, student_tokenizer)
+
+
+def check_same_student_prompt(teacher_tokenizer: Any, student_tokenizer: Any,
+                              question: str = _TEMPLATE_PROBE_QUESTION) -> None:
+  """Raises TokenizerMismatchError (one line naming the first difference) unless the teacher's and the
+  student's chat templates render `student_messages(question)` to the same token ids.
+
+  Tokenizers without a chat template on both sides (plain test tokenizers) have nothing to compare.
+  """
+  templates = [getattr(t, "chat_template", None) for t in (teacher_tokenizer, student_tokenizer)]
+  if not any(templates):
+    return
+  if not all(templates):
+    missing = "teacher" if not templates[0] else "student"
+    raise TokenizerMismatchError(f"the {missing} tokenizer has no chat template, the other has one: they cannot "
+                                 f"render the same student prompt")
+  messages = student_messages(question)
+  teacher_ids = encode_chat(teacher_tokenizer, messages)
+  student_ids = encode_chat(student_tokenizer, messages)
+  if teacher_ids == student_ids:
+    return
+  first = next((i for i, (a, b) in enumerate(zip(teacher_ids, student_ids)) if a != b),
+               min(len(teacher_ids), len(student_ids)))
+
+  def shown(tokenizer, ids):
+    text = tokenizer.decode(ids[first:first + 12], skip_special_tokens=False)
+    return repr(text[:60] + ("..." if len(text) > 60 else "")) if ids[first:] else "the end of the prompt"
+
+  raise TokenizerMismatchError(
+      f"teacher and student chat templates render the student prompt differently: from token {first} the "
+      f"teacher's has {shown(teacher_tokenizer, teacher_ids)}, the student's {shown(student_tokenizer, student_ids)} "
+      f"({len(teacher_ids)} vs {len(student_ids)} tokens); the store would train the student on a prompt it is "
+      f"never evaluated with: use a teacher and student that share a chat template")

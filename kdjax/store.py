@@ -7,6 +7,10 @@ Layout of a store folder::
   manifest-<p>.json   progress of writer process p (rewritten after each of its shards)
   manifest.json       written by `finalize()`: spec, all shards, token and byte totals
 
+Every manifest lists, per shard, the sha256 of the bytes its writer wrote. Resuming writers,
+`finalize()` and `StoreReader` check each shard against it, so a damaged shard is reported by
+name (delete it; the generate stage rewrites it) instead of failing deep inside training.
+
 Work is split in fixed units: shard i always holds positions [i*S, (i+1)*S), so a shard is
 either complete or absent, reruns write byte-identical shards, and process p of n writes
 the shards with i % n == p. Every file is written to `<name>.tmp` in the same folder, fsynced
@@ -31,6 +35,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import hashlib
 import json
 import math
 import os
@@ -215,14 +220,51 @@ def shard_name(index: int) -> str:
   return f"shard-{index:05d}.npz"
 
 
-def _shard_stats(path: pathlib.Path) -> dict:
+def _corrupt_message(path: pathlib.Path, detail: str) -> str:
+  return (f"store shard {path} is corrupt ({detail}): delete it and re-run the generate stage, which rewrites "
+          f"exactly that shard")
+
+
+def _file_sha256(path: pathlib.Path) -> str:
+  digest = hashlib.sha256()
+  with open(path, "rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
+
+
+def verify_shard(path: pathlib.Path, expected_sha256: str | None) -> str:
+  """The sha256 of shard `path`; raises StoreError naming the shard when it differs from the recorded one."""
+  digest = _file_sha256(path)
+  if expected_sha256 is not None and digest != expected_sha256:
+    raise StoreError(_corrupt_message(path, f"sha256 {digest[:16]}... differs from the {expected_sha256[:16]}... "
+                                            f"its manifest recorded when it was written"))
+  return digest
+
+
+def _shard_stats(path: pathlib.Path, expected_sha256: str | None = None) -> dict:
+  """A shard's manifest entry, read back from disk; its checksum is checked when one was recorded."""
+  digest = verify_shard(path, expected_sha256)
   try:
     with np.load(path, allow_pickle=False) as shard:
       offsets = shard["response_offsets"]
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-    raise StoreError(f"corrupt shard {path} ({err}); delete it to have it rewritten") from None
+    raise StoreError(_corrupt_message(path, str(err))) from None
   return {"file": path.name, "examples": int(len(offsets) - 1), "tokens": int(offsets[-1]),
-          "bytes": path.stat().st_size}
+          "bytes": path.stat().st_size, "sha256": digest}
+
+
+def recorded_checksums(folder: pathlib.Path) -> dict[int, str]:
+  """Shard index -> the sha256 its writer recorded (manifest.json and every process manifest).
+
+  Stores written before checksums were recorded have none; their shards are read unchecked.
+  """
+  recorded: dict[int, str] = {}
+  for manifest in _existing_manifests(folder):
+    for shard in _read_json(manifest).get("shards", []):
+      if shard.get("sha256"):
+        recorded.setdefault(int(shard["index"]), shard["sha256"])
+  return recorded
 
 
 def _header(spec: StoreSpec, num_examples: int, shard_size: int) -> dict:
@@ -274,7 +316,8 @@ class StoreWriter:
     self._header = _header(spec, num_examples, shard_size)
     self.path.mkdir(parents=True, exist_ok=True)
     self._check_existing_manifests()
-    self._written = {i: _shard_stats(self._shard_path(i)) for i in self.own_shards()
+    recorded = recorded_checksums(self.path)
+    self._written = {i: _shard_stats(self._shard_path(i), recorded.get(i)) for i in self.own_shards()
                      if self._shard_path(i).is_file()}
     self._write_process_manifest()
 
@@ -379,6 +422,7 @@ class StoreWriter:
       self._check_record(position, record)
     arrays = self._shard_arrays(records)
     _atomic_write(self._shard_path(index), lambda f: _write_npz(f, arrays))
+    # The checksum is taken once, right after the write; later damage to the file no longer matches it.
     self._written[index] = _shard_stats(self._shard_path(index))
     self._write_process_manifest()
 
@@ -389,7 +433,8 @@ class StoreWriter:
     missing = [i for i in range(self.num_shards) if not self._shard_path(i).is_file()]
     if missing:
       raise StoreIncompleteError(_missing_message(self.path, missing, self.num_shards))
-    shards = [{"index": i, **_shard_stats(self._shard_path(i))} for i in range(self.num_shards)]
+    recorded = {**recorded_checksums(self.path), **{i: st["sha256"] for i, st in self._written.items()}}
+    shards = [{"index": i, **_shard_stats(self._shard_path(i), recorded.get(i))} for i in range(self.num_shards)]
     total_tokens = sum(s["tokens"] for s in shards)
     total_bytes = sum(s["bytes"] for s in shards)
     manifest = {**self._header, "shards": shards, "total_tokens": total_tokens,
@@ -453,7 +498,7 @@ class StoreReader(Sequence):
     missing = sorted(set(range(self.num_shards)) - set(present))
     if missing and not allow_partial:
       raise StoreIncompleteError(_missing_message(self.path, missing, self.num_shards)
-                                 + "; pass allow_partial=True to read the rest")
+                                 + ": re-run the generate stage to write them")
     self.complete = not missing
     self._cache: collections.OrderedDict[int, dict] = collections.OrderedDict()
     self._cached_shards = max(1, cached_shards)
@@ -461,14 +506,16 @@ class StoreReader(Sequence):
     self._shard_tokens = {}
     self._metadata: list[dict] = []
     self.positions: list[int] = []
+    recorded = recorded_checksums(self.path)
     for i in present:
       path_i = self.path / shard_name(i)
+      verify_shard(path_i, recorded.get(i))  # before training on it: a damaged shard is one line, not a traceback
       try:
         with np.load(path_i, allow_pickle=False) as shard:
           num_tokens = int(shard["response_offsets"][-1])
           columns = json.loads(shard["metadata"].tobytes().decode())
       except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
-        raise StoreError(f"corrupt shard {path_i} ({err}); delete it to have it rewritten") from None
+        raise StoreError(_corrupt_message(path_i, str(err))) from None
       self._shard_bytes[i], self._shard_tokens[i] = path_i.stat().st_size, num_tokens
       start = i * self.shard_size
       for e in range(len(columns["question_id"])):
@@ -500,8 +547,12 @@ class StoreReader(Sequence):
       self._cache.move_to_end(shard_index)
       return self._cache[shard_index]
     id_format = self.spec.id_format
-    with np.load(self.path / shard_name(shard_index), allow_pickle=False) as shard:
-      arrays = {name: shard[name] for name in shard.files if name != "metadata"}
+    path = self.path / shard_name(shard_index)
+    try:
+      with np.load(path, allow_pickle=False) as shard:
+        arrays = {name: shard[name] for name in shard.files if name != "metadata"}
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # damaged after it was opened
+      raise StoreError(_corrupt_message(path, str(err))) from None
     decoded = {}
     for name in ("response", "student_prompt", "teacher_prompt"):
       offsets = arrays[f"{name}_offsets"]

@@ -165,7 +165,8 @@ def _check_job_file(store_dir: pathlib.Path, job: TeacherJob) -> None:
 
 
 def _finished_manifest(store_dir: pathlib.Path, num_shards: int) -> dict | None:
-  """manifest.json when it exists and every shard it lists is on disk, else None."""
+  """manifest.json when it exists and every shard it lists is on disk, else None; a shard that fails its
+  recorded checksum raises StoreError."""
   path = store_dir / store.MANIFEST
   if not path.is_file():
     return None
@@ -178,6 +179,8 @@ def _finished_manifest(store_dir: pathlib.Path, num_shards: int) -> dict | None:
     return None
   if not all((store_dir / store.shard_name(i)).is_file() for i in listed):
     return None
+  for shard in manifest["shards"]:  # complete means undamaged too: one line naming a bad shard
+    store.verify_shard(store_dir / store.shard_name(shard["index"]), shard.get("sha256"))
   return manifest
 
 

@@ -241,6 +241,26 @@ def test_tiny_llama_config(tiny_llama):
       "bos_token_id": 7, "eos_token_id": 8, "pad_token_id": None, "torch_dtype": "float32"}
 
 
+def test_truncated_smollm2_says_truncated_with_both_sizes(smollm2_gguf, tmp_path):
+  data = smollm2_gguf.read_bytes()
+  whole = len(data)  # the reference: an intact file is exactly as long as its header describes
+  for keep in (whole - 1, whole // 2):
+    cut = tmp_path / f"cut-{keep}.gguf"
+    cut.write_bytes(data[:keep])
+    with pytest.raises(llama_gguf.TruncatedGGUF) as error:
+      GGUFSource(cut)
+    message = str(error.value)
+    assert message == (f"{cut}: GGUF file is truncated: its header describes {whole} bytes, the file has {keep}; "
+                       f"download or copy it again")
+  cut = tmp_path / "header.gguf"
+  cut.write_bytes(data[:5000])  # inside the metadata (the tokenizer's vocabulary)
+  with pytest.raises(llama_gguf.TruncatedGGUF, match=r"truncated or corrupt inside its header \(the file has 5000"):
+    GGUFSource(cut)
+  cut.write_bytes(b"PK\x03\x04" + data[4:5000])
+  with pytest.raises(llama_gguf.GGUFError, match="not a GGUF file"):
+    GGUFSource(cut)
+
+
 def test_rejects_non_llama_architecture(tmp_path):
   path = write_gguf(tmp_path / "gpt2.gguf", "gpt2",
                     [("token_embd.weight", np.zeros((4, 32), np.float32), None)],

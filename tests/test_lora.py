@@ -307,3 +307,46 @@ def test_import_rejects_bad_adapters(base_dir, tmp_path):
   (tmp_path / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["lm_head"]}))
   with pytest.raises(lora.LoraError, match="does not adapt"):
     lora.import_peft(target, tmp_path)
+
+
+# ------------------------------------------------------------------------------------------ update norms
+
+HF_PROJECTIONS = {"wq": "self_attn.q_proj", "wk": "self_attn.k_proj", "wv": "self_attn.v_proj",
+                  "wo": "self_attn.o_proj", "w_gate": "mlp.gate_proj", "w_up": "mlp.up_proj",
+                  "w_down": "mlp.down_proj"}
+
+
+def _reference_ratio(model, name, layer, base_weight):
+  """float64, from the raw factors: the full [in, out] product, formed explicitly (no Gram matrices)."""
+  a = np.asarray(getattr(model.layers, f"{name}_lora_a")[...], np.float64)[layer]
+  b = np.asarray(getattr(model.layers, f"{name}_lora_b")[...], np.float64)[layer]
+  rank = a.shape[-1]
+  delta = model.lora_scale * a.reshape(-1, rank) @ b.reshape(rank, -1)
+  return np.linalg.norm(delta) / np.linalg.norm(np.asarray(base_weight, np.float64))
+
+
+def test_relative_update_norms_match_float64_reference(base_dir):
+  from kdjax import quantization
+  model = _adapted(base_dir, ALL, rank=3, alpha=6)
+  got = lora.relative_update_norms(model)
+  assert set(got) == {f"{layer}.{name}" for layer in range(2) for name in ALL}
+  hf = _torch_base(base_dir).state_dict()  # the base weights as transformers holds them: [out, in]
+  for name in ALL:
+    for layer in range(2):
+      want = _reference_ratio(model, name, layer, hf[f"model.layers.{layer}.{HF_PROJECTIONS[name]}.weight"])
+      assert got[f"{layer}.{name}"] == pytest.approx(want, rel=1e-5), (name, layer)
+  assert min(got.values()) > 0
+  # An int8 base counts dequantised: q * per-output-channel scale, from the raw arrays.
+  quantization.quantize_model(model)
+  got_int8 = lora.relative_update_norms(model)
+  for name in ALL:
+    q = np.asarray(getattr(model.layers, name)[...], np.float64)
+    scale = np.asarray(getattr(model.layers, f"{name}_scale")[...], np.float64)
+    n_in = quantization.num_in_dims(name)
+    dequantised = q * scale.reshape(scale.shape[:1] + (1,) * n_in + scale.shape[1:])
+    for layer in range(2):
+      want = _reference_ratio(model, name, layer, dequantised[layer])
+      assert got_int8[f"{layer}.{name}"] == pytest.approx(want, rel=1e-5), (name, layer)
+  # A fresh adapter (B = 0) has moved nothing.
+  fresh = lora.add_lora(_kdjax_model(base_dir), lora.LoraConfig(targets=("wq",)), seed=0)
+  assert lora.relative_update_norms(fresh) == {"0.wq": 0.0, "1.wq": 0.0}

@@ -1,5 +1,7 @@
 """Priming strategies and prompts, checked against the real SmolLM2 tokenizer and chat template."""
 
+import copy as copy_module
+import re
 import pytest
 import tokenizers
 import transformers
@@ -145,8 +147,49 @@ def test_stop_token_ids(smollm2_tokenizer):
   # SmolLM2: eos is <|im_end|> (id 2); it has neither <|eot_id|> nor <|end_of_text|>.
   assert priming.stop_token_ids(smollm2_tokenizer) == [2]
   llama_like = _word_level_tokenizer(
-      {"<unk>": 0, "</s>": 1, "<|end_of_text|>": 2, "<|eot_id|>": 3, "hello": 4})
-  assert priming.stop_token_ids(llama_like) == [1, 3, 2]
+      {"<unk>": 0, "</s>": 1, "<|end_of_text|>": 2, "<|eot_id|>": 3, "hello": 4, "<|eom_id|>": 5})
+  assert priming.stop_token_ids(llama_like) == [1, 3, 5, 2]
+  # Llama 3.1 Instruct's own ids; its generation_config.json stops on eos_token_id [128001, 128008, 128009].
+  llama31 = _word_level_tokenizer({"<unk>": 0, "hello": 1, "<|end_of_text|>": 128001, "<|eom_id|>": 128008,
+                                   "<|eot_id|>": 128009}, eos_token="<|eot_id|>")
+  assert sorted(priming.stop_token_ids(llama31)) == [128001, 128008, 128009]
+
+
+# A Llama-3-style chat template, and the Llama 3.1 variant that adds a knowledge-date header to the system turn.
+LLAMA3_TEMPLATE = (
+    "{{- bos_token }}{%- for m in messages %}{{- '<|start_header_id|>' + m['role'] + '<|end_header_id|>\n\n' }}"
+    "{%- if m['role'] == 'system' and date_header is defined %}{{- date_header }}{%- endif %}"
+    "{{- m['content'] | trim + '<|eot_id|>' }}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{%- endif %}")
+LLAMA31_TEMPLATE = ("{%- set date_header = 'Cutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n' %}"
+                    + LLAMA3_TEMPLATE)
+
+
+def _with_template(tokenizer, template):
+  copy = copy_module.deepcopy(tokenizer)
+  copy.chat_template = template
+  return copy
+
+
+def test_chat_templates_must_render_the_same_student_prompt(smollm2_tokenizer):
+  llama3 = _with_template(smollm2_tokenizer, LLAMA3_TEMPLATE)
+  llama31 = _with_template(smollm2_tokenizer, LLAMA31_TEMPLATE)
+  # Same vocabulary, same template: passes; the same template text on two tokenizer objects passes too.
+  priming.check_same_tokenizer(llama3, _with_template(smollm2_tokenizer, LLAMA3_TEMPLATE))
+  student_text = _render(llama3, priming.student_messages(QUESTION))
+  header = "<|start_header_id|>system<|end_header_id|>\n\n"
+  assert student_text.startswith(llama3.bos_token + header + priming.SYSTEM_PROMPT)
+  # Same vocabulary (identical ids), different templates: the vocabulary check alone would pass.
+  with pytest.raises(priming.TokenizerMismatchError, match="chat templates render the student prompt") as info:
+    priming.check_same_tokenizer(llama31, llama3)
+  message = str(info.value)
+  assert "\n" not in message and "Cutting Knowledge" in message and "A careful" not in message
+  assert "You are a careful" in message  # the student's side of the first difference
+  with pytest.raises(priming.TokenizerMismatchError,
+                     match=re.escape("the student's '<|start_header_id|>system")):
+    priming.check_same_tokenizer(smollm2_tokenizer, llama3)
+  with pytest.raises(priming.TokenizerMismatchError, match="the student tokenizer has no chat template"):
+    priming.check_same_tokenizer(smollm2_tokenizer, _with_template(smollm2_tokenizer, None))
 
 
 def test_same_tokenizer_passes(smollm2_tokenizer):

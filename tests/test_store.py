@@ -209,14 +209,63 @@ def test_finalize_and_reader_refuse_an_incomplete_store(tmp_path):
   assert writer.pending_shards() == [1]
   with pytest.raises(store.StoreIncompleteError, match=r"1 of 3 shards missing \(1\)"):
     writer.finalize()
-  with pytest.raises(store.StoreIncompleteError, match="allow_partial=True"):
+  with pytest.raises(store.StoreIncompleteError, match="re-run the generate stage") as info:
     store.StoreReader(tmp_path)
+  assert "allow_partial" not in str(info.value)  # a CLI user cannot pass a Python argument
   reader = store.StoreReader(tmp_path, allow_partial=True)
   assert reader.positions == [0, 1, 2, 6, 7, 8]
   _assert_same_record(reader[3], _record(_spec(), 6))
   with pytest.raises(store.StoreError, match="belongs to process 0, not 1"):
     store.StoreWriter(tmp_path, _spec(), num_examples=9, shard_size=3, process_index=1,
                       process_count=2).write_shard(0, [])
+
+
+def _flip_byte(path: pathlib.Path, offset: int) -> None:
+  data = bytearray(path.read_bytes())
+  data[offset] ^= 0x10
+  path.write_bytes(bytes(data))
+
+
+def _member_data_offset(path: pathlib.Path, member: str) -> int:
+  """Where the bytes of `member`.npy start inside the (uncompressed) shard zip."""
+  import zipfile
+  with zipfile.ZipFile(path) as archive:
+    info = archive.getinfo(f"{member}.npy")
+  header = path.read_bytes()[info.header_offset:info.header_offset + 30]
+  name_len, extra_len = int.from_bytes(header[26:28], "little"), int.from_bytes(header[28:30], "little")
+  return info.header_offset + 30 + name_len + extra_len
+
+
+def test_bit_flipped_shard_is_named_in_one_line(tmp_path):
+  from kdjax import teacher
+  spec = _spec()
+  manifest = _fill(tmp_path, spec, num_examples=9, shard_size=3).finalize()
+  for shard in manifest["shards"]:  # the writer recorded the sha256 of what it wrote
+    assert shard["sha256"] == hashlib.sha256((tmp_path / shard["file"]).read_bytes()).hexdigest()
+  damaged = tmp_path / store.shard_name(1)
+  # One byte in the middle of the top-k log-probs: the offsets and metadata still read fine.
+  _flip_byte(damaged, _member_data_offset(damaged, "topk_logprobs") + 200)
+  checks = {"reader": lambda: store.StoreReader(tmp_path),
+            "generate's completeness check": lambda: teacher._finished_manifest(tmp_path, 3),
+            "resuming writer": lambda: store.StoreWriter(tmp_path, spec, num_examples=9, shard_size=3)}
+  for name, check in checks.items():
+    with pytest.raises(store.StoreError) as info:
+      check()
+    message = str(info.value)
+    assert str(damaged) in message and "sha256" in message and "\n" not in message, name
+    assert "re-run the generate stage" in message, name
+
+  # A store written before checksums (no sha256 in its manifests): the zip's own CRC still gives one line,
+  # from the first read of the damaged arrays, never a raw zipfile.BadZipFile.
+  for manifest_path in tmp_path.glob("manifest*.json"):
+    value = json.loads(manifest_path.read_text())
+    for shard in value["shards"]:
+      shard.pop("sha256")
+    manifest_path.write_text(json.dumps(value))
+  reader = store.StoreReader(tmp_path)
+  _assert_same_record(reader[0], _record(spec, 0))
+  with pytest.raises(store.StoreError, match=f"store shard {damaged} is corrupt"):
+    reader[4]
 
 
 def test_spec_mismatch_is_refused(tmp_path):

@@ -14,7 +14,7 @@ import pytest
 from flax import nnx
 
 import train_worker as worker
-from kdjax.distill import batches, losses
+from kdjax.distill import batches, losses, results
 from kdjax.distill import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -186,6 +186,8 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
   assert meta["step"] == result.best_step and meta["val_loss"] == pytest.approx(result.best_val_loss)
   for k, v in _flat_params(fresh, nnx.LoRAParam).items():
     assert np.array_equal(v, lora_after[k])
+  selected = results.select_adapter(fresh, result)  # what the train stage exports: the best step's state
+  assert selected.selected_step == result.best_step and selected.update_norms["max"] > 0
 
   # A second call on a finished workdir resumes at the end and changes nothing.
   again = train_lib.train(worker.make_student(head_scale=10.0), train, val, cfg, loss_cfg, tmp_path)
@@ -256,3 +258,143 @@ def test_eight_cpu_devices_match_single_device(tmp_path, compile_cache):
   for name, want in result["single"]["lora"].items():
     want, got = np.asarray(want), np.asarray(result["mesh"]["lora"][name])
     assert np.abs(got - want).max() <= 1e-5 * np.abs(want).max(), name
+
+
+# ------------------------------------------------------------------------------------------------ paper schedule
+
+
+def _experiment(name: str):
+  import importlib.util
+  spec = importlib.util.spec_from_file_location(f"config_{name}", REPO / "configs" / f"{name}.py")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["base", "teacher", "gt", "confidence", "gold_hint", "finetune", "all_arms"])
+def test_paper_configs_update_once_per_example_with_one_cosine(name):
+  c = _experiment(name)
+  cfg = train_lib.train_config(c)
+  assert (cfg.optimizer, cfg.learning_rate, cfg.momentum, cfg.examples_per_step) == ("sgd", 5e-6, 0.9, 1)
+  total = cfg.total_steps(c.data.num_train_questions)
+  assert total == 2 * 2638
+  lr = np.asarray(jax.vmap(train_lib.make_schedule(cfg, total))(np.arange(total + 10)))
+  # Cosine over all updates, no restarts: the peak at the first update, never rising, the floor at the end.
+  assert lr[0] == pytest.approx(5e-6) and np.all(np.diff(lr) <= 1e-18)
+  middle = 5e-7 + (5e-6 - 5e-7) * 0.5 * (1 + np.cos(np.pi * 0.5))
+  assert lr[total // 2] == pytest.approx(middle, rel=1e-4)
+  assert lr[total - 1] > lr[total] == pytest.approx(cfg.min_lr_ratio * 5e-6)
+  assert np.allclose(lr[total:], lr[total])
+  # The stated rule for a larger batch: lr x examples per update (SGD only).
+  c.train.batch_size, c.train.grad_accum_steps = 4, 2
+  assert train_lib.train_config(c).peak_learning_rate == pytest.approx(8 * 5e-6)
+  c.train.optimizer = "adamw"
+  with pytest.raises(train_lib.TrainError, match="lr_reference_batch=0"):
+    train_lib.train_config(c)
+
+
+def test_recommended_keeps_its_own_schedule():
+  cfg = train_lib.train_config(_experiment("recommended"))
+  assert (cfg.optimizer, cfg.batch_size, cfg.lr_reference_batch) == ("adamw", 8, None)
+  assert cfg.peak_learning_rate == cfg.learning_rate == 2e-4
+
+
+@pytest.mark.slow  # two trainings with their compilations: ~25 s on a loaded 2-core machine
+def test_linear_lr_rule_matches_batch_one_to_first_order(tmp_path):
+  """One SGD step over 4 examples at 4 lr moves LoRA like 4 steps at batch 1 and lr, up to O(lr^2).
+
+  Measured: the relative gap is 0.27 at lr 0.02 and 0.14 at lr 0.01 (it halves with lr: first order), so
+  ~0.03 at 0.002; without the rule (batch 4 at lr) the step would be a quarter of the move, a gap of 0.75.
+  """
+  rng = np.random.default_rng(0)
+  # Equal loss-token counts: the token mean then weighs every example equally (the rule's stated condition).
+  examples = [batches.ce_example(rng.integers(1, 200, 6), rng.integers(1, 200, 5), None) for _ in range(4)]
+  loss_cfg = losses.LossConfig(divergence="none", ce_weight=1.0)
+  moves = {}
+  for batch in (1, 4):
+    model = worker.make_student(head_scale=10.0)
+    before = _flat_params(model, nnx.LoRAParam)
+    cfg = _quiet(optimizer="sgd", learning_rate=0.002, momentum=0.0, clip_norm=None, schedule="constant",
+                 batch_size=batch, num_steps=4 // batch, lr_reference_batch=1)
+    train_lib.train(model, examples, None, cfg, loss_cfg, tmp_path / str(batch))
+    after = _flat_params(model, nnx.LoRAParam)
+    moves[batch] = np.concatenate([(after[k] - before[k]).ravel() for k in sorted(before)]).astype(np.float64)
+  assert np.linalg.norm(moves[1]) > 0
+  gap = np.linalg.norm(moves[1] - moves[4]) / np.linalg.norm(moves[1])
+  assert gap < 0.06, gap
+
+
+# ------------------------------------------------------------------------------------------------ §5 defects
+
+
+def test_without_validation_the_final_state_is_selected_and_norms_recorded(data, tmp_path):
+  model = worker.make_student(head_scale=10.0)
+  cfg = _quiet(optimizer="adamw", learning_rate=1e-2, num_steps=3, eval_every=1)
+  result = train_lib.train(model, data[0], None, cfg, losses.LossConfig(ce_weight=0.2), tmp_path)
+  assert result.best_step is None and not any(p.name.isdigit() for p in (tmp_path / "best").iterdir())
+  final = _flat_params(model, nnx.LoRAParam)
+  selected = results.select_adapter(model, result)
+  assert selected.selected_step == 3
+  for name, value in _flat_params(model, nnx.LoRAParam).items():
+    assert np.array_equal(value, final[name]), name  # the final state, untouched
+  written = json.loads((tmp_path / results.UPDATE_NORMS_FILE).read_text())
+  per_module = written["per_module"]
+  assert set(per_module) == {f"{layer}.{t}" for layer in range(2) for t in ("wq", "wv", "w_up")}
+  for key, value in per_module.items():  # float64 from the raw factors and the base weight
+    layer, target = key.split(".")
+    a = np.asarray(getattr(model.layers, f"{target}_lora_a")[...], np.float64)[int(layer)]
+    b = np.asarray(getattr(model.layers, f"{target}_lora_b")[...], np.float64)[int(layer)]
+    w = np.asarray(getattr(model.layers, target)[...], np.float64)[int(layer)]
+    delta = model.lora_scale * a.reshape(-1, a.shape[-1]) @ b.reshape(b.shape[0], -1)
+    assert value == pytest.approx(np.linalg.norm(delta) / np.linalg.norm(w), rel=1e-5), key
+  assert written["mean"] == pytest.approx(np.mean(list(per_module.values())))
+  assert written["max"] == max(per_module.values()) > 0
+  logged = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+  assert [r["update_norm_mean"] for r in logged if "update_norm_mean" in r] == [pytest.approx(written["mean"])]
+  line = selected.summary()
+  assert "\n" not in line and "3 steps" in line and "no validation data" in line and "tokens/s" in line
+  assert repr(selected) == f"TrainResult({line})" and len(repr(selected)) < 400
+
+
+def test_max_len_that_leaves_no_loss_token_is_refused(tmp_path):
+  prompts = [[5] * 7, [6] * 9]  # 7- and 9-token prompts: position 6 predicts the first response token
+  examples = [batches.ce_example(p, [1, 2, 3], 4) for p in prompts]
+  # By hand: max_len 7 keeps positions 0..6, so the 7-token prompt keeps one loss token, the other none.
+  assert batches.count_loss_tokens(examples, 7) == (1, 1)
+  assert batches.count_loss_tokens(examples, 6) == (0, 2)
+  assert batches.count_loss_tokens(examples) == (8, 0)
+  loss_cfg = losses.LossConfig(divergence="none", ce_weight=1.0)
+  with pytest.raises(train_lib.TrainError, match=r"train.max_len=6 leaves no loss token in train_data.*at least 7 "):
+    train_lib.train(worker.make_student(), examples, None, _quiet(max_length=6), loss_cfg, tmp_path)
+  assert not (tmp_path / "checkpoints").exists()  # refused before any work
+
+
+@pytest.mark.slow  # SmolLM2's tokenizer, a checkpoint, three steps over its 49152-token vocabulary: ~60 s loaded
+def test_train_stage_with_num_validation_zero_exports_the_final_adapter(smollm2_gguf, gsm8k_dir, tmp_path,
+                                                                       capsys):
+  """The CLI's train stage end to end (finetune arm) without a validation split: no best-checkpoint selection."""
+  import dataclasses as dc
+  from kdjax import checkpoint, pipeline
+  from kdjax import config as config_lib
+  from kdjax.models.llama import config as llama_config, model as model_lib
+  tokenizer = checkpoint.load_tokenizer(smollm2_gguf)
+  student = model_lib.init_model(dc.replace(llama_config.get_preset("tiny"), vocab_size=len(tokenizer)))
+  checkpoint.save_model(student, tmp_path / "models" / "student", tokenizer=tokenizer)
+  c = config_lib.get_default_config()
+  c.workdir, c.arms, c.data.source = str(tmp_path), "finetune", str(gsm8k_dir)
+  c.data.num_train_questions, c.data.num_validation = 3, 0
+  c.student.dtype, c.student.remat = "float32", False
+  c.train.max_len, c.train.num_epochs, c.train.log_every = 256, 1, 1
+  pipeline.stage_train(c, pipeline.Workdir(tmp_path))
+  arm = tmp_path / "arms" / "finetune"
+  assert (arm / "adapter" / "adapter_config.json").is_file()
+  norms = json.loads((arm / "train" / results.UPDATE_NORMS_FILE).read_text())
+  assert norms["step"] == 3 and norms["max"] > 0 and len(norms["per_module"]) == 2 * 4  # 2 layers x wq wk wv wo
+  summary = [line for line in capsys.readouterr().out.splitlines() if "train: finetune: 3 steps" in line]
+  assert len(summary) == 1 and "no validation data" in summary[0] and "TrainResult" not in summary[0]
+  # The exported adapter is the final state: importing it gives the same relative update norms.
+  from kdjax.distill import lora
+  reloaded = lora.import_peft(model_lib.init_model(dc.replace(llama_config.get_preset("tiny"),
+                                                              vocab_size=len(tokenizer))), arm / "adapter")
+  got = lora.relative_update_norms(reloaded)
+  assert got == pytest.approx(norms["per_module"], rel=1e-6)

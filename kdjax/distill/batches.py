@@ -73,6 +73,12 @@ class TrainExample:
                                loss_mask=self.loss_mask[:max_length], **teacher)
 
 
+def count_loss_tokens(examples: Sequence[TrainExample], max_length: int | None = None) -> tuple[int, int]:
+  """(loss tokens left after truncating every example to `max_length`, examples left with none)."""
+  counts = [(e if max_length is None else e.truncated(max_length)).num_loss_tokens for e in examples]
+  return sum(counts), sum(1 for c in counts if c == 0)
+
+
 def _ids(values: Any, name: str) -> np.ndarray:
   array = np.asarray(values)
   if array.ndim != 1 or (array.size and not np.issubdtype(array.dtype, np.integer)):
@@ -145,7 +151,8 @@ def gold_examples(gsm8k_examples: Sequence[Mapping[str, Any]], tokenizer: Any, *
   if end_token_id is None:
     stops = priming.stop_token_ids(tokenizer)
     if not stops:
-      raise BatchError("the tokenizer has no eos / end-of-turn token; pass end_token_id")
+      raise BatchError("the student's tokenizer has no eos or end-of-turn token to end a gold solution with; "
+                       "use a student whose tokenizer defines one")
     end_token_id = stops[0]
   out = []
   for example in gsm8k_examples:

@@ -13,6 +13,7 @@ PEFT stores each layer's factors of a linear `y = x @ W.T` as `lora_A.weight` [r
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -183,6 +184,45 @@ def lora_delta(model: model_lib.Llama, name: str) -> jax.Array:
   delta = jnp.matmul(a.reshape(layers, -1, rank).astype(jnp.float32),
                      b.reshape(layers, rank, -1).astype(jnp.float32))
   return (model.lora_scale * delta).reshape((layers,) + ins + outs)
+
+
+def relative_update_norms(model: model_lib.Llama) -> dict[str, float]:
+  """`||scale * A @ B||_F / ||W||_F` of every adapted projection in every layer, keyed "<layer>.<target>".
+
+  How far the adapter moved each weight, relative to the weight (an int8 base counts dequantised). The
+  update's norm comes from the r x r Gram matrices, `||A B||_F^2 = sum((A^T A) * (B B^T))`, so the
+  [in, out] product is never formed; every reduction runs on the arrays' devices in float32.
+  """
+  out = {}
+  for name in lora_targets(model):
+    a = getattr(model.layers, f"{name}_lora_a")[...]
+    b = getattr(model.layers, f"{name}_lora_b")[...]
+    w = getattr(model.layers, name)[...]
+    w_scale = getattr(model.layers, f"{name}_scale")[...] if hasattr(model.layers, f"{name}_scale") else None
+    update, base = _update_and_weight_norms(a, b, w, w_scale, len(model_lib.PROJECTIONS[name][0]))
+    ratio = model.lora_scale * _to_host(update) / _to_host(base)
+    out.update({f"{layer}.{name}": float(value) for layer, value in enumerate(ratio)})
+  return out
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  if not x.is_fully_addressable:  # a multi-host mesh: every process gets the whole (small) array
+    from jax.experimental import multihost_utils
+    x = multihost_utils.process_allgather(x, tiled=True)
+  return np.asarray(jax.device_get(x), np.float64)
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _update_and_weight_norms(a, b, w, w_scale, num_in_dims):
+  layers, rank = a.shape[0], a.shape[-1]
+  a = a.reshape(layers, -1, rank).astype(jnp.float32)
+  b = b.reshape(layers, rank, -1).astype(jnp.float32)
+  gram = jnp.einsum("lir,lis->lrs", a, a) * jnp.einsum("lro,lso->lrs", b, b)
+  update = jnp.sqrt(jnp.maximum(gram.sum((1, 2)), 0.0))
+  w = w.astype(jnp.float32)
+  if w_scale is not None:  # [layers, out dims...] per output channel: broadcast over the input dims
+    w = w * jnp.expand_dims(w_scale.astype(jnp.float32), tuple(range(1, 1 + num_in_dims)))
+  return update, jnp.sqrt(jnp.sum(jnp.square(w), axis=tuple(range(1, w.ndim))))
 
 
 def merge_lora(model: model_lib.Llama, *, inplace: bool = False) -> model_lib.Llama:

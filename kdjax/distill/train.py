@@ -11,7 +11,9 @@ and `accum=2, batch=B` equals `accum=1, batch=2B`.
 Checkpoints (`workdir/checkpoints/<step>`, asynchronous, every `checkpoint_every` steps, the last
 `keep_checkpoints` kept) hold the LoRA state, optimizer state and RNG key (Orbax pytree) and a JSON item with the
 step, the data iterator's position and the best validation loss so far. `workdir/best/<step>` keeps the LoRA state
-with the lowest validation loss. A restarted `train` resumes from the latest checkpoint; every random choice
+with the lowest validation loss. `results.select_adapter` then puts the adapter to export into the model (that best state,
+or the final one when there is no validation data) and writes `workdir/update_norms.json`, how far it moved each
+adapted weight. A restarted `train` resumes from the latest checkpoint; every random choice
 (data order, dropout) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
 uninterrupted one.
 """
@@ -38,8 +40,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kdjax import parallel
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
+from kdjax.distill.results import METRICS_FILE, TrainResult
 
-METRICS_FILE = "metrics.jsonl"
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
 _MODEL_INPUTS = ("input_ids", "attention_mask")
@@ -58,6 +60,18 @@ class TrainConfig:
   `batch_size` is the number of sequences per micro-batch (over all devices); a step sees
   `batch_size * grad_accum_steps` sequences. `num_steps`, when set, overrides `num_epochs`. `eval_every=0`
   evaluates only at the end; `clip_norm=None` disables clipping.
+
+  Learning-rate scaling (`lr_reference_batch`, SGD only). With `lr_reference_batch = R`, `learning_rate` is the
+  rate of an update over R examples and a step over B = `examples_per_step` examples uses
+  `peak_learning_rate = learning_rate * B / R`. The rule: with a mean-reduced loss, one SGD step at batch B and
+  rate lr * B moves the weights by lr * (sum of the B per-example gradients), which is what B steps at batch 1
+  and rate lr do to first order in lr (the gradients are taken at one point instead of B successive ones).
+  Its limits: the loss is a mean over loss *tokens*, so an example weighs in proportion to its token count
+  rather than equally; clipping applies to the step's mean gradient, which clips less often than B separate
+  per-example clips (so the large batch moves more where the paper's updates were clipped); momentum's memory
+  spans 1 / (1 - momentum) steps, i.e. B times more examples; and the cosine has B times fewer, larger steps.
+  `None` (or 0) uses `learning_rate` as given. AdamW normalises the gradient's scale away, so the rule does not
+  hold for it and a batch other than R is refused.
   """
 
   optimizer: str = "sgd"
@@ -68,7 +82,10 @@ class TrainConfig:
   adam_b2: float = 0.999
   warmup_steps: int = 0
   schedule: str = "cosine"
-  min_lr_ratio: float = 0.1  # the cosine's floor as a fraction of learning_rate; it never restarts
+  # The cosine decays from the peak (after warmup) to min_lr_ratio * peak, reached at the last update of the
+  # run (steps counted over all epochs); it never restarts. 0 is the usual "cosine to zero".
+  min_lr_ratio: float = 0.1
+  lr_reference_batch: int | None = None  # see "Learning-rate scaling" above
   clip_norm: float | None = 1.0
   grad_accum_steps: int = 1
   batch_size: int = 8
@@ -111,6 +128,13 @@ class TrainConfig:
       raise TrainError(f"TrainConfig needs num_steps or num_epochs >= 1, got num_epochs={self.num_epochs}")
     if self.warmup_steps < 0 or self.eval_every < 0:
       raise TrainError("TrainConfig.warmup_steps and eval_every must be >= 0")
+    if self.lr_reference_batch is not None and self.lr_reference_batch < 0:
+      raise TrainError(f"TrainConfig.lr_reference_batch must be >= 0 or None, got {self.lr_reference_batch}")
+    if (self.lr_reference_batch and self.optimizer != "sgd"
+        and self.examples_per_step != self.lr_reference_batch):
+      raise TrainError(f"the linear learning-rate rule (train.lr_reference_batch={self.lr_reference_batch}) holds "
+                       f"for SGD, not {self.optimizer}: set train.lr_reference_batch=0 and choose the learning "
+                       f"rate for batch {self.examples_per_step} yourself")
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
@@ -125,29 +149,42 @@ class TrainConfig:
   def examples_per_step(self) -> int:
     return self.batch_size * self.grad_accum_steps
 
+  @property
+  def peak_learning_rate(self) -> float:
+    """The schedule's peak: `learning_rate`, scaled by `examples_per_step / lr_reference_batch` when that is set."""
+    if not self.lr_reference_batch:
+      return self.learning_rate
+    return self.learning_rate * self.examples_per_step / self.lr_reference_batch
+
   def total_steps(self, num_examples: int) -> int:
     if self.num_steps is not None:
       return self.num_steps
     return self.num_epochs * -(-num_examples // self.examples_per_step)
 
 
-@dataclasses.dataclass
-class TrainResult:
-  step: int                           # optimizer steps done (== total steps when training finished)
-  lora: nnx.State                     # final LoRA state (also written into the model)
-  best_val_loss: float | None
-  best_step: int | None
-  final_val: dict[str, float] | None  # validation metrics at the last step
-  history: list[dict[str, float]]     # per-step training metrics of this process (a resumed run: the rest)
-  workdir: pathlib.Path
+def train_config(c: Any) -> TrainConfig:
+  """The TrainConfig of an experiment config (`kdjax.config`'s `train` section, its seed); raises TrainError
+  for a bad value, so it can be called to check a config before any stage runs."""
+  t = c.train
+  return TrainConfig(
+      optimizer=t.optimizer, learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
+      warmup_steps=t.warmup_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
+      lr_reference_batch=t.lr_reference_batch or None, clip_norm=t.clip_norm or None, batch_size=t.batch_size,
+      grad_accum_steps=t.grad_accum_steps, num_epochs=t.num_epochs, max_length=t.max_len,
+      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
+      seed=c.seed, chunk_size=t.chunk_size, log_every=t.log_every, progress_bar=jax.process_index() == 0)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
 
 
 def make_schedule(cfg: TrainConfig, total_steps: int) -> optax.Schedule:
-  """Linear warmup from 0, then cosine decay to `min_lr_ratio * lr` at `total_steps` (and flat after), or flat."""
-  lr, warmup = cfg.learning_rate, cfg.warmup_steps
+  """Linear warmup from 0, then cosine decay to `min_lr_ratio * lr` at `total_steps` (and flat after), or flat.
+
+  `lr` is `cfg.peak_learning_rate`. The cosine spans every update of the run from the end of warmup to
+  `total_steps` in one half period: no restarts, and the floor is reached only after the last update.
+  """
+  lr, warmup = cfg.peak_learning_rate, cfg.warmup_steps
   if cfg.schedule == "constant":
     if warmup == 0:
       return optax.constant_schedule(lr)
@@ -318,7 +355,6 @@ def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
   return restored["meta"]
 
 
-# ------------------------------------------------------------------------------------------------ metrics
 
 
 def _logged_step(line: str) -> float:
@@ -415,7 +451,20 @@ def _mesh_shardings(tree: Any, mesh: Mesh) -> Any:
 def _check_data(name: str, data: Sequence[batches_lib.TrainExample], loss_cfg: losses.LossConfig) -> None:
   if loss_cfg.uses_teacher and not all(e.has_teacher for e in data):
     raise TrainError(f"{name} has examples without teacher top-k arrays but divergence="
-                     f"{loss_cfg.divergence!r} needs them (use divergence='none', ce_weight=1 for gold CE)")
+                     f"{loss_cfg.divergence!r} needs them (gold solutions alone train with divergence 'none' and CE weight 1: the finetune arm)")
+
+
+def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_length: int | None) -> None:
+  """Refuses data whose responses `max_length` truncates away entirely: the steps would have nothing to learn."""
+  total, empty = batches_lib.count_loss_tokens(data, max_length)
+  if total == 0:
+    shortest = min(len(e) - e.num_loss_tokens for e in data)  # the shortest prompt's length
+    raise TrainError(f"train.max_len={max_length} leaves no loss token in {name}: every response is cut off "
+                     f"(the shortest prompt has {shortest} tokens); train.max_len must be at least {shortest} to "
+                     f"keep even one response token, and well above it to train on whole responses")
+  if empty:
+    logger.warning("%s: train.max_len=%s cuts off the whole response of %d of %d examples", name, max_length,
+                   empty, len(data))
 
 
 def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
@@ -431,8 +480,10 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   if not train_data:
     raise TrainError("train_data is empty")
   _check_data("train_data", train_data, loss_cfg)
+  _check_loss_tokens("train_data", train_data, cfg.max_length)
   if val_data:
     _check_data("val_data", val_data, loss_cfg)
+    _check_loss_tokens("val_data", val_data, cfg.max_length)
   if mesh is not None:
     _shard_model(model, mesh)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
@@ -483,10 +534,12 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
                                       getattr(model, "lora_dropout", 0.0) > 0.0),
                     out_shardings=(*shardings, None))
   log = _MetricsLog(workdir, cfg, step, total_steps)
+  start_time, tokens_trained = time.perf_counter(), 0
   try:
     while step < total_steps:
       batch = next(iterator)
       real_tokens = int(batch["attention_mask"].sum())
+      tokens_trained += real_tokens
       micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
       lora, opt_state, metrics = step_fn(lora, opt_state, rest, _place_batch(micro, mesh, leading=1),
                                          jax.random.fold_in(key, step))
@@ -512,4 +565,5 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     checkpoints.close()
   nnx.update(model, lora)
   return TrainResult(step=step, lora=lora, best_val_loss=best_val, best_step=best_step, final_val=final_val,
-                     history=log.history, workdir=workdir)
+                     history=log.history, workdir=workdir, seconds=time.perf_counter() - start_time,
+                     tokens=tokens_trained, peak_learning_rate=cfg.peak_learning_rate)

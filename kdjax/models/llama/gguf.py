@@ -59,6 +59,10 @@ class GGUFError(ValueError):
   """Base class for GGUF files this reader cannot turn into a HF Llama checkpoint."""
 
 
+class TruncatedGGUF(GGUFError):
+  """The file is shorter than its own header says (an interrupted download or copy)."""
+
+
 class UnsupportedArchitecture(GGUFError):
   """`general.architecture` is not llama."""
 
@@ -198,12 +202,48 @@ def _as_float32_value(x: float) -> float:
   return float(str(np.float32(x)))
 
 
+class _HeaderReader(gguf.GGUFReader):
+  """Parses only a GGUF's header and tensor table, to learn how long the file should be.
+
+  `GGUFReader` maps every tensor while it opens a file, so a truncated file fails there with a numpy
+  reshape error; this variant skips the mapping and records where the last tensor's bytes end.
+  """
+
+  def _build_tensors(self, start_offs: int, fields: list[Any]) -> None:
+    end = start_offs
+    for field in fields:
+      _name_len, _name, _n_dims, dims, raw_dtype, offset_tensor = field.parts
+      block_size, type_size = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(int(raw_dtype[0]))]
+      end = max(end, start_offs + int(offset_tensor[0]) + int(np.prod(dims)) * type_size // block_size)
+    self.expected_size = end
+
+
+def _unreadable(path: str, error: Exception) -> GGUFError:
+  """The error for a file `gguf.GGUFReader` could not open: truncated (with both sizes) when it is."""
+  actual = os.path.getsize(path)
+  with open(path, "rb") as f:
+    if f.read(4) != b"GGUF":
+      return GGUFError(f"{path}: not a GGUF file (it does not start with the GGUF magic)")
+  try:
+    expected = _HeaderReader(path).expected_size
+  except Exception:  # noqa: BLE001 - any failure here means the header itself is cut short or garbled
+    return TruncatedGGUF(f"{path}: GGUF file is truncated or corrupt inside its header (the file has {actual} "
+                         f"bytes); download or copy it again")
+  if expected > actual:
+    return TruncatedGGUF(f"{path}: GGUF file is truncated: its header describes {expected} bytes, the file has "
+                         f"{actual}; download or copy it again")
+  return GGUFError(f"{path}: unreadable GGUF file ({error})")
+
+
 class GGUFSource:
   """HF-named, lazily dequantized tensors of a GGUF Llama checkpoint."""
 
   def __init__(self, path: str | os.PathLike[str]):
     self.path = os.fspath(path)
-    self._reader = gguf.GGUFReader(self.path)  # memory-maps the file; tensors are views into it
+    try:
+      self._reader = gguf.GGUFReader(self.path)  # memory-maps the file; tensors are views into it
+    except (ValueError, IndexError, KeyError, OverflowError) as err:
+      raise _unreadable(self.path, err) from None
     architecture = self._metadata("general.architecture", None)
     if architecture != ARCHITECTURE:
       raise UnsupportedArchitecture(
