@@ -314,8 +314,13 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
   if not strategies:
     return
   _require_model(wd, records, "teacher")
-  for strategy in strategies:  # every store is checked (and its record written) before the teacher loads
-    provenance.claim(wd.store(strategy), wd.name(wd.store(strategy)), records.store(strategy), writer=_writer())
+  for claim in (False, True):  # every store is checked, then every record written, before the teacher loads
+    for strategy in strategies:
+      folder, expected = wd.store(strategy), records.store(strategy)
+      if claim:
+        provenance.claim(folder, wd.name(folder), expected, writer=_writer())
+      else:
+        provenance.check(folder, wd.name(folder), expected)
   train_q, val_q = train_and_validation(c)
   mesh = make_mesh(c)
   model, tokenizer = load_role(c, wd, "teacher", mesh)
@@ -384,11 +389,13 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
       store_dir = wd.store(spec["strategy"])
       provenance.require(store_dir, wd.name(store_dir), records.store(spec["strategy"]), "generate")
     adapter, train_dir, expected = wd.arm(arm) / "adapter", wd.arm(arm) / "train", records.train(arm)
-    # Both records are written before training: a later run under other settings refuses the partial output.
-    adapter_claimed = provenance.claim(adapter, wd.name(adapter), expected, writer=_writer())
-    if adapter_claimed and (adapter / "adapter_config.json").exists():
+    if provenance.check(adapter, wd.name(adapter), expected) and (adapter / "adapter_config.json").exists():
       log(f"train: {arm}: adapter already exported")
       continue
+    # Both records are written before training (a later run under other settings refuses the partial output),
+    # and only once both folders passed: a refused run leaves no record behind.
+    provenance.check(train_dir, wd.name(train_dir), expected)
+    provenance.claim(adapter, wd.name(adapter), expected, writer=_writer())
     provenance.claim(train_dir, wd.name(train_dir), expected, writer=_writer())
     model, tokenizer = load_role(c, wd, "student", mesh)
     lora.add_lora(model, _lora_config(c), seed=c.seed)
@@ -402,18 +409,22 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
         f"{result.best_step}; adapter -> {wd.name(adapter)}")
 
 
-def load_student_for_arm(c, wd: Workdir, records: Records, arm: str, mesh):
-  """The student with the arm's adapter; both checked to be what this run's config makes."""
-  from kdjax.distill import lora
+def _require_student_and_adapter(wd: Workdir, records: Records, arm: str) -> None:
   _require_model(wd, records, "student")
   adapter = wd.arm(arm) / "adapter"
   if config_lib.ARMS[arm]["mode"] != "none":
     if not (adapter / "adapter_config.json").exists():
-      raise ConfigError(f"arm {arm}: no adapter at {adapter}: run the train stage first")
+      raise ConfigError(f"arm {arm}: no adapter at {wd.name(adapter)}: run the train stage first")
     provenance.require(adapter, wd.name(adapter), records.train(arm), "train")
+
+
+def load_student_for_arm(c, wd: Workdir, records: Records, arm: str, mesh):
+  """The student with the arm's adapter; both checked to be what this run's config makes."""
+  from kdjax.distill import lora
+  _require_student_and_adapter(wd, records, arm)
   model, tokenizer = load_role(c, wd, "student", mesh)
   if config_lib.ARMS[arm]["mode"] != "none":
-    lora.import_peft(model, adapter)
+    lora.import_peft(model, wd.arm(arm) / "adapter")
   return model, tokenizer
 
 
@@ -429,9 +440,10 @@ def stage_eval(c, wd: Workdir, records: Records) -> None:
   mesh = make_mesh(c)
   test_q = questions(c, c.eval.split)
   for arm in config_lib.arm_names(c):
-    model, tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
     out = wd.arm(arm) / "eval"
+    _require_student_and_adapter(wd, records, arm)
     provenance.claim(out, wd.name(out), records.eval(arm), writer=_writer())
+    model, tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
     summary = loop.evaluate(model, tokenizer, test_q, _eval_config(c), out, arm=arm,
                             progress=jax.process_index() == 0)
     log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")

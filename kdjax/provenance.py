@@ -223,16 +223,22 @@ def _question_differences(label: str, old: Mapping, new: Mapping, prefix: str) -
     return [f"{prefix}{old['n']} {label} questions (digest {old['digest']}), this run has {new['n']} "
             f"(digest {new['digest']})"]
   old_ids, new_ids = old["ids"], new["ids"]
-  if list(old_ids) != list(new_ids):
+  if set(old_ids) != set(new_ids):
     return [f"{prefix}{old['n']} {label} questions (ids {_id_span(old_ids)}), this run has {new['n']} "
             f"(ids {_id_span(new_ids)})"]
-  changed = [i for i in old_ids if old_ids[i] != new_ids[i]]
+  changed = sorted((i for i in old_ids if old_ids[i] != new_ids[i]), key=_id_order)
+  if not changed:
+    return [f"{prefix}the same {label} questions in another order"]
   shown = ", ".join(changed[:5]) + (f" and {len(changed) - 5} more" if len(changed) > 5 else "")
   return [f"other text under {prefix}{label} question id{'s' if len(changed) > 1 else ''} {shown}"]
 
 
+def _id_order(key: str) -> tuple:
+  return (0, int(key), "") if key.lstrip("-").isdigit() else (1, 0, key)
+
+
 def _id_span(ids: Mapping[str, str]) -> str:
-  keys = list(ids)
+  keys = sorted(ids, key=_id_order)
   return "none" if not keys else (keys[0] if len(keys) == 1 else f"{keys[0]}..{keys[-1]}")
 
 

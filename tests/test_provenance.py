@@ -49,8 +49,8 @@ def tiny_config(workdir, sources, **overrides):
   c.stages = "convert,generate,train,eval"
   c.arms = "ground_truth"
   c.data.source = str(sources["gsm8k"])
-  c.data.num_train_questions = 4
-  c.data.num_validation = 2
+  c.data.num_train_questions = 2  # one optimizer step: one compiled train step
+  c.data.num_validation = 1
   for role in (c.teacher, c.student):
     role.source = str(sources["model"])
     role.dtype = "float32"
@@ -103,10 +103,148 @@ def test_base_run_wrote_a_record_next_to_every_output(base_run):
                  "arms/ground_truth/adapter", "arms/ground_truth/eval"):
     assert (base_run / folder / provenance.RECORD_FILE).is_file(), folder
   store = provenance.read(base_run / "stores/ground_truth")
-  assert store["settings"]["data.num_train_questions"] == 4
-  assert list(store["questions"]["train"]["ids"]) == ["0", "1", "2", "3"]  # the first 4 GSM8K train questions
+  assert store["settings"]["data.num_train_questions"] == 2
+  assert list(store["questions"]["train"]["ids"]) == ["0", "1"]  # the first GSM8K train questions
   train = provenance.read(base_run / "arms/ground_truth/train")
   assert train["settings"]["distill.temperature"] == 1.0 and train["settings"]["train.batch_size"] == 2
   assert "train.log_every" not in train["settings"] and "student.remat" not in train["settings"]
   assert train["inputs"]["store"]["folder"] == "stores/ground_truth"
   assert json.loads((base_run / "config.json").read_text())["workdir"] == str(base_run)
+
+
+def _refused(c, *needles) -> str:
+  with pytest.raises(provenance.ProvenanceError) as info:
+    pipeline.run(c)
+  message = str(info.value)
+  assert "\n" not in message
+  for needle in needles:
+    assert needle in message, message
+  return message
+
+
+def _files(folder: pathlib.Path) -> dict[str, bytes]:
+  return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("distill.temperature", 2.0, "distill.temperature=1.0, this run has 2.0"),
+    ("distill.divergence", "reverse_kl", 'distill.divergence="forward_kl", this run has "reverse_kl"'),
+    ("student.lora.rank", 4, "student.lora.rank=2, this run has 4"),
+])
+def test_train_refuses_an_adapter_made_with_another_loss_or_lora(work, sources, key, value, shown):
+  arm = work / "arms/ground_truth"
+  before = _files(arm)
+  message = _refused(tiny_config(work, sources, stages="train", **{key: value}), shown)
+  assert message == (f"arms/ground_truth/adapter was made with {shown}: use a new --config.workdir or delete "
+                     f"arms/ground_truth/adapter")
+  assert _files(arm) == before  # nothing was trained, exported or rewritten
+
+
+def test_train_without_adapter_resumes_only_under_the_same_loss(work, sources):
+  arm = work / "arms/ground_truth"
+  adapter_before = _files(arm / "adapter")
+  shutil.rmtree(arm / "adapter")
+  checkpoints = sorted(p.name for p in (arm / "train/checkpoints").iterdir())
+  _refused(tiny_config(work, sources, stages="train", **{"distill.temperature": 2.0}),
+           "arms/ground_truth/train was made with distill.temperature=1.0, this run has 2.0",
+           "delete arms/ground_truth/train")
+  assert sorted(p.name for p in (arm / "train/checkpoints").iterdir()) == checkpoints
+  # The same settings resume: the finished run's best checkpoint is exported again, byte for byte.
+  pipeline.run(tiny_config(work, sources, stages="train"))
+  after = _files(arm / "adapter")
+  assert after.pop(provenance.RECORD_FILE) != adapter_before.pop(provenance.RECORD_FILE)  # rewritten (its time)
+  assert after == adapter_before
+  assert provenance.read(arm / "adapter")["settings"]["distill.temperature"] == 1.0
+
+
+def test_eval_refuses_samples_of_a_changed_adapter(work, sources):
+  from safetensors.numpy import load_file, save_file
+  from kdjax.distill import lora
+  samples = (work / "arms/ground_truth/eval/samples.jsonl").read_bytes()
+  # The config asks for another adapter than the one exported: refused before the adapter is read.
+  _refused(tiny_config(work, sources, stages="eval", **{"student.lora.rank": 4}),
+           "arms/ground_truth/adapter was made with student.lora.rank=2, this run has 4")
+  # The adapter's weights changed on disk under the same settings (retrained, copied over): the old samples are
+  # not returned as its evaluation.
+  weights = work / "arms/ground_truth/adapter" / lora.ADAPTER_WEIGHTS
+  tensors = load_file(weights)
+  name = next(n for n in tensors if "lora_B" in n)
+  tensors[name] = tensors[name] + 0.5
+  save_file(tensors, weights, metadata={"format": "pt"})
+  _refused(tiny_config(work, sources, stages="eval"),
+           "arms/ground_truth/eval was made with arms/ground_truth/adapter's content")
+  assert (work / "arms/ground_truth/eval/samples.jsonl").read_bytes() == samples
+
+
+def test_eval_refuses_a_test_file_whose_questions_changed_under_the_same_ids(work, sources, tmp_path):
+  gsm8k = tmp_path / "gsm8k"
+  gsm8k.mkdir()
+  (gsm8k / "train.jsonl").symlink_to(sources["gsm8k"] / "train.jsonl")
+  rows = (sources["gsm8k"] / "test.jsonl").read_text().splitlines()
+  changed = json.loads(rows[1])
+  changed["question"] = changed["question"].replace("?", "? Give the answer in cents.", 1)
+  rows[1] = json.dumps(changed)
+  (gsm8k / "test.jsonl").write_text("\n".join(rows) + "\n")
+  message = _refused(tiny_config(work, sources, stages="eval", **{"data.source": str(gsm8k)}),
+                     "arms/ground_truth/eval was made with other text under test question id 1:")
+  assert "data.source" not in message  # the same questions from another folder would be fine: content counts
+
+
+def test_the_test_split_is_never_read_from_a_train_file(sources, tmp_path):
+  train_file = sources["gsm8k"] / "train.jsonl"
+  with pytest.raises(data.DataError, match="read only from a GSM8K test set"):
+    data.load_gsm8k(train_file, "test")
+  assert len(data.load_gsm8k(train_file, "train")) == 7473
+  proc = subprocess.run(
+      [sys.executable, "-m", "kdjax.main", "--config=configs/demo.py", f"--config.workdir={tmp_path / 'w'}",
+       f"--config.data.source={train_file}", "--config.stages=eval"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert "the test split is read only from a GSM8K test set" in lines[0] and str(train_file) in lines[0]
+  assert not (tmp_path / "w").exists()
+
+
+def test_convert_refuses_a_changed_source_and_accepts_a_copy(work, sources, tmp_path):
+  other = str(sources["other_model"])
+  _refused(tiny_config(work, sources, stages="convert", **{"student.source": other, "teacher.source": other}),
+           f"models/student was made with source {sources['model']}, this run has {other} (other bytes)")
+  copy = tmp_path / "copy_of_tiny0"
+  shutil.copytree(sources["model"], copy)  # other path and mtimes, same bytes: the same model
+  pipeline.run(tiny_config(work, sources, stages="convert", **{"student.source": str(copy),
+                                                               "teacher.source": str(copy)}))
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("data.num_train_questions", 3, "data.num_train_questions=2, this run has 3"),
+    ("seed", 1, "seed=0, this run has 1"),
+])
+def test_train_refuses_a_store_made_for_other_questions(work, sources, key, value, shown):
+  message = _refused(tiny_config(work, sources, stages="train", **{key: value}),
+                     f"stores/ground_truth was made with {shown}")
+  assert message.endswith("use a new --config.workdir or delete stores/ground_truth")
+
+
+def test_a_failed_run_keeps_the_config_record_of_the_good_one(work, sources):
+  good = (work / "config.json").read_bytes()
+  records_before = set((work / "run_records").iterdir())
+  _refused(tiny_config(work, sources, stages="train", **{"distill.temperature": 2.0}), "distill.temperature")
+  assert (work / "config.json").read_bytes() == good
+  new = [json.loads(p.read_text()) for p in set((work / "run_records").iterdir()) - records_before]
+  assert len(new) == 1 and new[0]["status"].startswith("failed: ProvenanceError: arms/ground_truth/adapter was made")
+  assert new[0]["config"]["distill"]["temperature"] == 2.0
+  # A config that fails its check leaves no record at all.
+  with pytest.raises(pipeline.ConfigError, match="temperature"):
+    pipeline.run(tiny_config(work, sources, stages="train", **{"distill.temperature": -1.0}))
+  assert len(set((work / "run_records").iterdir())) == len(records_before) + 1
+  # The same run again succeeds, reuses every output and then records its config.
+  samples = (work / "arms/ground_truth/eval/samples.jsonl").read_bytes()
+  pipeline.run(tiny_config(work, sources, **{"train.log_every": 5, "eval.batch_size": 1}))  # no-effect keys
+  assert (work / "arms/ground_truth/eval/samples.jsonl").read_bytes() == samples
+  assert json.loads((work / "config.json").read_text())["train"]["log_every"] == 5
+
+
+def test_outputs_without_a_record_are_not_reused(work, sources):
+  (work / "arms/ground_truth/eval" / provenance.RECORD_FILE).unlink()
+  _refused(tiny_config(work, sources, stages="eval"),
+           "arms/ground_truth/eval holds outputs with no provenance record")
