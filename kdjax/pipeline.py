@@ -76,6 +76,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
     arms = config_lib.arm_names(c)
     modes = {config_lib.ARMS[a]["mode"] for a in arms}
     _check_values(c, stages, arms, modes)
+    _check_data(c, stages, modes)
   except ConfigError:
     raise
   except ValueError as e:  # the settings objects' own errors (LossConfig, TrainConfig, ...), DataError
@@ -93,7 +94,6 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
     if not pathlib.Path(source).exists():
       raise ConfigError(f"{role} model not found: {source}")
-  _check_data(c, stages, modes)
 
 
 def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None:
@@ -132,8 +132,8 @@ def _check_data(c, stages: set[str], modes: set[str]) -> None:
   """The splits the stages read exist where data.source says, and the train split holds the asked-for sizes."""
   from kdjax import data
   splits = set()
-  if {"generate", "train"} & stages and modes - {"none"}:
-    splits.add("train")
+  if {"generate", "train", "eval", "analyze"} & stages and modes - {"none"}:
+    splits.add("train")  # a trained arm's records (read by eval too) name its train and validation questions
   if {"eval", "analyze"} & stages:
     splits.add(c.eval.split)
   source = c.data.source
@@ -496,6 +496,28 @@ STAGE_FUNCTIONS: dict[str, Callable] = {
 }
 
 
+def preflight(c, wd: Workdir, records: Records) -> None:
+  """Checks the folder of every output this run's stages will write before the first stage starts, so a refusal
+  costs no work. (Each stage checks again, with its inputs, when it runs.)"""
+  stages = set(config_lib.stage_names(c))
+  arms = config_lib.arm_names(c)
+  folders = []
+  if "convert" in stages:
+    folders += [(wd.model(role), records.model(role)) for role in _roles(c)]
+  if "generate" in stages:
+    strategies = {config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}
+    folders += [(wd.store(s), records.store(s)) for s in sorted(strategies)]
+  for arm in arms:
+    trained = config_lib.ARMS[arm]["mode"] != "none"
+    if "train" in stages and trained:
+      folders += [(wd.arm(arm) / "adapter", records.train(arm)), (wd.arm(arm) / "train", records.train(arm))]
+    # An eval folder's record holds its adapter's bytes; an adapter this run has yet to export is checked later.
+    if "eval" in stages and (not trained or (wd.arm(arm) / "adapter" / "adapter_config.json").exists()):
+      folders.append((wd.arm(arm) / "eval", records.eval(arm)))
+  for folder, expected in folders:
+    provenance.check_claimable(folder, wd.name(folder), expected)
+
+
 def _write_json(path: pathlib.Path, content: dict) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   tmp = path.with_name(path.name + ".tmp")
@@ -518,6 +540,7 @@ def run(c: ml_collections.ConfigDict) -> None:
     _write_json(record_path, {"status": "running", "started": started, "config": config})
   records = Records(c, wd)
   try:
+    preflight(c, wd, records)
     for stage in config_lib.stage_names(c):
       start = time.time()
       log(f"stage {stage}: start")

@@ -28,7 +28,8 @@ Source identity
   (a weight shard) is hashed by its size plus its first and last MiB: the first MiB of a safetensors file holds its
   header (every tensor's name, dtype, shape and offset) and the first tensor's bytes, the last MiB the last
   tensor's, and reading every byte of a 405B checkpoint (~800 GB) would take longer than many runs. A large GGUF
-  file is hashed by its whole header (metadata, tokenizer, tensor table) plus its last MiB. Names starting with "."
+  file is hashed by its first 32 MiB, which hold its whole header (metadata, tokenizer, tensor table), plus its
+  last MiB. Names starting with "."
   (download caches, editor files) are skipped. The resolved path is recorded but not compared: the same bytes
   elsewhere are the same model.
 """
@@ -51,6 +52,10 @@ FORMAT = 1
 RECORD_FILE = "provenance.json"
 WHOLE_FILE_LIMIT = 64 << 20
 EDGE_BYTES = 1 << 20
+# A GGUF file starts with its header: metadata, the tokenizer (a Llama 3 vocabulary of 128k tokens with its merges
+# takes about 10 MB) and the tensor table. Hashing this many leading bytes covers the header of any Llama GGUF and
+# the first tensors; parsing the header for its exact end takes seconds (the gguf reader maps every tensor).
+GGUF_HEAD_BYTES = 32 << 20
 
 # Config keys that never change a stage's output, so they may differ between a run and the one it resumes.
 # Everything else in the sections a stage reads is part of its record. (train.batch_size is NOT here: it sets
@@ -90,11 +95,6 @@ def _hash_range(f, digest, start: int, length: int) -> None:
     remaining -= len(block)
 
 
-def _gguf_header_bytes(path: pathlib.Path) -> int:
-  from gguf import GGUFReader  # the reader maps the file; only its header is parsed
-  return int(GGUFReader(str(path)).data_offset)
-
-
 def file_identity(path: str | os.PathLike) -> dict:
   """{"bytes", "sha256", "hashed"}: a whole-file hash up to WHOLE_FILE_LIMIT, else header or edges (module doc)."""
   path = pathlib.Path(path)
@@ -105,11 +105,10 @@ def file_identity(path: str | os.PathLike) -> dict:
       _hash_range(f, digest, 0, size)
       how = "whole"
     else:
-      head = _gguf_header_bytes(path) if path.suffix == ".gguf" else EDGE_BYTES
-      head = min(head, size)
+      head = min(GGUF_HEAD_BYTES if path.suffix == ".gguf" else EDGE_BYTES, size)
       _hash_range(f, digest, 0, head)
       _hash_range(f, digest, max(head, size - EDGE_BYTES), size)
-      how = "gguf header + last MiB" if path.suffix == ".gguf" else "first + last MiB"
+      how = "first 32 MiB (header) + last MiB" if path.suffix == ".gguf" else "first + last MiB"
   return {"bytes": size, "sha256": digest.hexdigest(), "hashed": how}
 
 
@@ -265,7 +264,9 @@ def differences(old: Mapping, new: Mapping, prefix: str = "") -> list[str]:
           found.append(f"{prefix}{'no' if b is _MISSING else 'an'} input {name}, this run has "
                        f"{'one' if b is _MISSING else 'none'}")
         elif _comparable(b) != _comparable(a):
-          found += differences(b, a, prefix=f"{prefix}{a.get('folder', name)}'s ")
+          # A setting that changed both here and in the input (the seed, the data sizes) is named once.
+          plain, named = differences(b, a, prefix), differences(b, a, f"{prefix}{a.get('folder', name)}'s ")
+          found += [phrase for same, phrase in zip(plain, named) if same not in found]
     elif key == "source":
       path = lambda record: (record.get(_IGNORED, {}).get("path", "?") if isinstance(record, Mapping) else "none")
       found.append(f"{prefix}source {path(before)}, this run has {path(after)} (other bytes)")
@@ -317,17 +318,24 @@ def check(folder: pathlib.Path, name: str, expected: Mapping) -> dict | None:
   return recorded
 
 
-def claim(folder: str | os.PathLike, name: str, expected: Mapping, *, writer: bool = True) -> bool:
-  """Takes `folder` for output made as `expected` says; True when it was already so (reuse or resume).
-
-  `name` is the folder as messages show it (relative to the work folder). Only the `writer` (process 0) writes.
-  """
+def check_claimable(folder: str | os.PathLike, name: str, expected: Mapping) -> bool:
+  """What `claim` decides, without writing: True to reuse or resume, False for a new folder, else refused."""
   folder = pathlib.Path(folder)
   if check(folder, name, expected) is not None:
     return True
   if folder.is_dir() and any(p.name != RECORD_FILE + ".tmp" for p in folder.iterdir()):
     raise ProvenanceError(f"{name} holds outputs with no provenance record (made by an older kdjax or by hand): "
                           f"use a new --config.workdir or delete {name}")
+  return False
+
+
+def claim(folder: str | os.PathLike, name: str, expected: Mapping, *, writer: bool = True) -> bool:
+  """Takes `folder` for output made as `expected` says; True when it was already so (reuse or resume).
+
+  `name` is the folder as messages show it (relative to the work folder). Only the `writer` (process 0) writes.
+  """
+  if check_claimable(folder, name, expected):
+    return True
   if writer:
     write(folder, expected)
   return False

@@ -24,6 +24,80 @@ from kdjax import data, pipeline, provenance
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
 
+# ------------------------------------------------------------------------------------------ the pieces
+
+
+def test_file_identity_hashes_small_files_whole_and_large_ones_by_their_edges(tmp_path, monkeypatch):
+  import hashlib
+  monkeypatch.setattr(provenance, "WHOLE_FILE_LIMIT", 4096)
+  monkeypatch.setattr(provenance, "EDGE_BYTES", 1024)
+  small = tmp_path / "config.json"
+  small.write_bytes(b"x" * 4096)
+  assert provenance.file_identity(small) == {"bytes": 4096, "sha256": hashlib.sha256(b"x" * 4096).hexdigest(),
+                                             "hashed": "whole"}
+  content = bytes(range(256)) * 40  # 10240 bytes: first KiB, a middle, last KiB
+  big = tmp_path / "model.safetensors"
+  big.write_bytes(content)
+  expected = hashlib.sha256(content[:1024] + content[-1024:]).hexdigest()
+  assert provenance.file_identity(big) == {"bytes": 10240, "sha256": expected, "hashed": "first + last MiB"}
+  # A rewrite with the same size and mtime (what size+mtime checks trust) is seen when it touches the edges.
+  stat = big.stat()
+  big.write_bytes(b"\xff" + content[1:])
+  os.utime(big, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  assert provenance.file_identity(big)["sha256"] != expected
+  # The documented limit: a change only in the middle of a large file is not read.
+  big.write_bytes(content[:5000] + b"\xff" + content[5001:])
+  assert provenance.file_identity(big)["sha256"] == expected
+
+
+def test_source_identity_is_content_not_path(tmp_path):
+  source = tmp_path / "hf"
+  source.mkdir()
+  (source / "config.json").write_text('{"hidden_size": 64}')
+  (source / ".cache").mkdir()
+  (source / ".cache" / "download.lock").write_text("changes every download")
+  copy = tmp_path / "elsewhere"
+  shutil.copytree(source, copy)
+  (copy / ".cache" / "download.lock").write_text("another download")
+  original, copied = provenance.source_identity(source), provenance.source_identity(copy)
+  assert list(original["files"]) == ["config.json"]  # dot-folders are not part of a model
+  assert provenance.matches(original, copied) and original["about"]["path"] != copied["about"]["path"]
+  (copy / "config.json").write_text('{"hidden_size": 65}')
+  assert not provenance.matches(original, provenance.source_identity(copy))
+
+
+def test_settings_cover_whole_sections_except_the_keys_without_effect():
+  c = config_lib.get_default_config()
+  settings = provenance.settings(c, ["train", "student", "seed"])
+  assert settings["train.batch_size"] == 8 and settings["train.eval_every"] == 100  # both change the adapter
+  assert settings["student.lora.rank"] == 4 and settings["seed"] == 0
+  for key in ("train.log_every", "train.checkpoint_every", "train.chunk_size", "student.remat", "student.source"):
+    assert key not in settings
+  flat = {f"{section}.{key}" for section in ("train", "student") for key in c[section].keys()
+          if not isinstance(c[section][key], type(c.student.lora))}
+  flat |= {f"student.lora.{key}" for key in c.student.lora.keys()}
+  assert set(settings) == (flat - provenance.NO_EFFECT_KEYS) | {"seed"}
+
+
+def test_mismatch_message_names_what_changed_in_one_line():
+  old = provenance.make_record("train", settings={"distill.temperature": 5.94, "student.lora.rank": 4})
+  new = provenance.make_record("train", settings={"distill.temperature": 1.0, "student.lora.rank": 4})
+  assert provenance.mismatch_message("arms/gt/train", old, new) == (
+      "arms/gt/train was made with distill.temperature=5.94, this run has 1.0: use a new --config.workdir or "
+      "delete arms/gt/train")
+  questions = [{"id": i, "question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
+  edited = [dict(q) for q in questions]
+  edited[2]["answer"] = "#### 7"
+  outer_old = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", old)}, questions={"test": questions})
+  outer_new = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", new)}, questions={"test": edited})
+  message = provenance.mismatch_message("arms/gt/eval", outer_old, outer_new)
+  assert message == ("arms/gt/eval was made with other text under test question id 2; arms/gt/adapter's "
+                     "distill.temperature=5.94, this run has 1.0: use a new --config.workdir or delete arms/gt/eval")
+
+
+# ------------------------------------------------------------------------------------------ the pipeline
+
+
 def _tiny_checkpoint(folder: pathlib.Path, tokenizer, seed: int) -> pathlib.Path:
   from kdjax import checkpoint
   from kdjax.models.llama import config as llama_config
@@ -163,7 +237,7 @@ def test_eval_refuses_samples_of_a_changed_adapter(work, sources):
   samples = (work / "arms/ground_truth/eval/samples.jsonl").read_bytes()
   # The config asks for another adapter than the one exported: refused before the adapter is read.
   _refused(tiny_config(work, sources, stages="eval", **{"student.lora.rank": 4}),
-           "arms/ground_truth/adapter was made with student.lora.rank=2, this run has 4")
+           "arms/ground_truth/eval was made with arms/ground_truth/adapter's student.lora.rank=2, this run has 4")
   # The adapter's weights changed on disk under the same settings (retrained, copied over): the old samples are
   # not returned as its evaluation.
   weights = work / "arms/ground_truth/adapter" / lora.ADAPTER_WEIGHTS
@@ -220,9 +294,15 @@ def test_convert_refuses_a_changed_source_and_accepts_a_copy(work, sources, tmp_
     ("seed", 1, "seed=0, this run has 1"),
 ])
 def test_train_refuses_a_store_made_for_other_questions(work, sources, key, value, shown):
+  # With the arm's outputs there, they are refused first (they were made from that store)...
+  _refused(tiny_config(work, sources, stages="train", **{key: value}),
+           f"arms/ground_truth/adapter was made with {shown};")
+  # ...and a fresh arm refuses to train on the store: its validation questions could be training data now.
+  shutil.rmtree(work / "arms")
   message = _refused(tiny_config(work, sources, stages="train", **{key: value}),
                      f"stores/ground_truth was made with {shown}")
   assert message.endswith("use a new --config.workdir or delete stores/ground_truth")
+  assert not (work / "arms/ground_truth/train").exists()
 
 
 def test_a_failed_run_keeps_the_config_record_of_the_good_one(work, sources):
