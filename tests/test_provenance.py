@@ -328,3 +328,17 @@ def test_outputs_without_a_record_are_not_reused(work, sources):
   (work / "arms/ground_truth/eval" / provenance.RECORD_FILE).unlink()
   _refused(tiny_config(work, sources, stages="eval"),
            "arms/ground_truth/eval holds outputs with no provenance record")
+
+
+@pytest.mark.slow
+def test_eval_refuses_after_a_real_retrain_under_another_rank(work, sources):
+  """The whole story: the user changes the LoRA rank, deletes the arm's training outputs as told, trains again
+  (a real run) and asks for eval: the old samples belong to the old adapter and are refused, never returned."""
+  shutil.rmtree(work / "arms/ground_truth/train")
+  shutil.rmtree(work / "arms/ground_truth/adapter")
+  samples = (work / "arms/ground_truth/eval/samples.jsonl").read_bytes()
+  with pytest.raises(provenance.ProvenanceError, match="arms/ground_truth/eval was made with "
+                     "arms/ground_truth/adapter's student.lora.rank=2, this run has 4"):
+    pipeline.run(tiny_config(work, sources, stages="train,eval", **{"student.lora.rank": 4}))
+  assert json.loads((work / "arms/ground_truth/adapter/adapter_config.json").read_text())["r"] == 4
+  assert (work / "arms/ground_truth/eval/samples.jsonl").read_bytes() == samples
