@@ -16,11 +16,13 @@ The record
 
 The decision
   The pipeline computes, from the config and the sources alone, the record every output of this run should have.
-  Before reading an input folder a stage `require`s its record to equal that; before writing its own folder it
-  `claim`s it: an absent or empty folder gets the record written *before* the work starts (so a partial output is
-  protected too), a folder with an equal record is reused when finished and resumed when partial, and any other
+  Before the first stage it checks every output folder the run will write (a refusal costs no work). Before
+  reading an input folder a stage `require`s its record to equal the expected one; before writing its own folder
+  it `claim`s it: an absent or empty folder gets the record written *before* the work starts (so a partial output
+  is protected too), a folder with an equal record is reused when finished and resumed when partial, and any other
   folder (another record, or contents with no record) is refused with one line that names what changed and what
-  to do; `kdjax.main` exits with code 2. An output is never reused, or continued, under other settings.
+  to do; `kdjax.main` exits with code 2. An output is never reused, or continued, under other settings. The report
+  and analysis folders are rebuilt by every run; their records say what they were built from.
 
 Source identity
   A model source is identified by content, not by size and mtime (a copy changes mtime; a rewrite may keep it).
@@ -29,9 +31,11 @@ Source identity
   header (every tensor's name, dtype, shape and offset) and the first tensor's bytes, the last MiB the last
   tensor's, and reading every byte of a 405B checkpoint (~800 GB) would take longer than many runs. A large GGUF
   file is hashed by its first 32 MiB, which hold its whole header (metadata, tokenizer, tensor table), plus its
-  last MiB. Names starting with "."
-  (download caches, editor files) are skipped. The resolved path is recorded but not compared: the same bytes
-  elsewhere are the same model.
+  last MiB. Names starting with "." (download caches, editor files) are skipped. The resolved path is recorded but
+  not compared: the same bytes elsewhere are the same model.
+
+Not covered: a change only in the middle of a large weight file (see above); kdjax's own code (an upgrade that
+changes results is not detected); the bytes of a teacher store, which the store's own manifest checks.
 """
 
 from __future__ import annotations

@@ -88,8 +88,10 @@ def test_mismatch_message_names_what_changed_in_one_line():
   questions = [{"id": i, "question": f"q{i}", "answer": f"#### {i}"} for i in range(3)]
   edited = [dict(q) for q in questions]
   edited[2]["answer"] = "#### 7"
-  outer_old = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", old)}, questions={"test": questions})
-  outer_new = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", new)}, questions={"test": edited})
+  outer_old = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", old)},
+                                     questions={"test": questions})
+  outer_new = provenance.make_record("eval", inputs={"adapter": ("arms/gt/adapter", new)},
+                                     questions={"test": edited})
   message = provenance.mismatch_message("arms/gt/eval", outer_old, outer_new)
   assert message == ("arms/gt/eval was made with other text under test question id 2; arms/gt/adapter's "
                      "distill.temperature=5.94, this run has 1.0: use a new --config.workdir or delete arms/gt/eval")
