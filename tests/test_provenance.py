@@ -344,3 +344,16 @@ def test_eval_refuses_after_a_real_retrain_under_another_rank(work, sources):
     pipeline.run(tiny_config(work, sources, stages="train,eval", **{"student.lora.rank": 4}))
   assert json.loads((work / "arms/ground_truth/adapter/adapter_config.json").read_text())["r"] == 4
   assert (work / "arms/ground_truth/eval/samples.jsonl").read_bytes() == samples
+
+
+def test_the_command_line_refuses_with_one_line_and_exit_code_2(work, sources):
+  other = sources["other_model"]
+  proc = subprocess.run(
+      [sys.executable, "-m", "kdjax.main", "--config=configs/demo.py", f"--config.workdir={work}",
+       f"--config.data.source={sources['gsm8k']}", "--config.stages=convert",
+       f"--config.student.source={other}", f"--config.teacher.source={other}"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=300)
+  lines = [line for line in proc.stderr.splitlines() if line.strip()]
+  assert proc.returncode == 2 and len(lines) == 1, proc.stderr
+  assert lines[0] == (f"kdjax: error: models/student was made with source {sources['model']}, this run has {other} "
+                      f"(other bytes): use a new --config.workdir or delete models/student")
