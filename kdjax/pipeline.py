@@ -518,13 +518,6 @@ def preflight(c, wd: Workdir, records: Records) -> None:
     provenance.check_claimable(folder, wd.name(folder), expected)
 
 
-def _write_json(path: pathlib.Path, content: dict) -> None:
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(content, indent=2, default=str) + "\n")
-  os.replace(tmp, path)
-
-
 def run(c: ml_collections.ConfigDict) -> None:
   """Checks the config, then runs the stages. Every run leaves run_records/<id>.json with its outcome;
   config.json is replaced only when a run succeeds, so it always shows the config of the last good run."""
@@ -534,10 +527,11 @@ def run(c: ml_collections.ConfigDict) -> None:
   wd = Workdir(pathlib.Path(c.workdir).absolute())  # orbax needs absolute paths
   wd.root.mkdir(parents=True, exist_ok=True)
   config = json.loads(c.to_json_best_effort())
-  started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+  now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
+  run_record = {"status": "running", "started": now(), "config": config}
   record_path = wd.root / "run_records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
   if _writer():
-    _write_json(record_path, {"status": "running", "started": started, "config": config})
+    provenance.write_json(record_path, run_record)
   records = Records(c, wd)
   try:
     preflight(c, wd, records)
@@ -549,10 +543,9 @@ def run(c: ml_collections.ConfigDict) -> None:
   except BaseException as e:
     if _writer():
       line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      _write_json(record_path, {"status": f"failed: {type(e).__name__}: {line}", "started": started,
-                                "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "config": config})
+      provenance.write_json(record_path, {**run_record, "status": f"failed: {type(e).__name__}: {line}",
+                                          "ended": now()})
     raise
   if _writer():
-    _write_json(record_path, {"status": "ok", "started": started, "ended": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                              "config": config})
-    _write_json(wd.root / "config.json", config)
+    provenance.write_json(record_path, {**run_record, "status": "ok", "ended": now()})
+    provenance.write_json(wd.root / "config.json", config)

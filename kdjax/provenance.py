@@ -300,14 +300,19 @@ def read(folder: str | os.PathLike) -> dict | None:
     raise ProvenanceError(f"cannot read {path} ({e}): delete {path.parent}") from None
 
 
+def write_json(path: str | os.PathLike, content: Mapping) -> None:
+  """Writes a JSON record atomically (a reader sees the old file or the new one, never half of one)."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  tmp = path.with_name(path.name + ".tmp")
+  tmp.write_text(json.dumps(content, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
+  os.replace(tmp, path)
+
+
 def write(folder: str | os.PathLike, record: Mapping) -> None:
-  """Writes `record` (with the time under "about") as the folder's provenance.json, atomically."""
-  folder = pathlib.Path(folder)
-  folder.mkdir(parents=True, exist_ok=True)
-  content = {**record, _IGNORED: {**record.get(_IGNORED, {}), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}}
-  tmp = folder / (RECORD_FILE + ".tmp")
-  tmp.write_text(json.dumps(content, indent=1, sort_keys=True) + "\n", encoding="utf-8")
-  os.replace(tmp, folder / RECORD_FILE)
+  """Writes `record` (with the time under "about") as the folder's provenance.json."""
+  write_json(pathlib.Path(folder) / RECORD_FILE,
+             {**record, _IGNORED: {**record.get(_IGNORED, {}), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
 
 def matches(recorded: Mapping, expected: Mapping) -> bool:
