@@ -320,7 +320,7 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
       if claim:
         provenance.claim(folder, wd.name(folder), expected, writer=_writer())
       else:
-        provenance.check(folder, wd.name(folder), expected)
+        provenance.check_claimable(folder, wd.name(folder), expected)
   train_q, val_q = train_and_validation(c)
   mesh = make_mesh(c)
   model, tokenizer = load_role(c, wd, "teacher", mesh)
@@ -394,7 +394,8 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
       continue
     # Both records are written before training (a later run under other settings refuses the partial output),
     # and only once both folders passed: a refused run leaves no record behind.
-    provenance.check(train_dir, wd.name(train_dir), expected)
+    provenance.check_claimable(adapter, wd.name(adapter), expected)
+    provenance.check_claimable(train_dir, wd.name(train_dir), expected)
     provenance.claim(adapter, wd.name(adapter), expected, writer=_writer())
     provenance.claim(train_dir, wd.name(train_dir), expected, writer=_writer())
     model, tokenizer = load_role(c, wd, "student", mesh)
