@@ -330,6 +330,12 @@ def test_outputs_without_a_record_are_not_reused(work, sources):
   (work / "arms/ground_truth/eval" / provenance.RECORD_FILE).unlink()
   _refused(tiny_config(work, sources, stages="eval"),
            "arms/ground_truth/eval holds outputs with no provenance record")
+  # Checkpoints of unknown origin are not resumed, and the refused run leaves no adapter record behind.
+  shutil.rmtree(work / "arms/ground_truth/adapter")
+  (work / "arms/ground_truth/train" / provenance.RECORD_FILE).unlink()
+  _refused(tiny_config(work, sources, stages="train"),
+           "arms/ground_truth/train holds outputs with no provenance record")
+  assert not (work / "arms/ground_truth/adapter").exists()
 
 
 @pytest.mark.slow
