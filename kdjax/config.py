@@ -37,9 +37,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.seed = 0
 
   c.data = ml_collections.ConfigDict()
-  c.data.source = "openai/gsm8k"    # hub name, a folder with train.jsonl/test.jsonl, or a jsonl file
-  c.data.num_train_questions = 2638
-  c.data.num_validation = 200       # held out from GSM8K *train*; test is never trained or tuned on
+  c.data.source = "openai/gsm8k"    # hub name, a folder with train.jsonl/test.jsonl, or a file named train.jsonl
+  c.data.num_train_questions = 2638  # the first N of GSM8K train, in file order (the paper's 2638)
+  c.data.num_validation = 200       # held out from the rest of GSM8K *train* (seeded); test is never tuned on
 
   c.mesh = ml_collections.ConfigDict()  # -1: the remaining devices
   c.mesh.data = 1

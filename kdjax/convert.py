@@ -4,7 +4,9 @@
   python -m kdjax.convert --source=ckpt/ --export_hf=hf_out/
   python -m kdjax.convert --source=smollm2            # fetches SmolLM2-135M-Instruct first
 
-Tensors are read one at a time onto their target sharding; a progress bar counts them.
+Tensors are read one at a time onto their target sharding; a progress bar counts them. The output folder holds
+provenance.json (kdjax/provenance.py: the source's content identity, quantization and dtype), written before the
+conversion starts: converting another source, or the same one otherwise, into a folder made before is refused.
 """
 
 from __future__ import annotations
@@ -29,14 +31,25 @@ def resolve_source(source: str) -> pathlib.Path:
   return pathlib.Path(source)
 
 
+def conversion_record(source: str, *, dtype: str, quantize: bool) -> dict:
+  """The provenance record of converting `source` (its bytes, not its path or mtime) with these settings."""
+  from kdjax import provenance
+  return provenance.make_record("convert", settings={"quantize": bool(quantize), "param_dtype": dtype},
+                                source=provenance.source_identity(resolve_source(source)))
+
+
 def convert(source: str, output: str | None, export_hf: str | None = None, dtype: str = "float32",
-            quantize: bool = False) -> None:
+            quantize: bool = False, record: dict | None = None) -> None:
+  """Converts `source` into `output` (and/or exports HF safetensors); `record`: its provenance, if already made."""
   from tqdm import tqdm
 
-  from kdjax import checkpoint
+  from kdjax import checkpoint, provenance
   from kdjax.models.llama import weights
 
   path = resolve_source(source)
+  if output:
+    expected = record if record is not None else conversion_record(source, dtype=dtype, quantize=quantize)
+    provenance.claim(output, str(output), expected, writer=_is_process_zero())
   if output and checkpoint.is_kdjax_checkpoint(output):
     print(f"kdjax.convert: {output} is already a finished checkpoint; nothing to do")
     if not export_hf:
@@ -65,6 +78,11 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
   if export_hf:
     weights.export_hf(model, export_hf)
     print(f"kdjax.convert: exported HF safetensors to {export_hf}")
+
+
+def _is_process_zero() -> bool:
+  import jax
+  return jax.process_index() == 0
 
 
 def main(argv):

@@ -1,5 +1,10 @@
 """GSM8K loading, gold-answer parsing and a deterministic train/validation split.
 
+The training questions are the first N of GSM8K train, as in the paper (2638); validation is held out from the
+rest of train by a seeded hash, so it never overlaps them. A split is read only from its own GSM8K file: a folder
+holding `{split}.jsonl`, the hub's `openai/gsm8k`, or a file named `{split}.jsonl` (so a single train file can
+never be read, or labelled, as the test split).
+
 Every example is a plain dict with keys `id` (index in its split), `question`, `answer` (the full
 reference solution) and `gold` (the number on the solution's `#### N` line, as a float).
 """
@@ -16,6 +21,7 @@ from typing import Any, Sequence
 HUB_NAME = "openai/gsm8k"
 HUB_CONFIG = "main"
 GOLD_MARKER = "####"
+SPLITS = ("train", "test")
 
 # GSM8K solutions annotate arithmetic as `<<48/2=24>>` for a calculator tool; readers (and a
 # teacher shown the solution as a hint) only need the surrounding prose.
@@ -47,6 +53,12 @@ def strip_calculator_annotations(answer: str) -> str:
 def question_hash(question: str) -> str:
   """A short stable fingerprint of a question: first 16 hex chars of its sha256."""
   return hashlib.sha256(question.encode("utf-8")).hexdigest()[:16]
+
+
+def example_hash(example: dict) -> str:
+  """A short stable fingerprint of a question and its reference solution (both decide results)."""
+  content = f"{example['question']}\x00{example['answer']}"
+  return hashlib.sha256(content.encode("utf-8")).hexdigest()[:16]
 
 
 def _make_example(index: int, row: Any, where: str) -> dict:
@@ -92,11 +104,12 @@ def load_gsm8k(source: str | os.PathLike, split: str) -> list[dict]:
   """Loads one GSM8K split.
 
   Args:
-    source: a directory holding `{split}.jsonl`, a `.jsonl` file, or the hub name `openai/gsm8k`.
+    source: a directory holding `{split}.jsonl`, a file named `{split}.jsonl`, or the hub name `openai/gsm8k`.
       An existing local path wins over the hub name.
-    split: `train` or `test` (selects the file in a directory, or the hub split; ignored for a
-      file path).
+    split: `train` or `test` (selects the file in a directory, or the hub split, and must match a file's name).
   """
+  if split not in SPLITS:
+    raise DataError(f"unknown GSM8K split {split!r}; expected one of {SPLITS}")
   path = pathlib.Path(source)
   if path.is_dir():
     file_path = path / f"{split}.jsonl"
@@ -104,10 +117,18 @@ def load_gsm8k(source: str | os.PathLike, split: str) -> list[dict]:
       raise DataError(f"no {split}.jsonl in GSM8K directory {path}")
     return _load_jsonl(file_path)
   if path.is_file():
+    check_split_file(path, split)
     return _load_jsonl(path)
   if str(source) == HUB_NAME:
     return _load_hub(split)
   raise DataError(f"GSM8K source {str(source)!r} is neither an existing path nor {HUB_NAME!r}")
+
+
+def check_split_file(path: str | os.PathLike, split: str) -> None:
+  """A single file is read only as the split it is named after: never a train file as test, or the reverse."""
+  if pathlib.Path(path).name != f"{split}.jsonl":
+    raise DataError(f"the {split} split is read only from a GSM8K {split} set (a folder with {split}.jsonl or "
+                    f"{HUB_NAME}), not from the single file {path}")
 
 
 def _split_order_key(seed: int, example_id: int) -> str:
@@ -120,10 +141,10 @@ def split_train_validation(
 ) -> tuple[list[dict], list[dict]]:
   """Splits GSM8K train examples into disjoint (train, validation) lists.
 
-  Examples are shuffled by a seeded hash of their `id`; validation takes the first
-  `num_validation`, train the next `num_train` (None: all the rest). Because validation comes
-  first, it does not change with `num_train`, and a larger `num_train` extends the smaller
-  one's list (so teacher-store shards of the smaller run stay valid).
+  Train is the first `num_train` examples by id (the paper trains on the first 2638 GSM8K train questions);
+  validation is `num_validation` examples of the rest, picked in the order of a seeded hash of their ids.
+  With `num_train=None`, validation is picked from all examples and train is everything else, in id order.
+  The result does not depend on the order the examples are passed in.
   """
   if num_validation < 0 or (num_train is not None and num_train < 0):
     raise DataError(f"split sizes must be >= 0, got num_train={num_train}, num_validation={num_validation}")
@@ -134,9 +155,11 @@ def split_train_validation(
   ids = [example["id"] for example in examples]
   if len(set(ids)) != len(ids):
     raise DataError("examples have duplicate ids; split one GSM8K split at a time")
-  order = sorted(range(len(examples)), key=lambda i: _split_order_key(seed, ids[i]))
-  validation = [examples[i] for i in order[:num_validation]]
-  rest = order[num_validation:]
-  train = [examples[i] for i in (rest if num_train is None else rest[:num_train])]
-  return train, validation
-
+  by_id = sorted(examples, key=lambda example: example["id"])
+  first = by_id if num_train is None else by_id[:num_train]
+  pool = by_id if num_train is None else by_id[num_train:]
+  validation = sorted(pool, key=lambda example: _split_order_key(seed, example["id"]))[:num_validation]
+  if num_train is None:
+    held_out = {example["id"] for example in validation}
+    first = [example for example in by_id if example["id"] not in held_out]
+  return list(first), validation

@@ -5,6 +5,7 @@ With no --config it runs the CPU demo (configs/demo.py). See kdjax/pipeline.py f
 
 import os
 import pathlib
+import re
 import sys
 
 
@@ -58,11 +59,28 @@ def _parse_flags(argv):
   except flags.Error as e:
     print(f"kdjax: error: {str(e).splitlines()[0]}", file=sys.stderr)
   except (AttributeError, KeyError) as e:  # ml_collections: an override of a key the schema does not have
-    key = str(e).strip("\"'")
-    overrides = [a for a in argv[1:] if a.startswith("--config.")]
-    print(f"kdjax: error: unknown config key {key!r} (in {' '.join(overrides)}); see kdjax/config.py",
-          file=sys.stderr)
+    print(f"kdjax: error: {_unknown_key_message(e, argv[1:])}", file=sys.stderr)
   sys.exit(2)
+
+
+def _unknown_key_message(error: Exception, args: list[str]) -> str:
+  """ml_collections' "'batch_sizee'\nDid you mean "batch_size" instead of ..." as one line with the full key."""
+  while error.args and isinstance(error.args[0], Exception):  # an AttributeError wrapping the KeyError
+    error = error.args[0]
+  raw = str(error.args[0]) if error.args else str(error)
+  key = (raw.splitlines() or [""])[0].strip().strip("\"'")
+  suggestion = re.search(r'Did you mean "([^"]+)"', raw)
+  for arg in args:
+    if not arg.startswith("--config."):
+      continue
+    parts = arg.split("=", 1)[0][len("--config."):].split(".")
+    if key in parts:
+      dotted = ".".join(parts)
+      if suggestion:
+        parts[parts.index(key)] = suggestion.group(1)
+        return f"unknown config key {dotted!r} (did you mean {'.'.join(parts)!r}?); see kdjax/config.py"
+      return f"unknown config key {dotted!r}; see kdjax/config.py"
+  return f"unknown config key {key!r}; see kdjax/config.py"
 
 
 def run():

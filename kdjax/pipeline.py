@@ -10,13 +10,20 @@ Work folder layout (`--config.workdir`):
   report/                         report.md, report.json, accuracy.png
   analysis/                       attention metrics and plots
 
-Stages talk to each other only through these files. Each skips finished work and resumes unfinished work.
+  config.json                     the config of the last run that succeeded
+  run_records/<time>-<pid>.json   every run's config and outcome ("running", "ok" or its error line)
+
+Stages talk to each other only through these files. Each output folder holds provenance.json, the record of what
+produced it (kdjax/provenance.py): a stage skips finished work and resumes unfinished work only when the record
+equals what this run would write, and otherwise refuses with one line before any work.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import os
 import pathlib
 import time
 from typing import Callable
@@ -26,6 +33,7 @@ import ml_collections
 
 from kdjax import config as config_lib
 from kdjax import parallel
+from kdjax import provenance
 
 
 class ConfigError(ValueError):
@@ -45,6 +53,10 @@ class Workdir:
   def arm(self, arm: str) -> pathlib.Path:
     return self.root / "arms" / arm
 
+  def name(self, path: pathlib.Path) -> str:
+    """A folder as messages show it: relative to the work folder."""
+    return os.path.relpath(path, self.root)
+
 
 def log(message: str) -> None:
   if jax.process_index() == 0:
@@ -54,19 +66,26 @@ def log(message: str) -> None:
 # ------------------------------------------------------------------------------------------ validation
 
 def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks everything that can be checked before heavy work; raises ConfigError with one line."""
+  """Checks every config value the requested stages use, before any work; raises ConfigError with one line.
+
+  The stages' own settings objects (loss, LoRA, optimizer, sampling, eval) are built here once, so a value is
+  checked by the same code that later uses it.
+  """
   try:
-    stages = config_lib.stage_names(c)
+    stages = set(config_lib.stage_names(c))
     arms = config_lib.arm_names(c)
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-  from kdjax import priming
-  for arm in arms:
-    strategy = config_lib.ARMS[arm]["strategy"]
-    if strategy and strategy not in priming.STRATEGIES:
-      raise ConfigError(f"arm {arm}: unknown priming strategy {strategy!r}")
-  needs_teacher = {"convert", "generate"} & set(stages) and any(config_lib.ARMS[a]["mode"] == "kd" for a in arms)
-  needs_student = {"convert", "train", "eval", "analyze"} & set(stages)
+    modes = {config_lib.ARMS[a]["mode"] for a in arms}
+    _check_values(c, stages, arms, modes)
+    _check_data(c, stages, modes)
+  except ConfigError:
+    raise
+  except ValueError as e:  # the settings objects' own errors (LossConfig, TrainConfig, ...), DataError
+    raise ConfigError(str(e).splitlines()[0]) from None
+  kd = "kd" in modes
+  # A stage's record includes its inputs' records back to the model sources, so each source a stage depends on
+  # must be there: the teacher's for every stage downstream of the store, the student's for all but generate.
+  needs_teacher = kd and bool({"convert", "generate", "train", "eval", "analyze"} & stages)
+  needs_student = bool({"convert", "generate", "train", "eval", "analyze"} & stages)
   for role, needed in (("teacher", needs_teacher), ("student", needs_student)):
     source = c[role].source
     if not needed or source == "smollm2":
@@ -75,12 +94,62 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
     if not pathlib.Path(source).exists():
       raise ConfigError(f"{role} model not found: {source}")
-  if {"generate", "train", "eval", "analyze"} & set(stages):
-    data = c.data.source
-    if data != "openai/gsm8k" and not pathlib.Path(data).exists():
-      raise ConfigError(f"GSM8K not found at {data} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
+
+
+def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None:
+  from kdjax import checkpoint, data, priming, teacher
+  from kdjax.evaluation import extract
+  for arm in arms:
+    strategy = config_lib.ARMS[arm]["strategy"]
+    if strategy and strategy not in priming.STRATEGIES:
+      raise ConfigError(f"arm {arm}: unknown priming strategy {strategy!r}")
   if c.teacher.quantization not in ("int8", "none"):
     raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
+  for role in ("teacher", "student"):
+    checkpoint.dtype_of(c[role].dtype)
+  if c.plan.model not in ("teacher", "student"):
+    raise ConfigError(f"plan.model must be 'teacher' or 'student', got {c.plan.model!r}")
+  if c.eval.split not in data.SPLITS:
+    raise ConfigError(f"eval.split must be one of {data.SPLITS}, got {c.eval.split!r}")
+  if c.report.rule not in extract.RULES:
+    raise ConfigError(f"report.rule must be one of {extract.RULES}, got {c.report.rule!r}")
+  if c.analyze.num_questions < 1 or not 0.0 < c.analyze.threshold < 1.0:
+    raise ConfigError(f"need analyze.num_questions >= 1 and 0 < analyze.threshold < 1, got "
+                      f"{c.analyze.num_questions}, {c.analyze.threshold}")
+  for strategy in sorted({config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}):
+    teacher.TeacherJob(strategy=strategy, teacher_model=c.teacher.model_id, sampling=_teacher_sampling(c),
+                       k=c.teacher.k, placement=c.teacher.placement, shard_size=c.teacher.shard_size,
+                       batch_size=c.teacher.batch_size)
+  for mode in modes - {"none"}:
+    _loss_config(c, mode)
+  if modes - {"none"}:
+    _lora_config(c)
+    from kdjax.distill import train
+    train.train_config(c)
+  _eval_config(c)
+
+
+def _check_data(c, stages: set[str], modes: set[str]) -> None:
+  """The splits the stages read exist where data.source says, and the train split holds the asked-for sizes."""
+  from kdjax import data
+  splits = set()
+  if {"generate", "train", "eval", "analyze"} & stages and modes - {"none"}:
+    splits.add("train")  # a trained arm's records (read by eval too) name its train and validation questions
+  if {"eval", "analyze"} & stages:
+    splits.add(c.eval.split)
+  source = c.data.source
+  if not splits or source == data.HUB_NAME:
+    return
+  path = pathlib.Path(source)
+  if not path.exists():
+    raise ConfigError(f"GSM8K not found at {source} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
+  for split in sorted(splits):
+    if path.is_file():
+      data.check_split_file(path, split)
+    elif not (path / f"{split}.jsonl").is_file():
+      raise ConfigError(f"GSM8K folder {source} has no {split}.jsonl")
+  if "train" in splits:
+    train_and_validation(c)  # one clear line now if the sizes do not fit, not after the teacher has run
 
 
 # ------------------------------------------------------------------------------------------ shared loading
@@ -103,9 +172,14 @@ def load_role(c, wd: Workdir, role: str, mesh):
   return model, checkpoint.load_tokenizer(path)
 
 
-def questions(c, split: str) -> list[dict]:
+@functools.lru_cache(maxsize=4)
+def _load_questions(source: str, split: str) -> tuple[dict, ...]:
   from kdjax import data
-  return data.load_gsm8k(c.data.source, split)
+  return tuple(data.load_gsm8k(source, split))
+
+
+def questions(c, split: str) -> list[dict]:
+  return list(_load_questions(c.data.source, split))
 
 
 def train_and_validation(c) -> tuple[list[dict], list[dict]]:
@@ -114,13 +188,83 @@ def train_and_validation(c) -> tuple[list[dict], list[dict]]:
                                      c.seed)
 
 
+def _convert_settings(c, role: str) -> tuple[bool, str]:
+  """(quantize, parameter dtype) of `role`'s conversion."""
+  quantize = c.teacher.quantization == "int8" if role == "teacher" else bool(c.student.quantize)
+  return quantize, "float32" if c[role].dtype == "float32" else "bfloat16"
+
+
+class Records:
+  """The provenance record each output of this run should have, from the config and the sources (cached).
+
+  What each stage's record holds (kdjax/provenance.py): convert <- the source's bytes, quantization, parameter
+  dtype; generate <- the teacher's record, the teacher, data and seed settings, the train and validation
+  questions; train <- the student's (and the store's) record, the student, train, data and seed settings, the
+  distill settings for kd arms (finetune's loss does not read them), its questions where no store holds them;
+  eval <- the student's and the adapter's records and the adapter's bytes, the eval settings and student dtype,
+  every question of the evaluated split.
+  """
+
+  def __init__(self, c: ml_collections.ConfigDict, wd: Workdir):
+    self.c, self.wd, self._cache = c, wd, {}
+
+  def _cached(self, key: tuple, make: Callable[[], dict]) -> dict:
+    if key not in self._cache:
+      self._cache[key] = make()
+    return self._cache[key]
+
+  def model(self, role: str) -> dict:
+    from kdjax import convert
+    quantize, dtype = _convert_settings(self.c, role)
+    return self._cached(("model", role),
+                        lambda: convert.conversion_record(self.c[role].source, dtype=dtype, quantize=quantize))
+
+  def store(self, strategy: str) -> dict:
+    def make():
+      train_q, val_q = train_and_validation(self.c)
+      return provenance.make_record(
+          "generate", settings={"strategy": strategy, **provenance.settings(self.c, ["teacher", "data", "seed"])},
+          questions={"train": train_q, "validation": val_q},
+          inputs={"teacher": (self.wd.name(self.wd.model("teacher")), self.model("teacher"))})
+    return self._cached(("store", strategy), make)
+
+  def train(self, arm: str) -> dict:
+    def make():
+      spec = config_lib.ARMS[arm]
+      sections = ["student", "train", "data", "seed"] + (["distill"] if spec["mode"] == "kd" else [])
+      inputs = {"student": (self.wd.name(self.wd.model("student")), self.model("student"))}
+      questions_read = None
+      if spec["mode"] == "kd":
+        inputs["store"] = (self.wd.name(self.wd.store(spec["strategy"])), self.store(spec["strategy"]))
+      else:
+        train_q, val_q = train_and_validation(self.c)
+        questions_read = {"train": train_q, "validation": val_q}
+      return provenance.make_record("train", settings={"mode": spec["mode"], **provenance.settings(self.c, sections)},
+                                    inputs=inputs, questions=questions_read)
+    return self._cached(("train", arm), make)
+
+  def eval(self, arm: str) -> dict:
+    """Needs the arm's adapter on disk: its bytes are part of the record."""
+    inputs = {"student": (self.wd.name(self.wd.model("student")), self.model("student"))}
+    adapter = self.wd.arm(arm) / "adapter"
+    if config_lib.ARMS[arm]["mode"] != "none":
+      inputs["adapter"] = (self.wd.name(adapter), self.train(arm))
+    record = provenance.make_record(
+        "eval", settings=provenance.settings(self.c, ["eval", "student.dtype"]), inputs=inputs,
+        questions={self.c.eval.split: questions(self.c, self.c.eval.split)})
+    return provenance.with_content(record, "adapter", adapter) if "adapter" in inputs else record
+
+
+def _writer() -> bool:
+  return jax.process_index() == 0
+
+
 # ------------------------------------------------------------------------------------------ stages
 
-def stage_plan(c, wd: Workdir) -> None:
+def stage_plan(c, wd: Workdir, records: Records) -> None:
+  """Always recomputed (it reads no stage output and is never reused), so plan.json needs no record."""
   from kdjax import plan as plan_lib
   role = c.plan.model
-  if role not in ("teacher", "student"):
-    raise ConfigError(f"plan.model must be 'teacher' or 'student', got {role!r}")
   quantization = c.teacher.quantization if role == "teacher" else ("int8" if c.student.quantize else "none")
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
   result = plan_lib.make_plan(c[role].preset, quantization=quantization, topology=c.plan.topology or None,
@@ -131,48 +275,64 @@ def stage_plan(c, wd: Workdir) -> None:
   plan_lib.check_fits(result)
 
 
-def stage_convert(c, wd: Workdir) -> None:
+def _roles(c) -> list[str]:
+  kd = any(config_lib.ARMS[a]["mode"] == "kd" for a in config_lib.arm_names(c))
+  return ["student"] + (["teacher"] if kd else [])
+
+
+def stage_convert(c, wd: Workdir, records: Records) -> None:
   from kdjax import checkpoint, convert
-  arms = config_lib.arm_names(c)
-  roles = ["student"] + (["teacher"] if any(config_lib.ARMS[a]["mode"] == "kd" for a in arms) else [])
-  settings = {}
-  for role in roles:
-    target = wd.model(role)
-    quantize = role == "teacher" and c.teacher.quantization == "int8"
-    quantize = quantize or (role == "student" and bool(c.student.quantize))
-    param_dtype = "float32" if c[role].dtype == "float32" else "bfloat16"
-    settings[role] = (c[role].source, quantize, param_dtype)
-    if checkpoint.is_kdjax_checkpoint(target):
-      log(f"convert: {target} already converted")
-      continue
-    if role == "teacher" and settings["teacher"] == settings["student"]:  # self-distillation: one conversion
+  for role in _roles(c):
+    target, expected = wd.model(role), records.model(role)
+    self_distillation = role == "teacher" and provenance.matches(expected, records.model("student"))
+    if self_distillation and not (target.exists() or target.is_symlink()):  # one conversion serves both roles
       target.symlink_to(wd.model("student").name, target_is_directory=True)
-      log(f"convert: teacher is the student's checkpoint ({target} -> {wd.model('student').name})")
+      log(f"convert: teacher is the student's checkpoint ({wd.name(target)} -> {wd.model('student').name})")
       continue
+    if provenance.claim(target, wd.name(target), expected, writer=_writer()) and \
+        checkpoint.is_kdjax_checkpoint(target):
+      log(f"convert: {wd.name(target)} already converted from {c[role].source}")
+      continue
+    quantize, dtype = _convert_settings(c, role)
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
-    convert.convert(c[role].source, str(target), dtype=param_dtype, quantize=quantize)
+    convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected)
 
 
-def stage_generate(c, wd: Workdir) -> None:
-  from kdjax import checkpoint, generation, teacher
+def _require_model(wd: Workdir, records: Records, role: str) -> None:
+  provenance.require(wd.model(role), wd.name(wd.model(role)), records.model(role), "convert")
+
+
+def _teacher_sampling(c):
+  from kdjax import generation
+  return generation.SamplingConfig(temperature=c.teacher.temperature, top_p=c.teacher.top_p,
+                                   top_k=c.teacher.top_k, max_new_tokens=c.teacher.max_new_tokens, seed=c.seed)
+
+
+def stage_generate(c, wd: Workdir, records: Records) -> None:
+  from kdjax import checkpoint, teacher
   strategies = sorted({config_lib.ARMS[a]["strategy"] for a in config_lib.arm_names(c)
                        if config_lib.ARMS[a]["mode"] == "kd"})
   if not strategies:
     return
+  _require_model(wd, records, "teacher")
+  for claim in (False, True):  # every store is checked, then every record written, before the teacher loads
+    for strategy in strategies:
+      folder, expected = wd.store(strategy), records.store(strategy)
+      if claim:
+        provenance.claim(folder, wd.name(folder), expected, writer=_writer())
+      else:
+        provenance.check_claimable(folder, wd.name(folder), expected)
   train_q, val_q = train_and_validation(c)
   mesh = make_mesh(c)
   model, tokenizer = load_role(c, wd, "teacher", mesh)
   student_tokenizer = checkpoint.load_tokenizer(wd.model("student"))
-  sampling = generation.SamplingConfig(temperature=c.teacher.temperature, top_p=c.teacher.top_p,
-                                       top_k=c.teacher.top_k, max_new_tokens=c.teacher.max_new_tokens,
-                                       seed=c.seed)
   for strategy in strategies:
     log(f"generate: teacher store for {strategy!r} ({len(train_q)} train + {len(val_q)} validation questions)")
     summary = teacher.generate_store(
         model, tokenizer, train_q + val_q, strategy, wd.store(strategy), teacher_model_id=c.teacher.model_id,
-        sampling=sampling, student_tokenizer=student_tokenizer, k=c.teacher.k, placement=c.teacher.placement,
-        shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
-        questions_name=f"gsm8k-train-{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
+        sampling=_teacher_sampling(c), student_tokenizer=student_tokenizer, k=c.teacher.k,
+        placement=c.teacher.placement, shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
+        questions_name=f"gsm8k-train-first{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
     log(f"generate: {strategy}: {json.dumps(summary, default=str)[:300]}")
 
 
@@ -206,60 +366,93 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   return batches.examples_from_records(train_records), batches.examples_from_records(val_records)
 
 
-def stage_train(c, wd: Workdir) -> None:
+def stage_train(c, wd: Workdir, records: Records) -> None:
   from kdjax.distill import lora, results, train
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
-    mode = config_lib.ARMS[arm]["mode"]
-    adapter = wd.arm(arm) / "adapter"
-    if mode == "none":
+    spec = config_lib.ARMS[arm]
+    if spec["mode"] == "none":
       continue
-    if (adapter / "adapter_config.json").exists():
+    _require_model(wd, records, "student")
+    if spec["mode"] == "kd":
+      store_dir = wd.store(spec["strategy"])
+      provenance.require(store_dir, wd.name(store_dir), records.store(spec["strategy"]), "generate")
+    adapter, train_dir, expected = wd.arm(arm) / "adapter", wd.arm(arm) / "train", records.train(arm)
+    if provenance.check(adapter, wd.name(adapter), expected) and (adapter / "adapter_config.json").exists():
       log(f"train: {arm}: adapter already exported")
       continue
+    # Both records are written before training (a later run under other settings refuses the partial output),
+    # and only once both folders passed: a refused run leaves no record behind.
+    provenance.check_claimable(adapter, wd.name(adapter), expected)
+    provenance.check_claimable(train_dir, wd.name(train_dir), expected)
+    provenance.claim(adapter, wd.name(adapter), expected, writer=_writer())
+    provenance.claim(train_dir, wd.name(train_dir), expected, writer=_writer())
     model, tokenizer = load_role(c, wd, "student", mesh)
     lora.add_lora(model, _lora_config(c), seed=c.seed)
     train_data, val_data = _train_examples(c, wd, arm, tokenizer)
-    log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({mode})")
-    cfg = train.train_config(c)
-    result = train.train(model, train_data, val_data or None, cfg, _loss_config(c, mode), wd.arm(arm) / "train",
-                         mesh=mesh)
+    log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({spec['mode']})")
+    result = train.train(model, train_data, val_data or None, train.train_config(c), _loss_config(c, spec["mode"]),
+                         train_dir, mesh=mesh)
     result = results.select_adapter(model, result)  # best validation step, or the final one without validation
     lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)
-    log(f"train: {arm}: {result.summary()}; adapter -> {adapter}")
+    log(f"train: {arm}: {result.summary()}; adapter -> {wd.name(adapter)}")
 
 
-def load_student_for_arm(c, wd: Workdir, arm: str, mesh):
+def _require_student_and_adapter(wd: Workdir, records: Records, arm: str) -> None:
+  _require_model(wd, records, "student")
+  adapter = wd.arm(arm) / "adapter"
+  if config_lib.ARMS[arm]["mode"] != "none":
+    if not (adapter / "adapter_config.json").exists():
+      raise ConfigError(f"arm {arm}: no adapter at {wd.name(adapter)}: run the train stage first")
+    provenance.require(adapter, wd.name(adapter), records.train(arm), "train")
+
+
+def load_student_for_arm(c, wd: Workdir, records: Records, arm: str, mesh):
+  """The student with the arm's adapter; both checked to be what this run's config makes."""
   from kdjax.distill import lora
+  _require_student_and_adapter(wd, records, arm)
   model, tokenizer = load_role(c, wd, "student", mesh)
   if config_lib.ARMS[arm]["mode"] != "none":
-    adapter = wd.arm(arm) / "adapter"
-    if not (adapter / "adapter_config.json").exists():
-      raise ConfigError(f"arm {arm}: no adapter at {adapter}: run the train stage first")
-    lora.import_peft(model, adapter)
+    lora.import_peft(model, wd.arm(arm) / "adapter")
   return model, tokenizer
 
 
-def stage_eval(c, wd: Workdir) -> None:
+def _eval_config(c):
+  from kdjax.evaluation import loop
+  return loop.EvalConfig(split=c.eval.split, num_questions=None if c.eval.num_questions < 0 else c.eval.num_questions,
+                         prompt_format=c.eval.prompt_format, max_new_tokens=c.eval.max_new_tokens,
+                         batch_size=c.eval.batch_size, primary_rule=c.eval.rule)
+
+
+def stage_eval(c, wd: Workdir, records: Records) -> None:
   from kdjax.evaluation import loop
   mesh = make_mesh(c)
   test_q = questions(c, c.eval.split)
-  cfg = loop.EvalConfig(split=c.eval.split, num_questions=None if c.eval.num_questions < 0 else c.eval.num_questions,
-                        prompt_format=c.eval.prompt_format, max_new_tokens=c.eval.max_new_tokens,
-                        batch_size=c.eval.batch_size, primary_rule=c.eval.rule)
   for arm in config_lib.arm_names(c):
-    model, tokenizer = load_student_for_arm(c, wd, arm, mesh)
-    summary = loop.evaluate(model, tokenizer, test_q, cfg, wd.arm(arm) / "eval", arm=arm,
+    out = wd.arm(arm) / "eval"
+    _require_student_and_adapter(wd, records, arm)
+    provenance.claim(out, wd.name(out), records.eval(arm), writer=_writer())
+    model, tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
+    summary = loop.evaluate(model, tokenizer, test_q, _eval_config(c), out, arm=arm,
                             progress=jax.process_index() == 0)
     log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")
 
 
-def stage_report(c, wd: Workdir) -> None:
+def stage_report(c, wd: Workdir, records: Records) -> None:
+  """Always rebuilt from the eval folders; this run's arms must hold this run's evaluations."""
   from kdjax.evaluation import paper_numbers, report
+  for arm in config_lib.arm_names(c):
+    out = wd.arm(arm) / "eval"
+    if out.exists():
+      provenance.require(out, wd.name(out), records.eval(arm), "eval")
   arms = {p.parent.name: p for p in sorted((wd.root / "arms").glob("*/eval"))
           if (p / "samples.jsonl").exists()}
   if not arms:
     raise ConfigError(f"no evaluated arms under {wd.root / 'arms'}: run the eval stage first")
+  if _writer():
+    provenance.write(wd.root / "report", provenance.make_record(
+        "report", settings=provenance.settings(c, ["report"]),
+        inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in arms.items()}))
   report.build_report(arms, wd.root / "report", rule=c.report.rule,
                       paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY)
   log(f"report: {wd.root / 'report' / 'report.md'}")
@@ -267,12 +460,20 @@ def stage_report(c, wd: Workdir) -> None:
     print((wd.root / "report" / "report.md").read_text())
 
 
-def stage_analyze(c, wd: Workdir) -> None:
+def stage_analyze(c, wd: Workdir, records: Records) -> None:
+  """Always recomputed; its record names the models and adapters it read."""
   from kdjax import analysis
   mesh = make_mesh(c)
-  models, tokenizer = {}, None
+  models, tokenizer, inputs = {}, None, {}
   for arm in config_lib.arm_names(c):
-    models[arm], tokenizer = load_student_for_arm(c, wd, arm, mesh)
+    models[arm], tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
+    if config_lib.ARMS[arm]["mode"] != "none":
+      inputs[arm] = (wd.name(wd.arm(arm) / "adapter"), records.train(arm))
+  if _writer():
+    inputs["student"] = (wd.name(wd.model("student")), records.model("student"))
+    provenance.write(wd.root / "analysis", provenance.make_record(
+        "analyze", settings=provenance.settings(c, ["analyze", "eval.split", "student.dtype"]), inputs=inputs,
+        questions={c.eval.split: questions(c, c.eval.split)[:c.analyze.num_questions]}))
   result = analysis.analyze(models, tokenizer, questions(c, c.eval.split), wd.root / "analysis",
                             num_questions=c.analyze.num_questions, threshold=c.analyze.threshold)
   log(f"analyze: {wd.root / 'analysis'} ({len(result)} entries)")
@@ -284,16 +485,56 @@ STAGE_FUNCTIONS: dict[str, Callable] = {
 }
 
 
+def preflight(c, wd: Workdir, records: Records) -> None:
+  """Checks the folder of every output this run's stages will write before the first stage starts, so a refusal
+  costs no work. (Each stage checks again, with its inputs, when it runs.)"""
+  stages = set(config_lib.stage_names(c))
+  arms = config_lib.arm_names(c)
+  folders = []
+  if "convert" in stages:
+    folders += [(wd.model(role), records.model(role)) for role in _roles(c)]
+  if "generate" in stages:
+    strategies = {config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}
+    folders += [(wd.store(s), records.store(s)) for s in sorted(strategies)]
+  for arm in arms:
+    trained = config_lib.ARMS[arm]["mode"] != "none"
+    if "train" in stages and trained:
+      folders += [(wd.arm(arm) / "adapter", records.train(arm)), (wd.arm(arm) / "train", records.train(arm))]
+    # An eval folder's record holds its adapter's bytes; an adapter this run has yet to export is checked later.
+    if "eval" in stages and (not trained or (wd.arm(arm) / "adapter" / "adapter_config.json").exists()):
+      folders.append((wd.arm(arm) / "eval", records.eval(arm)))
+  for folder, expected in folders:
+    provenance.check_claimable(folder, wd.name(folder), expected)
+
+
 def run(c: ml_collections.ConfigDict) -> None:
+  """Checks the config, then runs the stages. Every run leaves run_records/<id>.json with its outcome;
+  config.json is replaced only when a run succeeds, so it always shows the config of the last good run."""
   validate(c)
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
   wd = Workdir(pathlib.Path(c.workdir).absolute())  # orbax needs absolute paths
   wd.root.mkdir(parents=True, exist_ok=True)
-  if jax.process_index() == 0:
-    (wd.root / "config.json").write_text(c.to_json_best_effort(indent=2))
-  for stage in config_lib.stage_names(c):
-    start = time.time()
-    log(f"stage {stage}: start")
-    STAGE_FUNCTIONS[stage](c, wd)
-    log(f"stage {stage}: done in {time.time() - start:.1f}s")
+  config = json.loads(c.to_json_best_effort())
+  now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
+  run_record = {"status": "running", "started": now(), "config": config}
+  record_path = wd.root / "run_records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+  if _writer():
+    provenance.write_json(record_path, run_record)
+  records = Records(c, wd)
+  try:
+    preflight(c, wd, records)
+    for stage in config_lib.stage_names(c):
+      start = time.time()
+      log(f"stage {stage}: start")
+      STAGE_FUNCTIONS[stage](c, wd, records)
+      log(f"stage {stage}: done in {time.time() - start:.1f}s")
+  except BaseException as e:
+    if _writer():
+      line = (str(e).strip().splitlines() or [type(e).__name__])[0]
+      provenance.write_json(record_path, {**run_record, "status": f"failed: {type(e).__name__}: {line}",
+                                          "ended": now()})
+    raise
+  if _writer():
+    provenance.write_json(record_path, {**run_record, "status": "ok", "ended": now()})
+    provenance.write_json(wd.root / "config.json", config)

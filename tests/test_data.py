@@ -38,12 +38,24 @@ def test_file_path_equals_directory(tmp_path):
   rows = [{"question": "q0?", "answer": "a\n#### 1,234"}, {"question": "q1?", "answer": "b\n#### -2.5"}]
   _write_jsonl(tmp_path / "train.jsonl", rows)
   from_dir = data.load_gsm8k(tmp_path, "train")
-  from_file = data.load_gsm8k(str(tmp_path / "train.jsonl"), "ignored")
+  from_file = data.load_gsm8k(str(tmp_path / "train.jsonl"), "train")
   assert from_dir == from_file
   assert from_dir == [
       {"id": 0, "question": "q0?", "answer": "a\n#### 1,234", "gold": 1234.0},
       {"id": 1, "question": "q1?", "answer": "b\n#### -2.5", "gold": -2.5},
   ]
+
+
+def test_a_file_is_read_only_as_the_split_it_is_named_after(tmp_path):
+  _write_jsonl(tmp_path / "train.jsonl", [{"question": "q", "answer": "#### 1"}])
+  with pytest.raises(data.DataError, match="the test split is read only from a GSM8K test set") as info:
+    data.load_gsm8k(tmp_path / "train.jsonl", "test")
+  assert str(tmp_path / "train.jsonl") in str(info.value)
+  (tmp_path / "train.jsonl").rename(tmp_path / "gsm8k.jsonl")
+  with pytest.raises(data.DataError, match="the train split is read only"):
+    data.load_gsm8k(tmp_path / "gsm8k.jsonl", "train")
+  with pytest.raises(data.DataError, match="unknown GSM8K split"):
+    data.load_gsm8k(tmp_path, "validation")
 
 
 def test_missing_path_is_a_data_error(tmp_path):
@@ -62,7 +74,7 @@ def test_missing_path_is_a_data_error(tmp_path):
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, message):
   good = json.dumps({"question": "q", "answer": "#### 1"})
-  path = tmp_path / "bad.jsonl"
+  path = tmp_path / "train.jsonl"
   path.write_text(good + "\n" + line + "\n")
   with pytest.raises(data.DataError, match=message) as info:
     data.load_gsm8k(path, "train")
@@ -106,27 +118,30 @@ def _examples(n):
   return [{"id": i, "question": f"q{i}", "answer": f"#### {i}", "gold": float(i)} for i in range(n)]
 
 
-def test_split_is_deterministic_disjoint_and_stable():
+def test_split_takes_the_first_n_and_holds_validation_out_of_the_rest():
   examples = _examples(100)
   train, validation = data.split_train_validation(examples, 30, 10, seed=0)
-  again_train, again_validation = data.split_train_validation(examples, 30, 10, seed=0)
-  assert (train, validation) == (again_train, again_validation)
-  assert len(train) == 30 and len(validation) == 10
-  train_ids = {ex["id"] for ex in train}
-  validation_ids = {ex["id"] for ex in validation}
-  assert not train_ids & validation_ids
-  # Not just the first rows: a shuffle happened.
-  assert train_ids | validation_ids != set(range(40))
-  # Validation does not move with num_train; a larger train list extends the smaller one.
-  bigger_train, same_validation = data.split_train_validation(examples, None, 10, seed=0)
-  assert same_validation == validation
-  assert bigger_train[:30] == train and len(bigger_train) == 90
-  assert {ex["id"] for ex in bigger_train} | validation_ids == set(range(100))
-  # The split depends on the example ids, not on the order they are passed in.
-  shuffled_train, shuffled_validation = data.split_train_validation(examples[::-1], 30, 10, seed=0)
-  assert (shuffled_train, shuffled_validation) == (train, validation)
+  assert [ex["id"] for ex in train] == list(range(30))  # the paper's "first 2638": the first N, in order
+  validation_ids = [ex["id"] for ex in validation]
+  assert len(validation_ids) == 10 and all(i >= 30 for i in validation_ids)
+  # Reference: the rest ordered by the sha256 of "kdjax-split:<seed>:<id>", computed here from its definition.
+  key = lambda i: hashlib.sha256(f"kdjax-split:0:{i}".encode()).hexdigest()
+  assert validation_ids == sorted(range(30, 100), key=key)[:10]
+  assert validation_ids != list(range(30, 40))  # a shuffle happened, not the next rows
+  assert data.split_train_validation(examples, 30, 10, seed=0) == (train, validation)  # deterministic
+  assert data.split_train_validation(examples[::-1], 30, 10, seed=0) == (train, validation)  # order-free
   other_train, other_validation = data.split_train_validation(examples, 30, 10, seed=1)
-  assert other_validation != validation
+  assert other_train == train and other_validation != validation
+  # num_train=None: validation from all examples, train is everything else in id order.
+  all_train, held_out = data.split_train_validation(examples, None, 10, seed=0)
+  assert [ex["id"] for ex in held_out] == sorted(range(100), key=key)[:10]
+  assert [ex["id"] for ex in all_train] == [i for i in range(100) if i not in {ex["id"] for ex in held_out}]
+
+
+def test_example_hash_covers_question_and_solution():
+  example = {"id": 0, "question": "How many?", "answer": "2 + 2 = 4\n#### 4"}
+  assert data.example_hash(example) == hashlib.sha256("How many?\x002 + 2 = 4\n#### 4".encode()).hexdigest()[:16]
+  assert data.example_hash({**example, "answer": "#### 5"}) != data.example_hash(example)
 
 
 def test_split_rejects_impossible_sizes():

@@ -24,6 +24,12 @@ def test_unknown_config_key():
   _one_line_error(_main("--config=configs/gt.py", "--config.no_such_key=1"), "unknown config key 'no_such_key'")
 
 
+def test_misspelt_nested_key_is_one_clean_line():
+  proc = _main("--config=configs/gt.py", "--config.train.batch_sizee=3")
+  _one_line_error(proc, "unknown config key 'train.batch_sizee' (did you mean 'train.batch_size'?)")
+  assert "\\" not in proc.stderr and "Did you mean" not in proc.stderr
+
+
 def test_bad_value_type():
   _one_line_error(_main("--config=configs/gt.py", "--config.train.batch_size=abc"), "batch_size")
 
