@@ -69,7 +69,8 @@ def test_source_identity_is_content_not_path(tmp_path):
 def test_settings_cover_whole_sections_except_the_keys_without_effect():
   c = config_lib.get_default_config()
   settings = provenance.settings(c, ["train", "student", "seed"])
-  assert settings["train.batch_size"] == 8 and settings["train.eval_every"] == 100  # both change the adapter
+  assert settings["train.batch_size"] == c.train.batch_size  # changes the adapter
+  assert settings["train.eval_every"] == c.train.eval_every  # picks the best-validation step
   assert settings["student.lora.rank"] == 4 and settings["seed"] == 0
   for key in ("train.log_every", "train.checkpoint_every", "train.chunk_size", "student.remat", "student.source"):
     assert key not in settings
@@ -142,6 +143,7 @@ def tiny_config(workdir, sources, **overrides):
   c.train.optimizer = "adamw"
   c.train.learning_rate = 1e-3
   c.train.batch_size = 2
+  c.train.lr_reference_batch = 0  # adamw: the learning rate is set for this batch, no linear rule
   c.train.num_epochs = 1
   c.train.max_len = 256
   c.train.eval_every = 0  # validation once, at the end
