@@ -1,0 +1,148 @@
+"""The train plan: the student's LoRA step compiled ahead of time, its memory, loop-aware FLOPs and verdict."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import plan as plan_lib
+from kdjax import plan_train
+from kdjax.distill import batches, losses
+from kdjax.distill import lora as lora_lib
+from kdjax.distill import train as train_lib
+from kdjax.models.llama import config as config_lib
+from kdjax.models.llama import model as model_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(not plan_lib.libtpu_available(), reason="libtpu is not installed")
+
+
+def test_model_flops_of_a_lora_step_by_hand():
+  # tiny: L 2, D 64, F 128, H 4, KV 2, head_dim 16, V 256, untied. Projections per layer: q 64*64, k and v
+  # 64*32 each, o 64*64, gate/up/down 64*128 each = 36864; LM head 64*256.
+  n = 2 * 36864 + 64 * 256
+  lora_params = 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))  # r 4 on q, k, v, o: r (in + out)
+  flops = plan_train.model_flops(config_lib.get_preset("tiny"), lora_lib.LoraConfig(rank=4), seq_len=128)
+  assert flops["params"] == n and flops["lora_params"] == lora_params
+  assert flops["per_token"] == 4 * n + 12 * 2 * 4 * 16 * 128 + 6 * lora_params
+  # Llama 3.1 8B: N = 6.98e9 (the 7.5e9 parameters less the 0.53e9 of the input embedding).
+  flops = plan_train.model_flops(config_lib.get_preset("llama3.1-8b"), lora_lib.LoraConfig(), seq_len=1024)
+  assert 6.97e9 < flops["params"] < 6.99e9
+
+
+def _nested_scan(x, w):
+  def layer(h, w_layer):
+    def repeat(h2, _):
+      return jnp.tanh(h2 @ w_layer), None
+    return jax.lax.scan(repeat, h, None, length=3)[0], None
+  return jax.lax.scan(layer, x, w)[0].sum()
+
+
+def test_loop_aware_cost_counts_every_iteration_of_nested_loops():
+  x = jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  w = jax.ShapeDtypeStruct((10, 256, 256), jnp.float32)
+  compiled = jax.jit(jax.grad(_nested_scan, argnums=1)).lower(x, w).compile()
+  cost = plan_train.loop_aware_cost(compiled)
+  # 30 products of 128x256 @ 256x256, each forward once and backward twice (input and weight gradients).
+  matmuls = 3 * 30 * 2 * 128 * 256 * 256
+  assert matmuls <= cost["flops"] <= 1.01 * matmuls
+  assert cost["raw_flops"] == compiled.cost_analysis()["flops"] < matmuls / 20  # XLA: each body once
+  assert sorted(loop["trips"] for loop in cost["loops"]) == [3, 3, 10, 10] and not cost["unknown_loops"]
+
+
+def _examples(n, length, k, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    response = length - 1  # prompt 2 + response, shifted: `length` tokens
+    out.append(batches.distill_example(
+        rng.integers(0, 256, 2), rng.integers(0, 256, response), rng.integers(0, 256, (response, k)),
+        np.log(np.full((response, k), 0.5 / k, np.float32)), np.full(response, 0.5, np.float32)))
+  return out
+
+
+def test_train_plan_compiles_the_training_loops_own_step(tmp_path, monkeypatch):
+  """Acceptance 2: the plan's FLOPs per step equal XLA's cost analysis of the step the loop compiles."""
+  cfg = train_lib.TrainConfig(batch_size=2, grad_accum_steps=2, max_length=64, chunk_size=32, num_steps=1,
+                              checkpoint_every=1, async_checkpointing=False, tensorboard=False, progress_bar=False)
+  loss_cfg, lora_cfg = losses.LossConfig(divergence="forward_kl", ce_weight=0.5), lora_lib.LoraConfig(rank=4)
+  plan = plan_train.make_train_plan("tiny", train_cfg=cfg, loss_cfg=loss_cfg, lora_cfg=lora_cfg, dtype="float32",
+                                    teacher_k=8)
+
+  captured = {}
+  build = train_lib.make_train_step
+
+  def recording_build(*args):
+    step = build(*args)
+
+    def run(*step_args):
+      captured["compiled"] = step.lower(*step_args).compile()
+      return step(*step_args)
+    return run
+  monkeypatch.setattr(train_lib, "make_train_step", recording_build)
+  model = model_lib.init_model(config_lib.get_preset("tiny"), remat=True)
+  lora_lib.add_lora(model, lora_cfg)
+  train_lib.train(model, _examples(4, 64, 8), None, cfg, loss_cfg, tmp_path)
+
+  loop = captured["compiled"]
+  loop_cost = plan_train.loop_aware_cost(loop)
+  assert plan.predicted["xla_raw_flops_per_step"] == loop.cost_analysis()["flops"]
+  assert plan.predicted["flops_per_step"] == loop_cost["flops"]
+  assert plan.predicted["bytes_accessed_per_step"] == loop_cost["bytes_accessed"]
+  assert plan.train["total_bytes"] == plan_lib._step_memory(loop).total_bytes
+  # Counting the loops matters: 2 layers, 2 micro-batches, 2 loss chunks per micro-batch.
+  assert plan.predicted["flops_per_step"] > 3 * plan.predicted["xla_raw_flops_per_step"]
+  # And it covers the model FLOPs of the step (remat and elementwise work come on top).
+  assert plan.predicted["flops_per_step"] >= plan.predicted["model_flops_per_step"]
+  assert plan.fits and plan.suggested_batch_size is None and plan.tokens_per_step == 2 * 2 * 64
+  assert plan.predicted["mfu"] is None  # no published peak for a CPU
+
+
+def test_train_plan_over_its_budget_names_the_largest_consumer():
+  cfg = train_lib.TrainConfig(batch_size=2, max_length=64, chunk_size=32)
+  plan = plan_train.make_train_plan("tiny", train_cfg=cfg, loss_cfg=losses.LossConfig(),
+                                    lora_cfg=lora_lib.LoraConfig(), dtype="float32", teacher_k=8,
+                                    hbm_fraction=1e-7)
+  assert not plan.fits and plan.suggested_batch_size == 0  # batch 1 does not fit either
+  with pytest.raises(plan_lib.PlanDoesNotFit) as err:
+    plan_train.check_fits(plan)
+  consumer, _ = plan_train.largest_consumer(plan)
+  message = str(err.value)
+  assert "\n" not in message and f"largest: {consumer}" in message and "more chips" in message
+  data = json.loads(plan.to_json())
+  assert data["train"]["fits"] is False and data["predicted"]["flops_per_step"] > 0
+  assert "DOES NOT FIT" in plan_train.format_table(plan)
+
+
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_cli_refuses_a_train_step_that_cannot_fit_before_loading_weights(tmp_path):
+  """Acceptance 4: one line, exit 2, nothing converted or loaded (convert and train would come next)."""
+  bogus = tmp_path / "not_a_model.gguf"
+  bogus.write_text("the plan must refuse before anything reads this")
+  (tmp_path / "gsm8k").mkdir()
+  workdir = tmp_path / "run"
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  # tiny at 32 x 8192 tokens: the attention scores alone are 8 GiB per layer on one 16 GiB v5e chip.
+  args = ["--config=configs/gt.py", "--config.stages=plan,convert,train", "--config.plan.model=student",
+          "--config.student.preset=tiny", "--config.plan.topology=v5e:1x1", f"--config.student.source={bogus}",
+          f"--config.teacher.source={bogus}", f"--config.data.source={tmp_path / 'gsm8k'}",
+          f"--config.workdir={workdir}", "--config.train.batch_size=32", "--config.train.max_len=8192",
+          "--config.teacher.k=8"]
+  result = subprocess.run([sys.executable, "-m", "kdjax.main", *args], cwd=REPO, env=env, capture_output=True,
+                          text=True, timeout=600)
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("kdjax: error")]
+  assert len(errors) == 1 and "tiny (none base, remat on) train step with batch 32 x 8192" in errors[0]
+  assert "largest: activations and temporaries" in errors[0] and "train.batch_size" in errors[0]
+  assert not (workdir / "models").exists()  # convert never ran: no weight was read
+  plan = json.loads((workdir / "plan.json").read_text())
+  assert plan["train"]["fits"] is False and plan["topology"] == "v5e:1x1"
+  assert 0 < plan["suggested_batch_size"] < 32
+  assert "DOES NOT FIT" in result.stdout
