@@ -24,9 +24,11 @@ Rematerialisation and the loss's recomputed logits are hardware FLOPs, not model
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import sys
 import time
@@ -197,6 +199,20 @@ def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dic
   return analysis(entry), added, loops, unknown
 
 
+@contextlib.contextmanager
+def _native_stderr_silenced():
+  """Sends file descriptor 2 (where native libraries log) to /dev/null for the duration."""
+  sys.stderr.flush()
+  saved = os.dup(2)
+  try:
+    with open(os.devnull, "w") as devnull:
+      os.dup2(devnull.fileno(), 2)
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+
+
 def loop_aware_cost(compiled, lowered=None) -> dict[str, Any]:
   """XLA's cost analysis of `compiled` with every while loop's body counted as often as the loop runs.
 
@@ -214,7 +230,8 @@ def loop_aware_cost(compiled, lowered=None) -> dict[str, Any]:
   raw_flops, raw_bytes = float(raw.get("flops", 0.0)), float(raw.get("bytes accessed", 0.0))
   out = {"raw_flops": raw_flops, "raw_bytes_accessed": raw_bytes}
   try:
-    hlo = compiled.as_text()
+    with _native_stderr_silenced():  # XLA logs a C++ stack trace before raising; the failure is handled here
+      hlo = compiled.as_text()
   except jax.errors.JaxRuntimeError:
     if lowered is None:
       raise
