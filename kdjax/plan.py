@@ -11,6 +11,8 @@ Per-device bytes of a step = arguments + outputs - aliased + temporaries + gener
 the cache is donated, so its outputs alias its arguments and are counted once. The plan's `per_device_bytes` is
 the larger of the two steps (they never run at once; weights and cache are live in both). A step the compiler
 refuses for lack of HBM makes a plan that does not fit, with the compiler's figure.
+
+The student's training step is planned by `kdjax.plan_train` with this module's topologies, meshes and chip table.
 """
 
 from __future__ import annotations
