@@ -137,11 +137,11 @@ def _check_refusal(result, workdir, expected_start):
 
 def test_cli_refuses_a_train_step_over_its_budget_before_loading_weights(tmp_path):
   """Acceptance 4 on the live CPU: an HBM share no step fits in; one line, exit 2, nothing converted or loaded."""
-  args = _plan_then_train_args(tmp_path) + ["--config.train.batch_size=2", "--config.train.max_len=64",
+  args = _plan_then_train_args(tmp_path) + ["--config.train.batch_size=1", "--config.train.max_len=64",
                                             "--config.train.chunk_size=32", "--config.plan.hbm_fraction=1e-7"]
   error, plan = _check_refusal(_run_kdjax(args, REPO), tmp_path / "run",
-                               "tiny (none base, remat on) train step with batch 2 x 64 needs")
-  assert plan["topology"] == "live:cpu" and plan["suggested_batch_size"] == 0  # batch 1 does not fit either
+                               "tiny (none base, remat on) train step with batch 1 x 64 needs")
+  assert plan["topology"] == "live:cpu" and plan["suggested_batch_size"] == 0  # no smaller batch to try
   assert plan["predicted"]["flops_per_step"] > 0  # it compiled: only the budget refuses it
 
 
