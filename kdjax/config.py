@@ -123,7 +123,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.report.rule = "paper"
 
   c.plan = ml_collections.ConfigDict()
-  c.plan.model = "teacher"          # "teacher" or "student"
+  # "teacher": its prefill and decode at plan.batch_size x plan.max_len; "student": its LoRA train step at
+  # train.batch_size x train.max_len (student.quantize, student.remat, student.lora, train.*, mesh.*)
+  c.plan.model = "teacher"
   c.plan.topology = ""              # e.g. "v5p:4x4x4"; empty: the live devices
   c.plan.batch_size = 64
   c.plan.max_len = 2048

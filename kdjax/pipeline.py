@@ -265,11 +265,17 @@ def stage_plan(c, wd: Workdir, records: Records) -> None:
   """Always recomputed (it reads no stage output and is never reused), so plan.json needs no record."""
   from kdjax import plan as plan_lib
   role = c.plan.model
-  quantization = c.teacher.quantization if role == "teacher" else ("int8" if c.student.quantize else "none")
+  if role not in ("teacher", "student"):
+    raise ConfigError(f"plan.model must be 'teacher' or 'student', got {role!r}")
+  if role == "student":  # the student's LoRA train step, as the train stage will compile it
+    from kdjax import plan_train
+    kd = any(config_lib.ARMS[a]["mode"] == "kd" for a in config_lib.arm_names(c))
+    plan_train.run_stage(c, _lora_config(c), _loss_config(c, "kd" if kd else "finetune"), wd.root / "plan.json")
+    return
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
-  result = plan_lib.make_plan(c[role].preset, quantization=quantization, topology=c.plan.topology or None,
-                              mesh_shape=mesh_shape, batch_size=c.plan.batch_size, max_len=c.plan.max_len,
-                              dtype=c[role].dtype, hbm_fraction=c.plan.hbm_fraction)
+  result = plan_lib.make_plan(c.teacher.preset, quantization=c.teacher.quantization,
+                              topology=c.plan.topology or None, mesh_shape=mesh_shape, batch_size=c.plan.batch_size,
+                              max_len=c.plan.max_len, dtype=c.teacher.dtype, hbm_fraction=c.plan.hbm_fraction)
   plan_lib.print_table(result)
   plan_lib.write_plan_json(result, wd.root / "plan.json")
   plan_lib.check_fits(result)

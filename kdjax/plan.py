@@ -11,6 +11,8 @@ Per-device bytes of a step = arguments + outputs - aliased + temporaries + gener
 the cache is donated, so its outputs alias its arguments and are counted once. The plan's `per_device_bytes` is
 the larger of the two steps (they never run at once; weights and cache are live in both). A step the compiler
 refuses for lack of HBM makes a plan that does not fit, with the compiler's figure.
+
+The student's training step is planned by `kdjax.plan_train` with this module's topologies, meshes and chip table.
 """
 
 from __future__ import annotations
@@ -40,12 +42,29 @@ from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
 
 GiB = 1 << 30
-# (HBM per chip, TensorCores per chip) by `device_kind`, for compile-only devices that have no memory stats.
-# A JAX device is a chip (v5p, megacore: `num_cores` 2) or one core (v2, v3, and v4 as libtpu describes it).
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Published figures of one TPU chip (Google Cloud TPU system-architecture pages for v2, v3, v4, v5e, v5p,
+  v6e): HBM, TensorCores, peak dense bf16 FLOP/s and HBM bandwidth. v2 45 TFLOP/s, 600 GB/s; v3 123 TFLOP/s,
+  900 GB/s; v4 275 TFLOP/s, 1200 GB/s; v5e 197 TFLOP/s, 819 GB/s; v5p 459 TFLOP/s, 2765 GB/s; v6e 918 TFLOP/s,
+  1640 GB/s."""
+  hbm_bytes: int
+  cores: int
+  bf16_flops: float
+  hbm_bytes_per_s: float
+
+
+_V5E = Chip(16 * GiB, 1, 197e12, 819e9)
+_V5P = Chip(95 * GiB, 2, 459e12, 2765e9)
+_V6E = Chip(32 * GiB, 1, 918e12, 1640e9)
+# By `device_kind`, for compile-only devices that have no memory stats. A JAX device is a chip (v5p, megacore:
+# `num_cores` 2) or one core (v2, v3, and v4 as libtpu describes it): it gets its cores' share of the chip.
 CHIP_BY_KIND = {
-    "TPU v2": (16 * GiB, 2), "TPU v3": (32 * GiB, 2), "TPU v4": (32 * GiB, 2), "TPU v5 lite": (16 * GiB, 1),
-    "TPU v5e": (16 * GiB, 1), "TPU v5": (95 * GiB, 2), "TPU v5p": (95 * GiB, 2), "TPU v6 lite": (32 * GiB, 1),
-    "TPU v6e": (32 * GiB, 1),
+    "TPU v2": Chip(16 * GiB, 2, 45e12, 600e9), "TPU v3": Chip(32 * GiB, 2, 123e12, 900e9),
+    "TPU v4": Chip(32 * GiB, 2, 275e12, 1200e9), "TPU v5 lite": _V5E, "TPU v5e": _V5E, "TPU v5": _V5P,
+    "TPU v5p": _V5P, "TPU v6 lite": _V6E, "TPU v6e": _V6E,
 }
 QUANTIZATIONS = ("int8", "none")
 KV_CACHE_AXES = model_lib.KV_CACHE_AXES
@@ -177,6 +196,12 @@ def topology_devices(topology: str) -> list[Any]:
     raise PlanError(f"libtpu rejected topology {name!r}: {str(err).splitlines()[0]}") from None
 
 
+def chip_share(device: Any) -> float:
+  """The fraction of its chip that one JAX device is: 1 for a chip, 1/2 for one core of a two-core chip."""
+  chip = CHIP_BY_KIND[device.device_kind]
+  return min(getattr(device, "num_cores", 1), chip.cores) / chip.cores
+
+
 def device_hbm_bytes(device: Any) -> int:
   """Memory of one device: its memory stats when live, the table for TPU kinds, host RAM for CPUs."""
   try:
@@ -186,8 +211,7 @@ def device_hbm_bytes(device: Any) -> int:
   if stats and stats.get("bytes_limit"):
     return int(stats["bytes_limit"])
   if device.device_kind in CHIP_BY_KIND:
-    chip_bytes, cores_per_chip = CHIP_BY_KIND[device.device_kind]
-    return chip_bytes * min(getattr(device, "num_cores", 1), cores_per_chip) // cores_per_chip
+    return int(CHIP_BY_KIND[device.device_kind].hbm_bytes * chip_share(device))
   if device.platform == "cpu":
     host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return host // max(1, len([d for d in jax.devices() if d.platform == "cpu"]))

@@ -262,6 +262,21 @@ def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state
   return lora, opt_state, metrics
 
 
+def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, use_dropout: bool, lora,
+                    opt_state):
+  """The jitted step `(lora, opt_state, rest, batch, key) -> (lora, opt_state, metrics)` that `train` runs.
+
+  The plan stage (`kdjax.plan_train`) compiles the step built here too, on abstract arguments, so the plan and
+  the loop cannot drift apart. `lora` and `opt_state` (arrays, or ShapeDtypeStructs with shardings) give the
+  outputs' shardings.
+  """
+  # No buffer donation: LoRA and its optimizer state are small, and asynchronous checkpoints may still be
+  # reading the previous step's arrays.
+  shardings = jax.tree.map(lambda x: x.sharding, (lora, opt_state))
+  return jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, chunk_size, use_dropout),
+                 out_shardings=(*shardings, None))
+
+
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
 def _eval_sums(graphdef, state, batch, loss_cfg, chunk_size):
   return _loss_sums(graphdef, (state,), batch, loss_cfg, chunk_size, None)
@@ -527,12 +542,8 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     lora, opt_state = place(lora), place(opt_state)
     logger.info("resumed from step %d of %d", step, total_steps)
 
-  # No buffer donation: LoRA and its optimizer state are small, and asynchronous checkpoints may still be
-  # reading the previous step's arrays.
-  shardings = jax.tree.map(lambda x: x.sharding, (lora, opt_state))
-  step_fn = jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, cfg.chunk_size,
-                                      getattr(model, "lora_dropout", 0.0) > 0.0),
-                    out_shardings=(*shardings, None))
+  step_fn = make_train_step(graphdef, tx, loss_cfg, cfg.chunk_size, getattr(model, "lora_dropout", 0.0) > 0.0,
+                            lora, opt_state)
   log = _MetricsLog(workdir, cfg, step, total_steps)
   start_time, tokens_trained = time.perf_counter(), 0
   try:

@@ -1,0 +1,174 @@
+"""The train plan: the student's LoRA step compiled ahead of time, its memory, loop-aware FLOPs and verdict."""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kdjax import plan as plan_lib
+from kdjax import plan_train
+from kdjax.distill import batches, losses
+from kdjax.distill import lora as lora_lib
+from kdjax.distill import train as train_lib
+from kdjax.models.llama import config as config_lib
+from kdjax.models.llama import model as model_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+needs_libtpu = pytest.mark.skipif(not plan_lib.libtpu_available(), reason="libtpu is not installed")
+
+
+def test_model_flops_of_a_lora_step_by_hand():
+  # tiny: L 2, D 64, F 128, H 4, KV 2, head_dim 16, V 256, untied. Projections per layer: q 64*64, k and v
+  # 64*32 each, o 64*64, gate/up/down 64*128 each = 36864; LM head 64*256.
+  n = 2 * 36864 + 64 * 256
+  lora_params = 2 * 4 * ((64 + 64) + (64 + 32) + (64 + 32) + (64 + 64))  # r 4 on q, k, v, o: r (in + out)
+  flops = plan_train.model_flops(config_lib.get_preset("tiny"), lora_lib.LoraConfig(rank=4), seq_len=128)
+  assert flops["params"] == n and flops["lora_params"] == lora_params
+  assert flops["per_token"] == 4 * n + 12 * 2 * 4 * 16 * 128 + 6 * lora_params
+  # Llama 3.1 8B: N = 7.50e9 (its 8.03e9 parameters less the 0.53e9 of the input embedding).
+  flops = plan_train.model_flops(config_lib.get_preset("llama3.1-8b"), lora_lib.LoraConfig(), seq_len=1024)
+  assert 7.49e9 < flops["params"] < 7.51e9
+
+
+def _nested_scan(x, w):
+  def layer(h, w_layer):
+    def repeat(h2, _):
+      return jnp.tanh(h2 @ w_layer), None
+    return jax.lax.scan(repeat, h, None, length=3)[0], None
+  return jax.lax.scan(layer, x, w)[0].sum()
+
+
+def test_loop_aware_cost_counts_every_iteration_of_nested_loops():
+  x = jax.ShapeDtypeStruct((128, 256), jnp.float32)
+  w = jax.ShapeDtypeStruct((10, 256, 256), jnp.float32)
+  compiled = jax.jit(jax.grad(_nested_scan, argnums=1)).lower(x, w).compile()
+  cost = plan_train.loop_aware_cost(compiled)
+  # 30 products of 128x256 @ 256x256, each forward once and backward twice (input and weight gradients).
+  matmuls = 3 * 30 * 2 * 128 * 256 * 256
+  assert matmuls <= cost["flops"] <= 1.01 * matmuls
+  assert cost["raw_flops"] == compiled.cost_analysis()["flops"] < matmuls / 20  # XLA: each body once
+  assert sorted(loop["trips"] for loop in cost["loops"]) == [3, 3, 10, 10] and not cost["unknown_loops"]
+
+
+def _examples(n, length, k, seed=0):
+  rng = np.random.default_rng(seed)
+  out = []
+  for _ in range(n):
+    response = length - 1  # prompt 2 + response, shifted: `length` tokens
+    out.append(batches.distill_example(
+        rng.integers(0, 256, 2), rng.integers(0, 256, response), rng.integers(0, 256, (response, k)),
+        np.log(np.full((response, k), 0.5 / k, np.float32)), np.full(response, 0.5, np.float32)))
+  return out
+
+
+def test_train_plan_compiles_the_training_loops_own_step(tmp_path, monkeypatch):
+  """Acceptance 2: the plan's FLOPs per step equal XLA's cost analysis of the step the loop compiles."""
+  cfg = train_lib.TrainConfig(batch_size=2, grad_accum_steps=2, max_length=64, chunk_size=32, num_steps=1,
+                              checkpoint_every=1, async_checkpointing=False, tensorboard=False, progress_bar=False)
+  loss_cfg, lora_cfg = losses.LossConfig(divergence="forward_kl", ce_weight=0.5), lora_lib.LoraConfig(rank=4)
+  plan = plan_train.make_train_plan("tiny", train_cfg=cfg, loss_cfg=loss_cfg, lora_cfg=lora_cfg, dtype="float32",
+                                    teacher_k=8)
+
+  captured = {}
+  build = train_lib.make_train_step
+
+  def recording_build(*args):
+    step = build(*args)
+
+    def run(*step_args):  # the loop's step, compiled once from the arguments the loop passes, then run
+      if "compiled" not in captured:
+        captured["compiled"] = step.lower(*step_args).compile()
+      return captured["compiled"](*step_args)
+    return run
+  monkeypatch.setattr(train_lib, "make_train_step", recording_build)
+  model = model_lib.init_model(config_lib.get_preset("tiny"), remat=True)
+  lora_lib.add_lora(model, lora_cfg)
+  train_lib.train(model, _examples(4, 64, 8), None, cfg, loss_cfg, tmp_path)
+
+  loop = captured["compiled"]
+  loop_cost = plan_train.loop_aware_cost(loop)
+  assert plan.predicted["xla_raw_flops_per_step"] == loop.cost_analysis()["flops"]
+  assert plan.predicted["flops_per_step"] == loop_cost["flops"]
+  assert plan.predicted["bytes_accessed_per_step"] == loop_cost["bytes_accessed"]
+  assert plan.train["total_bytes"] == plan_lib._step_memory(loop).total_bytes
+  # Counting the loops matters: 2 layers, 2 micro-batches, 2 loss chunks per micro-batch.
+  assert plan.predicted["flops_per_step"] > 3 * plan.predicted["xla_raw_flops_per_step"]
+  # And it covers the model FLOPs of the step (remat and elementwise work come on top).
+  assert plan.predicted["flops_per_step"] >= plan.predicted["model_flops_per_step"]
+  assert plan.fits and plan.suggested_batch_size is None and plan.tokens_per_step == 2 * 2 * 64
+  assert plan.predicted["mfu"] is None  # no published peak for a CPU
+
+
+def _run_kdjax(args, cwd):
+  env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(REPO)}
+  return subprocess.run([sys.executable, "-m", "kdjax.main", *args], cwd=cwd, env=env, capture_output=True,
+                        text=True, timeout=900)
+
+
+def _plan_then_train_args(tmp_path):
+  """Stages plan, convert, train, with model and data paths that exist but would fail if anything read them."""
+  bogus = tmp_path / "not_a_model.gguf"
+  bogus.write_text("the plan must refuse before anything reads this")
+  (tmp_path / "gsm8k").mkdir()
+  return ["--config=configs/gt.py", "--config.stages=plan,convert,train", "--config.plan.model=student",
+          "--config.student.preset=tiny", f"--config.student.source={bogus}", f"--config.teacher.source={bogus}",
+          f"--config.data.source={tmp_path / 'gsm8k'}", f"--config.workdir={tmp_path / 'run'}",
+          "--config.teacher.k=8"]
+
+
+def _check_refusal(result, workdir, expected_start):
+  assert result.returncode == 2, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("kdjax: error")]
+  assert len(errors) == 1 and errors[0].startswith(f"kdjax: error: {expected_start}"), result.stderr[-2000:]
+  assert not (workdir / "models").exists()  # convert never ran: no weight was read
+  plan = json.loads((workdir / "plan.json").read_text())
+  consumer = max({**plan["train"]["arguments"], "activations and temporaries": plan["train"]["temp_bytes"]}.items(),
+                 key=lambda item: item[1])[0]
+  assert f"largest: {consumer}" in errors[0] and errors[0].endswith("more chips")
+  assert plan["train"]["fits"] is False and "DOES NOT FIT" in result.stdout
+  return errors[0], plan
+
+
+def test_cli_refuses_a_train_step_over_its_budget_before_loading_weights(tmp_path):
+  """Acceptance 4 on the live CPU: an HBM share no step fits in; one line, exit 2, nothing converted or loaded."""
+  args = _plan_then_train_args(tmp_path) + ["--config.train.batch_size=1", "--config.train.max_len=64",
+                                            "--config.train.chunk_size=32", "--config.plan.hbm_fraction=1e-7"]
+  error, plan = _check_refusal(_run_kdjax(args, REPO), tmp_path / "run",
+                               "tiny (none base, remat on) train step with batch 1 x 64 needs")
+  assert plan["topology"] == "live:cpu" and plan["suggested_batch_size"] == 0  # no smaller batch to try
+  assert plan["predicted"]["flops_per_step"] > 0  # it compiled: only the budget refuses it
+
+
+@pytest.mark.slow
+@pytest.mark.tpu_compile
+@needs_libtpu
+def test_cli_refuses_a_train_step_that_cannot_fit_on_a_v5e_chip(tmp_path):
+  """Acceptance 4 with the compiler's own verdict: activations that cannot fit one v5e chip at any HBM share."""
+  # tiny at 32 x 8192 tokens: the attention scores alone are 4 GiB per layer (bf16) on one 16 GiB v5e chip.
+  args = _plan_then_train_args(tmp_path) + ["--config.plan.topology=v5e:1x1", "--config.train.batch_size=32",
+                                            "--config.train.max_len=8192"]
+  error, plan = _check_refusal(_run_kdjax(args, REPO), tmp_path / "run",
+                               "tiny (none base, remat on) train step with batch 32 x 8192 needs")
+  assert "largest: activations and temporaries" in error and "train.batch_size" in error
+  assert plan["topology"] == "v5e:1x1" and 0 < plan["suggested_batch_size"] < 32
+  # libtpu refuses to compile it: the plan carries the compiler's figure, and no prediction.
+  assert plan["train"]["compiler_error"] and plan["predicted"] is None
+  assert plan["train"]["total_bytes"] > plan["train"]["device_hbm_bytes"]
+
+
+@pytest.mark.slow
+def test_planned_step_memory_matches_the_measured_peak_on_cpu():
+  """Acceptance 2: SmolLM2's planned step memory within 20% of the RSS the step really takes (see the script)."""
+  result = subprocess.run([sys.executable, str(REPO / "scripts" / "measure_train_memory.py")], cwd=REPO,
+                          capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-2000:]
+  figures = json.loads(result.stdout.strip().splitlines()[-1])
+  assert 0.8 <= figures["measured_step_bytes"] / figures["plan_total_bytes"] <= 1.2, figures
+  # The arguments alone (weights, LoRA, optimizer state, batch) are what the plan says, to 10%.
+  assert 0.9 <= figures["measured_argument_bytes"] / figures["plan_argument_bytes"] <= 1.1, figures
