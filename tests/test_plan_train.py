@@ -111,14 +111,14 @@ def _run_kdjax(args, cwd):
                         text=True, timeout=900)
 
 
-def _plan_then_train_args(tmp_path):
-  """Stages plan, convert, train, with model and data paths that exist but would fail if anything read them."""
+def _plan_then_train_args(tmp_path, gsm8k_dir):
+  """Stages plan, convert, train, with model paths that exist but would fail if anything read them (the data is
+  real: validation reads the question files before any stage)."""
   bogus = tmp_path / "not_a_model.gguf"
   bogus.write_text("the plan must refuse before anything reads this")
-  (tmp_path / "gsm8k").mkdir()
   return ["--config=configs/gt.py", "--config.stages=plan,convert,train", "--config.plan.model=student",
           "--config.student.preset=tiny", f"--config.student.source={bogus}", f"--config.teacher.source={bogus}",
-          f"--config.data.source={tmp_path / 'gsm8k'}", f"--config.workdir={tmp_path / 'run'}",
+          f"--config.data.source={gsm8k_dir}", f"--config.workdir={tmp_path / 'run'}",
           "--config.teacher.k=8"]
 
 
@@ -135,9 +135,9 @@ def _check_refusal(result, workdir, expected_start):
   return errors[0], plan
 
 
-def test_cli_refuses_a_train_step_over_its_budget_before_loading_weights(tmp_path):
+def test_cli_refuses_a_train_step_over_its_budget_before_loading_weights(tmp_path, gsm8k_dir):
   """Acceptance 4 on the live CPU: an HBM share no step fits in; one line, exit 2, nothing converted or loaded."""
-  args = _plan_then_train_args(tmp_path) + ["--config.train.batch_size=1", "--config.train.max_len=64",
+  args = _plan_then_train_args(tmp_path, gsm8k_dir) + ["--config.train.batch_size=1", "--config.train.max_len=64",
                                             "--config.train.chunk_size=32", "--config.plan.hbm_fraction=1e-7"]
   error, plan = _check_refusal(_run_kdjax(args, REPO), tmp_path / "run",
                                "tiny (none base, remat on) train step with batch 1 x 64 needs")
@@ -148,10 +148,10 @@ def test_cli_refuses_a_train_step_over_its_budget_before_loading_weights(tmp_pat
 @pytest.mark.slow
 @pytest.mark.tpu_compile
 @needs_libtpu
-def test_cli_refuses_a_train_step_that_cannot_fit_on_a_v5e_chip(tmp_path):
+def test_cli_refuses_a_train_step_that_cannot_fit_on_a_v5e_chip(tmp_path, gsm8k_dir):
   """Acceptance 4 with the compiler's own verdict: activations that cannot fit one v5e chip at any HBM share."""
   # tiny at 32 x 8192 tokens: the attention scores alone are 4 GiB per layer (bf16) on one 16 GiB v5e chip.
-  args = _plan_then_train_args(tmp_path) + ["--config.plan.topology=v5e:1x1", "--config.train.batch_size=32",
+  args = _plan_then_train_args(tmp_path, gsm8k_dir) + ["--config.plan.topology=v5e:1x1", "--config.train.batch_size=32",
                                             "--config.train.max_len=8192"]
   error, plan = _check_refusal(_run_kdjax(args, REPO), tmp_path / "run",
                                "tiny (none base, remat on) train step with batch 32 x 8192 needs")
