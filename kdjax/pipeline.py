@@ -79,6 +79,16 @@ def validate(c: ml_collections.ConfigDict) -> None:
     data = c.data.source
     if data != "openai/gsm8k" and not pathlib.Path(data).exists():
       raise ConfigError(f"GSM8K not found at {data} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
+  from kdjax.evaluation import extract
+  for key in ("eval.rule", "report.rule"):
+    section, name = key.split(".")
+    if c[section][name] not in extract.RULES:
+      raise ConfigError(f"{key} must be one of {', '.join(extract.RULES)}, got {c[section][name]!r}")
+  if c.report.arms not in ("", "all"):
+    try:
+      config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
+    except ValueError as e:
+      raise ConfigError(f"report.arms: {e}") from None
   if c.teacher.quantization not in ("int8", "none"):
     raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
 
@@ -261,14 +271,27 @@ def stage_eval(c, wd: Workdir) -> None:
     log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")
 
 
+def report_arm_names(c, wd: Workdir) -> list[str]:
+  """The arms the report shows: this run's (`report.arms` empty), the listed ones, or every evaluated one."""
+  if c.report.arms == "all":
+    return [p.parent.name for p in sorted((wd.root / "arms").glob("*/eval")) if (p / "samples.jsonl").exists()]
+  if c.report.arms:
+    return config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
+  return config_lib.arm_names(c)
+
+
 def stage_report(c, wd: Workdir) -> None:
   from kdjax.evaluation import paper_numbers, report
-  arms = {p.parent.name: p for p in sorted((wd.root / "arms").glob("*/eval"))
-          if (p / "samples.jsonl").exists()}
-  if not arms:
-    raise ConfigError(f"no evaluated arms under {wd.root / 'arms'}: run the eval stage first")
-  report.build_report(arms, wd.root / "report", rule=c.report.rule,
-                      paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY)
+  names = report_arm_names(c, wd)
+  unevaluated = [a for a in names if not (wd.arm(a) / "eval" / "samples.jsonl").exists()]
+  if unevaluated or not names:
+    raise ConfigError(f"arm(s) {unevaluated or names} not evaluated under {wd.root / 'arms'}: run the eval stage")
+  strategies = sorted({config_lib.ARMS[a]["strategy"] for a in names if config_lib.ARMS[a]["mode"] == "kd"})
+  report.build_report({a: wd.arm(a) / "eval" for a in names}, wd.root / "report", rule=c.report.rule,
+                      paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
+                      stores={s: wd.store(s) for s in strategies if (wd.store(s) / "manifest.json").exists()},
+                      update_norms={a: wd.arm(a) / "train" / "update_norms.json" for a in names},
+                      bootstrap_resamples=c.report.bootstrap_resamples, seed=c.seed)
   log(f"report: {wd.root / 'report' / 'report.md'}")
   if jax.process_index() == 0:
     print((wd.root / "report" / "report.md").read_text())

@@ -123,7 +123,8 @@ def test_report_builds_from_two_folders(finished, tmp_path):
   built = report.build_report({"base": out_dir, "copy": other}, tmp_path / "report", controls=("base",))
   for name in ("base", "copy"):
     arm = built["arms"][name]
-    assert arm["n"] == 4 and arm["accuracy"] == summary["accuracy"]["paper"]
+    assert arm["n"] == 4 and arm["accuracy"] == summary["accuracy"]["final"]
+    assert arm["ref_nll"] == pytest.approx(summary["ref_nll_mean"])
     assert arm["mean_output_tokens"] == summary["mean_output_tokens"]
   assert built["comparisons"][0]["p_value"] == 1.0
   assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / report.ACCURACY_PLOT).exists()

@@ -353,3 +353,40 @@ def test_rescore_bad_input_exits_2_with_one_line(tmp_path, make_args, message):
   assert completed.stdout == ""
   lines = completed.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], completed.stderr
+
+
+def test_pipeline_checks_report_keys_before_any_stage():
+  from kdjax import config as config_lib
+  from kdjax import pipeline
+  c = config_lib.get_default_config()
+  c.stages = "report"
+  assert c.eval.rule == c.report.rule == "final" and c.report.arms == ""
+  pipeline.validate(c)
+  c.report.rule = "bogus"
+  with pytest.raises(pipeline.ConfigError, match="report.rule must be one of"):
+    pipeline.validate(c)
+  c.report.rule = "paper"
+  c.report.arms = "nodistill,magic"
+  with pytest.raises(pipeline.ConfigError, match="report.arms: unknown arm"):
+    pipeline.validate(c)
+
+
+def test_report_stage_reports_this_runs_arms(arms, tmp_path):
+  import shutil
+  from kdjax import config as config_lib
+  from kdjax import pipeline
+  wd = pipeline.Workdir(tmp_path / "work")
+  for name in ("nodistill", "finetune", "ground_truth"):
+    shutil.copytree(arms[name], wd.arm(name) / "eval")
+  c = config_lib.get_default_config()
+  c.workdir, c.stages, c.arms = str(wd.root), "report", "ground_truth,nodistill"
+  pipeline.stage_report(c, wd)
+  built = json.loads((wd.root / "report" / "report.json").read_text())
+  assert set(built["arms"]) == {"ground_truth", "nodistill"}  # finetune was evaluated by another run
+  c.report.arms = "all"
+  pipeline.stage_report(c, wd)
+  assert set(json.loads((wd.root / "report" / "report.json").read_text())["arms"]) == {
+      "ground_truth", "nodistill", "finetune"}
+  c.report.arms, c.arms = "", "teacher"
+  with pytest.raises(pipeline.ConfigError, match="not evaluated"):
+    pipeline.stage_report(c, wd)
