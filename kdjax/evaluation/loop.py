@@ -299,8 +299,9 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
              arm: str, progress: bool = True) -> dict:
   """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
 
-  `questions` are records with `id`, `question` and `gold` (or `answer`), as from `data.load_gsm8k`.
-  Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
+  `questions` are records with `id`, `question`, `answer` (the reference solution, scored by its NLL) and `gold`
+  (else parsed from `answer`), as from `data.load_gsm8k`. Each generated batch also gets its reference NLL
+  (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
   selected questions is returned as is.
   """
   out_dir = pathlib.Path(out_dir)
@@ -335,6 +336,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   def ref_nll_of(ids: Sequence[int]) -> dict[int, tuple[float, int]]:
     return reference_nll.reference_nll(model, [references[i] for i in ids], batch_size=cfg.batch_size,
                                        length=ref_length)
+
   # Similar prompt lengths share a batch, so little compute goes to padding; ids keep the records apart.
   todo.sort(key=lambda q: (len(prompts[q["id"]]), q["id"]))
   sampling = cfg.sampling()
