@@ -292,10 +292,13 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
                                                        resamples=bootstrap_resamples, seed=seed,
                                                        confidence=confidence)
         report["ref_nll_comparisons"].append({"arm": name, "control": control, **difference})
-  # One family: every McNemar test of this report (all arms against all controls, primary rule).
-  for comparison, adjusted in zip(report["comparisons"],
-                                  stats.holm_adjust([c["p_value"] for c in report["comparisons"]])):
-    comparison["p_holm"] = adjusted
+  # One family: every distinct McNemar test of this report (all arms against all controls, primary rule); the
+  # two controls compared each way are one test.
+  tests = {frozenset((c["arm"], c["control"])): c["p_value"] for c in report["comparisons"]}
+  adjusted = dict(zip(tests, stats.holm_adjust(list(tests.values()))))
+  for comparison in report["comparisons"]:
+    comparison["p_holm"] = adjusted[frozenset((comparison["arm"], comparison["control"]))]
+  report["num_tests"] = len(tests)
 
   if AGREEMENT_CONTROL in compared:
     for name in compared:

@@ -26,7 +26,7 @@ def _accuracy_cell(result: dict) -> str:
 
 def _accuracy_table(arms: dict, rules: list[str]) -> list[str]:
   lines = ["| arm | n | " + " | ".join(f"`{r}`" for r in rules)
-           + f" | no answer (`{rules[0]}`) | mean output tokens | hit token limit | paper (published) |",
+           + f" | no answer (`{rules[0]}`) | mean output tokens | hit token limit | published |",
            "|---|---|" + "---|" * len(rules) + "---|---|---|---|"]
   for name, arm in arms.items():
     cells = [_accuracy_cell(arm["by_rule"][r]) for r in rules]
@@ -60,7 +60,7 @@ def _mcnemar_section(report: dict) -> list[str]:
   lines = [f"## Exact McNemar tests against controls (`{report['rule']}` rule)", ""]
   if not report["comparisons"]:
     return lines + ["No control arm present; no tests run."]
-  lines += [f"Holm-adjusted over the {len(report['comparisons'])} tests of this table.", "",
+  lines += [f"Holm-adjusted over the {report['num_tests']} distinct tests of this table.", "",
             "| arm | control | paired n | arm acc. | control acc. | arm-only correct | control-only correct "
             "| p (two-sided) | p (Holm) |",
             "|---|---|---|---|---|---|---|---|---|"]
