@@ -84,6 +84,8 @@ def validate(c: ml_collections.ConfigDict) -> None:
     section, name = key.split(".")
     if c[section][name] not in extract.RULES:
       raise ConfigError(f"{key} must be one of {', '.join(extract.RULES)}, got {c[section][name]!r}")
+  if c.report.bootstrap_resamples < 1:
+    raise ConfigError(f"report.bootstrap_resamples must be >= 1, got {c.report.bootstrap_resamples}")
   if c.report.arms not in ("", "all"):
     try:
       config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
@@ -285,7 +287,8 @@ def stage_report(c, wd: Workdir) -> None:
   names = report_arm_names(c, wd)
   unevaluated = [a for a in names if not (wd.arm(a) / "eval" / "samples.jsonl").exists()]
   if unevaluated or not names:
-    raise ConfigError(f"arm(s) {unevaluated or names} not evaluated under {wd.root / 'arms'}: run the eval stage")
+    raise ConfigError(f"arm(s) {', '.join(unevaluated) or '(none)'} not evaluated under {wd.root / 'arms'}: "
+                      "run the eval stage first")
   strategies = sorted({config_lib.ARMS[a]["strategy"] for a in names if config_lib.ARMS[a]["mode"] == "kd"})
   report.build_report({a: wd.arm(a) / "eval" for a in names}, wd.root / "report", rule=c.report.rule,
                       paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
