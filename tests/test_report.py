@@ -391,3 +391,10 @@ def test_report_stage_reports_this_runs_arms(arms, tmp_path):
   c.report.arms, c.arms = "", "teacher"
   with pytest.raises(pipeline.ConfigError, match="not evaluated"):
     pipeline.stage_report(c, wd)
+
+
+def test_tiny_nll_differences_keep_their_digits():
+  from kdjax.evaluation import report_render
+  assert report_render._signed(-0.25) == "-0.2500"
+  assert report_render._signed(2.3e-7) == "+2.30e-07" and report_render._signed(-4.2e-8) == "-4.20e-08"
+  assert report_render._signed(0.0) == "+0.0000"

@@ -17,6 +17,11 @@ def _number(value: Optional[float], digits: int = 1) -> str:
   return "n/a" if value is None else f"{value:.{digits}f}"
 
 
+def _signed(value: float) -> str:
+  """A signed difference: 4 decimals, or 3 significant digits when smaller (an adapter that barely moved)."""
+  return f"{value:+.4f}" if value == 0 or abs(value) >= 1e-3 else f"{value:+.2e}"
+
+
 def _accuracy_cell(result: dict) -> str:
   """`12.3% [10.1, 14.6]`: accuracy and its interval, in percent."""
   if result["accuracy"] is None:
@@ -51,7 +56,7 @@ def _ref_nll_section(report: dict, resamples: int, seed: int) -> list[str]:
     for control in controls:
       c = by_pair.get((name, control))
       cells.append("—" if c is None or c["difference"] is None else
-                   f"{c['difference']:+.4f} [{c['ci_low']:+.4f}, {c['ci_high']:+.4f}]")
+                   f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]")
     lines.append(f"| {name} | {arm['ref_nll_n']} | {_number(arm['ref_nll'], 4)} | " + " | ".join(cells) + " |")
   return lines
 
