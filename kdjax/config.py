@@ -117,10 +117,12 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.eval.prompt_format = "zero_shot_cot"  # or "eight_shot_cot"
   c.eval.max_new_tokens = 512
   c.eval.batch_size = 32
-  c.eval.rule = "paper"             # primary extraction rule of the report; every rule is stored
+  c.eval.rule = "final"             # primary extraction rule (evaluation.extract.RULES); every rule is stored
 
   c.report = ml_collections.ConfigDict()
-  c.report.rule = "paper"
+  c.report.rule = "final"           # primary rule; the report also shows strict, flexible and paper
+  c.report.arms = ""                # "": this run's arms; else a comma list of evaluated arms, or "all" of them
+  c.report.bootstrap_resamples = 2000  # paired bootstrap of the reference-NLL differences (seeded by `seed`)
 
   c.plan = ml_collections.ConfigDict()
   # "teacher": its prefill and decode at plan.batch_size x plan.max_len; "student": its LoRA train step at

@@ -111,8 +111,17 @@ def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None
     raise ConfigError(f"plan.model must be 'teacher' or 'student', got {c.plan.model!r}")
   if c.eval.split not in data.SPLITS:
     raise ConfigError(f"eval.split must be one of {data.SPLITS}, got {c.eval.split!r}")
-  if c.report.rule not in extract.RULES:
-    raise ConfigError(f"report.rule must be one of {extract.RULES}, got {c.report.rule!r}")
+  for key in ("eval.rule", "report.rule"):
+    section, name = key.split(".")
+    if c[section][name] not in extract.RULES:
+      raise ConfigError(f"{key} must be one of {', '.join(extract.RULES)}, got {c[section][name]!r}")
+  if c.report.bootstrap_resamples < 1:
+    raise ConfigError(f"report.bootstrap_resamples must be >= 1, got {c.report.bootstrap_resamples}")
+  if c.report.arms not in ("", "all"):
+    try:
+      config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
+    except ValueError as e:
+      raise ConfigError(f"report.arms: {e}") from None
   if c.analyze.num_questions < 1 or not 0.0 < c.analyze.threshold < 1.0:
     raise ConfigError(f"need analyze.num_questions >= 1 and 0 < analyze.threshold < 1, got "
                       f"{c.analyze.num_questions}, {c.analyze.threshold}")
@@ -444,23 +453,38 @@ def stage_eval(c, wd: Workdir, records: Records) -> None:
     log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")
 
 
+def report_arm_names(c, wd: Workdir) -> list[str]:
+  """The arms the report shows: this run's (`report.arms` empty), the listed ones, or every evaluated one."""
+  if c.report.arms == "all":
+    return [p.parent.name for p in sorted((wd.root / "arms").glob("*/eval")) if (p / "samples.jsonl").exists()]
+  if c.report.arms:
+    return config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
+  return config_lib.arm_names(c)
+
+
 def stage_report(c, wd: Workdir, records: Records) -> None:
   """Always rebuilt from the eval folders; this run's arms must hold this run's evaluations."""
   from kdjax.evaluation import paper_numbers, report
-  for arm in config_lib.arm_names(c):
-    out = wd.arm(arm) / "eval"
-    if out.exists():
-      provenance.require(out, wd.name(out), records.eval(arm), "eval")
-  arms = {p.parent.name: p for p in sorted((wd.root / "arms").glob("*/eval"))
-          if (p / "samples.jsonl").exists()}
-  if not arms:
-    raise ConfigError(f"no evaluated arms under {wd.root / 'arms'}: run the eval stage first")
+  names = report_arm_names(c, wd)
+  unevaluated = [a for a in names if not (wd.arm(a) / "eval" / "samples.jsonl").exists()]
+  if unevaluated or not names:
+    raise ConfigError(f"arm(s) {', '.join(unevaluated) or '(none)'} not evaluated under {wd.root / 'arms'}: "
+                      "run the eval stage first")
+  this_run = set(config_lib.arm_names(c))
+  for arm in names:  # arms of other runs (report.arms) carry their own records, listed in the report's
+    if arm in this_run:
+      provenance.require(wd.arm(arm) / "eval", wd.name(wd.arm(arm) / "eval"), records.eval(arm), "eval")
+  evals = {a: wd.arm(a) / "eval" for a in names}
   if _writer():
     provenance.write(wd.root / "report", provenance.make_record(
         "report", settings=provenance.settings(c, ["report"]),
-        inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in arms.items()}))
-  report.build_report(arms, wd.root / "report", rule=c.report.rule,
-                      paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY)
+        inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in evals.items()}))
+  strategies = sorted({config_lib.ARMS[a]["strategy"] for a in names if config_lib.ARMS[a]["mode"] == "kd"})
+  report.build_report(evals, wd.root / "report", rule=c.report.rule,
+                      paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
+                      stores={s: wd.store(s) for s in strategies if (wd.store(s) / "manifest.json").exists()},
+                      update_norms={a: wd.arm(a) / "train" / "update_norms.json" for a in names},
+                      bootstrap_resamples=c.report.bootstrap_resamples, seed=c.seed)
   log(f"report: {wd.root / 'report' / 'report.md'}")
   if jax.process_index() == 0:
     print((wd.root / "report" / "report.md").read_text())

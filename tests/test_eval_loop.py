@@ -123,7 +123,8 @@ def test_report_builds_from_two_folders(finished, tmp_path):
   built = report.build_report({"base": out_dir, "copy": other}, tmp_path / "report", controls=("base",))
   for name in ("base", "copy"):
     arm = built["arms"][name]
-    assert arm["n"] == 4 and arm["accuracy"] == summary["accuracy"]["paper"]
+    assert arm["n"] == 4 and arm["accuracy"] == summary["accuracy"]["final"]
+    assert arm["ref_nll"] == pytest.approx(summary["ref_nll_mean"])
     assert arm["mean_output_tokens"] == summary["mean_output_tokens"]
   assert built["comparisons"][0]["p_value"] == 1.0
   assert (tmp_path / "report" / "report.md").exists() and (tmp_path / "report" / report.ACCURACY_PLOT).exists()
@@ -173,3 +174,71 @@ def test_eight_shot_prompt():
     assert extract.extract_answer(text, "strict") == answer
   assert "How many legs do 3 cats have?" in messages[-1]["content"]
   assert loop.prompt_messages("Q?", "zero_shot_cot")[0]["role"] == "system"
+
+
+# ----------------------------------------------------------------------------- reference-solution NLL vs torch
+
+@pytest.fixture(scope="module")
+def tiny_torch_student(smollm2_gguf, tmp_path_factory):
+  """A random Llama with SmolLM2's vocabulary, saved by transformers and loaded by kdjax; and the tokenizer."""
+  import torch
+  import transformers
+  import kdjax
+  tokenizer = kdjax.load_tokenizer(smollm2_gguf)
+  torch.manual_seed(0)
+  hf_config = transformers.LlamaConfig(
+      vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+      num_key_value_heads=1, max_position_embeddings=2048, rms_norm_eps=1e-5, tie_word_embeddings=False)
+  torch_model = transformers.LlamaForCausalLM(hf_config).eval()
+  with torch.no_grad():  # spread the logits so the NLL is far from log(vocab) and differs between tokens
+    torch_model.lm_head.weight.mul_(40.0)
+  folder = tmp_path_factory.mktemp("tiny_hf")
+  torch_model.save_pretrained(folder)
+  model, _ = kdjax.load_model(folder, dtype="float32")
+  return model, tokenizer, torch_model
+
+
+def _torch_reference_nll(torch_model, tokenizer, question: dict) -> tuple[float, int]:
+  """Independent: the full sequence through transformers, float64 log-softmax, mean over solution + end token."""
+  import torch
+  from kdjax import priming
+  prompt = priming.encode_chat(tokenizer, priming.student_messages(question["question"]))
+  solution = tokenizer.encode(data.strip_calculator_annotations(question["answer"]).strip(),
+                              add_special_tokens=False) + [priming.stop_token_ids(tokenizer)[0]]
+  ids = prompt + solution
+  with torch.no_grad():
+    logits = torch_model(torch.tensor([ids])).logits[0].double()
+  log_probs = torch.log_softmax(logits, dim=-1)
+  positions = range(len(prompt) - 1, len(ids) - 1)  # position t predicts token t + 1
+  nll = -sum(float(log_probs[t, ids[t + 1]]) for t in positions)
+  return nll / len(solution), len(solution)
+
+
+def test_reference_nll_matches_transformers_and_backfills(tiny_torch_student, questions, tmp_path, monkeypatch):
+  model, tokenizer, torch_model = tiny_torch_student
+  # 3 questions in batches of 2: the second batch carries a padding row; "final" only (no math-verify worker).
+  cfg = loop.EvalConfig(num_questions=3, max_new_tokens=4, batch_size=2, rules=("final",))
+  out_dir = tmp_path / "tiny"
+  summary = loop.evaluate(model, tokenizer, questions, cfg, out_dir, arm="nodistill", progress=False)
+  samples = {s["id"]: s for s in report.load_samples(out_dir)}
+  expected = {}
+  for question_id, sample in samples.items():
+    nll, tokens = _torch_reference_nll(torch_model, tokenizer, questions[question_id])
+    expected[question_id] = nll
+    assert sample["ref_tokens"] == tokens
+    assert sample["ref_nll"] == pytest.approx(nll, rel=1e-5, abs=1e-5)
+  assert len(set(round(v, 3) for v in expected.values())) == 3  # the questions really differ
+  assert summary["ref_nll_mean"] == pytest.approx(sum(expected.values()) / 3, rel=1e-5)
+
+  # A folder written before the reference NLL existed: the NLL is added without generating again.
+  stripped = [{k: v for k, v in s.items() if k not in ("ref_nll", "ref_tokens")} for s in samples.values()]
+  (out_dir / loop.SAMPLES_FILE).write_text("".join(json.dumps(s) + "\n" for s in stripped), encoding="utf-8")
+  old_summary = {k: v for k, v in summary.items() if k != "ref_nll_mean"}
+  (out_dir / loop.SUMMARY_FILE).write_text(json.dumps(old_summary), encoding="utf-8")
+  spy = GenerateSpy(monkeypatch)
+  again = loop.evaluate(model, tokenizer, questions, cfg, out_dir, arm="nodistill", progress=False)
+  assert spy.example_ids == []
+  assert again["ref_nll_mean"] == pytest.approx(summary["ref_nll_mean"], rel=1e-6)
+  for sample in report.load_samples(out_dir):
+    assert sample["ref_nll"] == pytest.approx(expected[sample["id"]], rel=1e-5, abs=1e-5)
+    assert sample["output"] == samples[sample["id"]]["output"]

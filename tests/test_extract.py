@@ -1,15 +1,42 @@
 """Answer extraction rules, gold parsing and the never-raise property."""
 
 import json
+import re
 import time
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kdjax import data
 from kdjax.evaluation import extract
 
 # Each case is written from the rule's definition (module docstring of extract.py).
+FINAL_CASES = [
+    # The marker that starts last wins, whatever its kind.
+    ("First, the lowest score, which is 71, is dropped.\nThen 3 + 4 = 7.\n#### 85", 85.0),
+    ("The answer is 7.\nCheck: 7 + 1 = 8.", 7.0),
+    ("\\boxed{5} was a guess. The final answer is 6.", 6.0),
+    ("The answer is 6, so \\boxed{\\frac{1}{4}}", 0.25),
+    ("Answer: 12 apples, 3 pears\nmore text 99", 12.0),
+    ("**Answer:** $1,234.50.", 1234.5),
+    ("**Final Answer**: -3", -3.0),
+    ("So my answer is \u22127 degrees.", -7.0),
+    ("THE CORRECT ANSWER IS 40%", 40.0),
+    ("Add them: 2 + 3 = 5.\nThe final answer is:\n\n**18**", 18.0),
+    ("#### 1,000\n", 1000.0),
+    # A marker without a number is no answer marker; "#### Step 2" is a markdown heading.
+    ("The answer is unclear.\nWe get 3 and then 9.", 9.0),
+    ("#### Step 2: add 4 and 5\nThat gives 9", 9.0),
+    ("answer: none\n\n10 left", 10.0),
+    # Without markers: the last number (trailing period, decimals, negatives, binary minus).
+    ("Add 2 and 3 to get 5.\nDouble it: 10.", 10.0),
+    ("vals 1 2\n0.5 and .75", 0.75),
+    ("10 and 4 give\n10-4", 4.0),
+    ("I do not know.", None),
+    ("", None),
+]
+
 PAPER_CASES = [
     # First \boxed wins, nested braces, thousands separators, fractions, units.
     ("Work: 3 + 4 = 7.\n\\boxed{1,000} and later 7", 1000.0),
@@ -77,6 +104,64 @@ MATH_VERIFY_CASES = [
 ]
 
 
+@pytest.mark.parametrize("text,expected", FINAL_CASES)
+def test_final_rule(text, expected):
+  assert extract.extract_answer(text, "final") == expected
+  assert extract.extract_answer(text) == expected  # the default rule
+
+
+# Final lines people write, each formatting the answer `n` as GSM8K's `#### n` line does (commas kept).
+FINAL_LINE_FORMS = [
+    "#### {n}",
+    "The answer is {n}.",
+    "So the answer is {n}",
+    "Therefore, the final answer is {n}.",
+    "The final answer is $\\boxed{{{n}}}$",
+    "\\boxed{{{n}}}",
+    "Answer: {n}",
+    "**Answer:** {n}",
+    "**Final Answer:** {n}",
+    "Final answer: {n}",
+    "The answer is: ${n}.",
+    "The answer is **{n}**.",
+    "The final answer is:\n\n{n}",
+]
+
+
+def _reference_solutions(gsm8k_dir):
+  """(solution body without its `#### N` line and annotations, N as written, gold) of every test question."""
+  out = []
+  for record in data.load_gsm8k(gsm8k_dir, "test"):
+    solution = data.strip_calculator_annotations(record["answer"])
+    body, _, written = solution.rpartition("\n#### ")
+    # Independent gold: the text after the last "####", commas removed.
+    out.append((body, written.strip(), float(record["answer"].split("####")[-1].strip().replace(",", ""))))
+  return out
+
+
+def test_final_rule_reads_every_gsm8k_reference_solution(gsm8k_dir):
+  """Issue 11 acceptance 2: zero misreads over all 1319 reference solutions in every final-line form."""
+  solutions = _reference_solutions(gsm8k_dir)
+  assert len(solutions) == 1319
+  assert any("," in n for _, n, _ in solutions) and any(g < 0 for _, _, g in solutions)
+  for form in FINAL_LINE_FORMS:
+    misread = [(body[-50:], n) for body, n, gold in solutions
+               if extract.extract_answer(body + "\n" + form.format(n=n), "final") != gold]
+    assert not misread, f"form {form!r}: {len(misread)} misreads, e.g. {misread[:3]}"
+
+
+def test_paper_rule_misreads_reference_solutions_that_open_with_a_number(gsm8k_dir):
+  """The reason `paper` is not the primary rule: its first-line branch misreads 26 solutions as written."""
+  solutions = _reference_solutions(gsm8k_dir)
+  misread = [body for body, n, gold in solutions
+             if extract.extract_answer(f"{body}\n#### {n}", "paper") != gold]
+  assert len(misread) == 26
+  # Each misread opens with a line whose numbers all agree (the paper's first-line branch).
+  for body in misread:
+    numbers = [float(x) for x in re.findall(r"[0-9]+(?:\.[0-9]+)?", body.split("\n")[0])]
+    assert numbers and len(set(numbers)) == 1
+
+
 @pytest.mark.parametrize("text,expected", PAPER_CASES)
 def test_paper_rule(text, expected):
   assert extract.extract_answer(text, "paper") == expected
@@ -111,13 +196,13 @@ def test_math_verify_time_limit_returns_none_and_recovers():
 def test_extract_all_and_unknown_rule():
   answers = extract.extract_all("Step 1 then 2.\n#### 1,000")
   assert set(answers) == set(extract.RULES)
-  assert answers == {"paper": 1000.0, "strict": 1000.0, "flexible": 1000.0,
+  assert answers == {"final": 1000.0, "paper": 1000.0, "strict": 1000.0, "flexible": 1000.0,
                      "math_verify": 1000.0}
   with pytest.raises(ValueError, match="unknown extraction rule"):
     extract.extract_answer("1", "nonsense")
 
 
-@pytest.mark.parametrize("rule", ["paper", "strict", "flexible"])
+@pytest.mark.parametrize("rule", ["final", "paper", "strict", "flexible"])
 @given(n=st.integers(min_value=-10**9, max_value=10**9))
 @settings(max_examples=100, deadline=None)
 def test_formatted_integer_roundtrips(rule, n):
@@ -125,11 +210,11 @@ def test_formatted_integer_roundtrips(rule, n):
 
 
 # Text built from the characters the rules react to, so the regex paths are actually exercised.
-_NUMBERISH = st.text(alphabet="0123456789.,$-+%#{}\\ \nboxedThe answr isfinalcorect\u2212",
+_NUMBERISH = st.text(alphabet="0123456789.,$-+%#{}\\ \nboxedThe answr isfinalcorect:*\u2212",
                      max_size=200)
 
 
-@pytest.mark.parametrize("rule", ["paper", "strict", "flexible"])
+@pytest.mark.parametrize("rule", ["final", "paper", "strict", "flexible"])
 @given(text=st.one_of(st.text(), _NUMBERISH))
 @settings(max_examples=400, deadline=None)
 def test_regex_rules_never_raise(rule, text):
@@ -144,7 +229,7 @@ def test_math_verify_never_raises(text):
   assert answer is None or isinstance(answer, float)
 
 
-@pytest.mark.parametrize("rule", ["paper", "strict", "flexible"])
+@pytest.mark.parametrize("rule", ["final", "paper", "strict", "flexible"])
 def test_regex_rules_are_fast_on_long_adversarial_text(rule):
   # Each piece once took quadratic time in some version of a rule.
   text = ("1,111" * 20000 + "." * 20000 + "\\boxed{" * 2000 + "the answer is " * 2000

@@ -19,12 +19,18 @@ FINETUNE = [1, 1, 0, 0, 0, 1, 1, 0, 0, 0]  # 4 / 10
 GROUND_TRUTH = [1, 1, 1, 1, 1, 1, 1, 0, 0, 1]  # 8 / 10
 
 
-def _stored_sample(i, ok):
+# Reference-solution NLL per question: nodistill's, and each arm's offset from it.
+NODISTILL_NLL = [1.0 + 0.1 * i for i in range(10)]
+NLL_OFFSET = {"nodistill": 0.0, "finetune": 0.05, "ground_truth": -0.25}
+
+
+def _stored_sample(i, ok, arm="nodistill"):
   gold = float(10 + i)
   answer = gold if ok else None
   return {"id": i, "question": f"q{i}", "output": f"The answer is {answer}", "gold": gold,
           "answers": {"paper": answer}, "correct": {"paper": bool(ok)},
-          "num_output_tokens": 10 * (i + 1), "hit_token_limit": i == 9}
+          "num_output_tokens": 10 * (i + 1), "hit_token_limit": i == 9,
+          "ref_nll": NODISTILL_NLL[i] + NLL_OFFSET[arm], "ref_tokens": 50}
 
 
 def _write_arm(folder, samples, summary=None):
@@ -44,9 +50,10 @@ def arms(tmp_path):
                               [_stored_sample(i, ok) for i, ok in enumerate(NODISTILL)],
                               summary={"model": "student"}),
       "finetune": _write_arm(tmp_path / "finetune",
-                             [_stored_sample(i, ok) for i, ok in enumerate(FINETUNE)]),
+                             [_stored_sample(i, ok, "finetune") for i, ok in enumerate(FINETUNE)]),
+      # Written in reverse question order: pairing goes by id, not by line.
       "ground_truth": _write_arm(tmp_path / "ground_truth",
-                                 [_stored_sample(i, ok) for i, ok in enumerate(GROUND_TRUTH)]),
+                                 [_stored_sample(i, ok, "ground_truth") for i, ok in enumerate(GROUND_TRUTH)][::-1]),
   }
   # An arm without stored scores (re-extracted from `output`), covering ids 0..7 and an id 99
   # no other arm has: right on ids 0, 1, 2 and 99, wrong (an answer of 0) elsewhere.
@@ -107,8 +114,119 @@ def test_report_numbers_match_hand_computation(arms, tmp_path):
   assert (c["arm_accuracy"], c["control_accuracy"]) == (3 / 8, 2 / 8)
 
   markdown = (out_dir / "report.md").read_text(encoding="utf-8")
-  assert "| ground_truth | 80.0% | [49.0%, 94.3%] | 8 / 10 |" in markdown
+  # Primary rule first, then strict, flexible (both read "The answer is 18.0" as written) and paper.
+  assert "| ground_truth | 10 | 80.0% [49.0, 94.3] | 80.0% [49.0, 94.3] | 80.0% [49.0, 94.3] |" in markdown
   assert "| 75.0% |" in markdown
+
+
+def test_report_shows_four_rules_ref_nll_holm_and_agreement(arms, tmp_path):
+  out_dir = tmp_path / "report"
+  result = report_lib.build_report(arms, out_dir, paper_numbers={}, bootstrap_resamples=500)
+  assert result["rule"] == "final" and result["rules"] == ["final", "strict", "flexible", "paper"]
+  for arm in result["arms"].values():
+    assert list(arm["by_rule"]) == result["rules"]
+  # "Thinking 1 2.\nThe answer is N." is read as N (the marker comes last): ids 0, 1, 2 and 99 are right.
+  assert result["arms"]["teacher"]["by_rule"]["final"]["correct"] == 4
+
+  # Reference NLL: ground_truth sits 0.25 below nodistill on every question, so its paired interval is a point;
+  # against finetune it is -0.30 everywhere.
+  ref = {(c["arm"], c["control"]): c for c in result["ref_nll_comparisons"]}
+  gt = ref[("ground_truth", "nodistill")]
+  assert gt["n_paired"] == 10 and gt["resamples"] == 500
+  assert (gt["difference"], gt["ci_low"], gt["ci_high"]) == pytest.approx((-0.25, -0.25, -0.25))
+  assert ref[("ground_truth", "finetune")]["difference"] == pytest.approx(-0.30)
+  assert ("teacher", "nodistill") not in ref  # the teacher arm recorded no NLL
+  assert result["arms"]["nodistill"]["ref_nll"] == pytest.approx(sum(NODISTILL_NLL) / 10)
+  assert any("no reference-solution NLL" in note and "teacher" in note for note in result["notes"])
+
+  # Holm over the 5 distinct McNemar tests (nodistill/finetune both ways is one). Raw p: gt/nd 2/64, gt/ft 2/16,
+  # nd/ft 0.5, teacher/nd 1.0, and teacher/ft (teacher right on 0, 1, 2; finetune on 0, 1, 5, 6: gained 2,
+  # lost 5, 6: p = 2 * 4 / 8 = 1). Sorted: 5 * 1/32 = 0.15625, 4 * 1/8 = 0.5, 3 * 0.5 = 1.5 -> 1, then 1, 1.
+  assert result["num_tests"] == 5
+  holm = {(c["arm"], c["control"]): c["p_holm"] for c in result["comparisons"]}
+  assert holm[("ground_truth", "nodistill")] == pytest.approx(0.15625)
+  assert holm[("ground_truth", "finetune")] == pytest.approx(0.5)
+  assert {holm[k] for k in holm if k[0] != "ground_truth"} == {1.0}
+
+  # Against nodistill (NODISTILL right on 0, 5): ground_truth repeats the outputs of ids 0, 5, 7, 8 and gains 6;
+  # teacher words every output differently, agrees on the answer of id 0 only, loses 5 and gains 1, 2.
+  agreement = {a["arm"]: a for a in result["agreement"]}
+  assert set(agreement) == {"ground_truth", "teacher"}  # controls are not listed
+  a = agreement["ground_truth"]
+  assert (a["n_paired"], a["identical_outputs"], a["identical_answers"]) == (10, 4, 4)
+  assert (a["right_to_wrong"], a["wrong_to_right"], a["barely_changed"]) == (0, 6, False)
+  a = agreement["teacher"]
+  assert (a["n_paired"], a["identical_outputs"], a["identical_answers"]) == (8, 0, 1)
+  assert (a["right_to_wrong"], a["wrong_to_right"]) == (1, 2)
+
+  markdown = (out_dir / "report.md").read_text(encoding="utf-8")
+  assert "| `final` | `strict` | `flexible` | `paper` |" in markdown
+  assert "| ground_truth | 10 | 1.2000 | -0.2500 [-0.2500, -0.2500] | -0.3000 [-0.3000, -0.3000] |" in markdown
+  assert "| ground_truth | nodistill | 10 | 80.0% | 20.0% | 6 | 0 | 0.0312 | 0.156 |" in markdown
+  assert "| ground_truth | 10 | 4 | 4 | 0 | 6 |  |" in markdown
+
+
+def test_report_flags_an_unchanged_arm_and_shows_update_norms(arms, tmp_path):
+  import shutil
+  shutil.copytree(arms["nodistill"], tmp_path / "base")  # an adapter that changed nothing
+  norms = tmp_path / "update_norms.json"
+  norms.write_text(json.dumps({"per_module": {"0.wq": 1e-4, "0.wv": 3e-4}, "mean": 2e-4, "max": 3e-4}))
+  result = report_lib.build_report({"nodistill": arms["nodistill"], "base": tmp_path / "base"}, tmp_path / "r",
+                                   paper_numbers={}, update_norms={"base": norms, "nodistill": tmp_path / "none"})
+  (agreement,) = result["agreement"]
+  assert agreement["identical_outputs"] == 10 and agreement["barely_changed"]
+  assert result["update_norms"] == {"base": {"mean": 2e-4, "max": 3e-4, "num_modules": 2}}
+  markdown = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+  assert "**barely changed (< 1%)**" in markdown and "| base | 2 | 0.0002 | 0.0003 |" in markdown
+
+
+def _summary_with(max_new_tokens):
+  return {"config": {"split": "test", "num_questions": None, "start": 0, "stop": None,
+                     "prompt_format": "zero_shot_cot", "greedy": True, "temperature": 1.0, "top_p": 1.0,
+                     "seed": 0, "max_new_tokens": max_new_tokens, "rules": ["final", "paper"]}}
+
+
+def test_arms_with_other_eval_settings_are_set_apart(tmp_path):
+  arms = {name: _write_arm(tmp_path / name, [_stored_sample(i, ok) for i, ok in enumerate(NODISTILL)],
+                           summary=_summary_with(tokens))
+          for name, tokens in (("nodistill", 512), ("ground_truth", 512), ("teacher", 256))}
+  result = report_lib.build_report(arms, tmp_path / "r", paper_numbers={})
+  assert set(result["arms"]) == {"nodistill", "ground_truth"} and set(result["set_apart"]) == {"teacher"}
+  assert result["set_apart"]["teacher"]["differs_in"] == {"max_new_tokens": 256}
+  assert all("teacher" not in (c["arm"], c["control"]) for c in result["comparisons"])
+  markdown = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+  assert "## Arms evaluated with other settings (not compared)" in markdown and "- teacher: max_new_tokens=256" in markdown
+
+
+def test_teacher_store_table(tmp_path):
+  import numpy as np
+  from kdjax import store
+  spec = store.StoreSpec(teacher_model="t", strategy="ground_truth", vocab_size=100, k=2, questions="unit")
+  texts = [("So 2 + 2 = 4.\nThe answer is 4.", "stop", 4.0), ("First, 71 is the lowest.\n#### 85", "stop", 85.0),
+           ("We add 3 and", "length", 7.0), ("Answer: 10", "stop", 11.0)]
+  records = []
+  for i, (text, finish, gold) in enumerate(texts):
+    tokens = 3 + 2 * i  # 3, 5, 7, 9 response tokens: mean 6
+    records.append(store.TeacherRecord(
+        question_id=i, question_hash=f"h{i}", strategy="ground_truth", teacher_model="t", sampling={},
+        student_prompt_ids=np.array([1, 2], np.int32), teacher_prompt_ids=np.array([1, 2, 3], np.int32),
+        response_text=text, response_ids=np.arange(tokens, dtype=np.int32),
+        topk_ids=np.zeros((tokens, 2), np.int32), topk_logprobs=np.full((tokens, 2), -1.0, np.float32),
+        tail_mass=np.full((tokens,), 1 - 2 * np.exp(-1.0), np.float32), finish_reason=finish,
+        extracted_answer=None, gold_answer=gold, correct=i == 0))
+  writer = store.StoreWriter(tmp_path / "store", spec, num_examples=4, shard_size=2)
+  writer.write_shard(0, records[:2])
+  writer.write_shard(1, records[2:])
+  writer.finalize()
+  arm = _write_arm(tmp_path / "nodistill", [_stored_sample(i, ok) for i, ok in enumerate(NODISTILL)])
+  result = report_lib.build_report({"nodistill": arm}, tmp_path / "r", paper_numbers={},
+                                   stores={"ground_truth": tmp_path / "store"})
+  table = result["stores"]["ground_truth"]
+  # final reads 4 (right), 85 (right), 3 (wrong, cut off), 10 (wrong: gold 11).
+  assert (table["n"], table["correct"], table["accuracy"]) == (4, 2, 0.5)
+  assert (table["stored_correct_share"], table["truncation_rate"], table["mean_response_tokens"]) == (0.25, 0.25, 6.0)
+  markdown = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+  assert "| ground_truth | 4 | 50.0% [15.0, 85.0] | 25.0% | 25.0% | 6.0 |" in markdown
 
 
 def _png_size(path):
@@ -236,3 +354,47 @@ def test_rescore_bad_input_exits_2_with_one_line(tmp_path, make_args, message):
   assert completed.stdout == ""
   lines = completed.stderr.strip().splitlines()
   assert len(lines) == 1 and message in lines[0], completed.stderr
+
+
+def test_pipeline_checks_report_keys_before_any_stage():
+  from kdjax import config as config_lib
+  from kdjax import pipeline
+  c = config_lib.get_default_config()
+  c.stages = "report"
+  assert c.eval.rule == c.report.rule == "final" and c.report.arms == ""
+  pipeline.validate(c)
+  c.report.rule = "bogus"
+  with pytest.raises(pipeline.ConfigError, match="report.rule must be one of"):
+    pipeline.validate(c)
+  c.report.rule = "paper"
+  c.report.arms = "nodistill,magic"
+  with pytest.raises(pipeline.ConfigError, match="report.arms: unknown arm"):
+    pipeline.validate(c)
+
+
+def test_report_stage_reports_this_runs_arms(arms, tmp_path):
+  import shutil
+  from kdjax import config as config_lib
+  from kdjax import pipeline
+  wd = pipeline.Workdir(tmp_path / "work")
+  for name in ("nodistill", "finetune", "ground_truth"):
+    shutil.copytree(arms[name], wd.arm(name) / "eval")
+  c = config_lib.get_default_config()
+  c.workdir, c.stages, c.arms = str(wd.root), "report", "ground_truth,nodistill"
+  pipeline.stage_report(c, wd)
+  built = json.loads((wd.root / "report" / "report.json").read_text())
+  assert set(built["arms"]) == {"ground_truth", "nodistill"}  # finetune was evaluated by another run
+  c.report.arms = "all"
+  pipeline.stage_report(c, wd)
+  assert set(json.loads((wd.root / "report" / "report.json").read_text())["arms"]) == {
+      "ground_truth", "nodistill", "finetune"}
+  c.report.arms, c.arms = "", "teacher"
+  with pytest.raises(pipeline.ConfigError, match="not evaluated"):
+    pipeline.stage_report(c, wd)
+
+
+def test_tiny_nll_differences_keep_their_digits():
+  from kdjax.evaluation import report_render
+  assert report_render._signed(-0.25) == "-0.2500"
+  assert report_render._signed(2.3e-7) == "+2.30e-07" and report_render._signed(-4.2e-8) == "-4.20e-08"
+  assert report_render._signed(0.0) == "+0.0000"

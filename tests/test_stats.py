@@ -4,6 +4,7 @@ import itertools
 import math
 from fractions import Fraction
 
+import numpy as np
 import pytest
 
 from kdjax.evaluation import stats
@@ -95,3 +96,74 @@ def test_mcnemar_large_counts_do_not_underflow():
 def test_mcnemar_length_mismatch():
   with pytest.raises(ValueError, match="differ in length"):
     stats.mcnemar_exact([True], [True, False])
+
+
+# ----------------------------------------------------------------------------- Holm
+
+def test_holm_hand_computed():
+  # m = 4, sorted p: 0.01, 0.02, 0.03, 0.04 -> 4*0.01 = 0.04, 3*0.02 = 0.06, 2*0.03 = 0.06, 1*0.04 = 0.04
+  # made monotone: 0.04, 0.06, 0.06, 0.06; returned in the input order.
+  adjusted = stats.holm_adjust([0.03, 0.01, 0.04, 0.02])
+  assert adjusted == pytest.approx([0.06, 0.04, 0.06, 0.06])
+  # Sorted 0.001, 0.4, 0.5 -> 0.003, 0.8, max(0.8, 0.5) = 0.8; and 2 * 0.6 = 1.2 is capped at 1.
+  assert stats.holm_adjust([0.5, 0.4, 0.001]) == pytest.approx([0.8, 0.8, 0.003])
+  assert stats.holm_adjust([0.6, 0.7, 0.001]) == pytest.approx([1.0, 1.0, 0.003])
+  # A single p-value is unchanged; none at all is fine.
+  assert stats.holm_adjust([0.2]) == [0.2]
+  assert stats.holm_adjust([]) == []
+  with pytest.raises(ValueError, match="p-values"):
+    stats.holm_adjust([1.5])
+
+
+def test_holm_is_between_raw_and_bonferroni():
+  rng = np.random.default_rng(1)
+  p = list(rng.uniform(0, 0.2, size=7))
+  adjusted = stats.holm_adjust(p)
+  for raw, adj in zip(p, adjusted):
+    assert raw <= adj <= min(1.0, 7 * raw) + 1e-12
+
+
+# ----------------------------------------------------------------------------- paired bootstrap
+
+def test_bootstrap_constant_difference_has_a_point_interval():
+  a = {i: 2.0 + i for i in range(20)}
+  b = {i: 1.5 + i for i in range(20)}  # every question 0.5 apart, however hard the question
+  result = stats.paired_bootstrap_difference(a, b, resamples=500, seed=3)
+  assert result["n_paired"] == 20
+  assert (result["difference"], result["ci_low"], result["ci_high"]) == pytest.approx((0.5, 0.5, 0.5))
+
+
+def test_bootstrap_two_values_by_enumeration():
+  # Differences {0, 1}: a resample's mean is 0, 1/2 or 1 with probability 1/4, 1/2, 1/4, so the 2.5% and
+  # 97.5% quantiles of 4000 resamples are 0 and 1, and the resampled means average 1/2.
+  result = stats.paired_bootstrap_difference({0: 1.0, 1: 3.0}, {0: 1.0, 1: 2.0}, resamples=4000, seed=0)
+  assert result["difference"] == 0.5
+  assert (result["ci_low"], result["ci_high"]) == (0.0, 1.0)
+
+
+def test_bootstrap_matches_normal_theory_and_pairs_by_id():
+  rng = np.random.default_rng(7)
+  n = 400
+  difficulty = rng.normal(3.0, 2.0, size=n)  # shared by both arms: pairing cancels it
+  noise = rng.normal(0.0, 0.5, size=n)
+  ids = list(range(n))
+  control = {i: float(difficulty[i]) for i in ids}
+  arm = {i: float(difficulty[i] + 0.1 + noise[i]) for i in reversed(ids)}  # other insertion order
+  arm[10_000] = 99.0  # a question the control lacks is not paired
+  result = stats.paired_bootstrap_difference(arm, control, resamples=4000, seed=0)
+  d = np.array([arm[i] - control[i] for i in ids])
+  standard_error = d.std(ddof=1) / math.sqrt(n)
+  z = 1.959964
+  assert result["n_paired"] == n and result["difference"] == pytest.approx(d.mean())
+  # The percentile interval of a mean of 400 iid values is the normal one within Monte-Carlo error.
+  assert result["ci_low"] == pytest.approx(d.mean() - z * standard_error, abs=0.1 * standard_error * z)
+  assert result["ci_high"] == pytest.approx(d.mean() + z * standard_error, abs=0.1 * standard_error * z)
+  # Seeded: the same call gives the same interval.
+  assert stats.paired_bootstrap_difference(arm, control, resamples=4000, seed=0) == result
+
+
+def test_bootstrap_edge_cases():
+  empty = stats.paired_bootstrap_difference({0: 1.0}, {1: 1.0})
+  assert empty["n_paired"] == 0 and empty["difference"] is None
+  with pytest.raises(ValueError, match="resamples"):
+    stats.paired_bootstrap_difference({0: 1.0}, {0: 1.0}, resamples=0)

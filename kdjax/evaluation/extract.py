@@ -1,12 +1,21 @@
 """Numeric answer extraction and scoring for GSM8K outputs.
 
-Four extraction rules are offered (see `RULES`):
+Five extraction rules are offered (see `RULES`):
 
+* ``final`` (the primary rule, the default of eval and report): the final answer where people write one.
+  Every answer marker of the common conventions is found: ``\\boxed{N}``, "(the) (final) answer is N",
+  ``#### N`` (the number right after the hashes; "#### Step 2" is a markdown heading) and "Answer: N" (also
+  "Final answer:", with markdown emphasis such as ``**Answer:** N``); the marker that starts last in the text
+  gives the answer (the first number after it on its line, or on the next non-empty line when its own line
+  holds nothing else). Without any marker: the last number. The rule is defined from these writing conventions
+  alone, never tuned on model outputs; its test reads all 1319 GSM8K test reference solutions in 13 final-line
+  forms without a misread.
 * ``paper``: the rule described by the authors of arXiv 2412.17846 (README of their repo), with
   their implementation bugs fixed (signs kept, phrase matched in any case, the phrase branch uses
   the number after the phrase). Precedence: first ``\\boxed{...}`` holding a number; else the first
   line when all its numbers are the same value; else the first number after "the answer is" /
-  "the final answer is" / "the correct answer is"; else the last number.
+  "the final answer is" / "the correct answer is"; else the last number. Kept for comparison with the
+  authors' numbers; its first-line branch misreads 26 of the 1319 GSM8K test reference solutions.
 * ``strict``: lm-evaluation-harness "strict-match": ``#### N`` (gsm8k.yaml), then
   ``The answer is N`` (gsm8k-cot.yaml), then ``The final answer is N`` (gsm8k-cot-llama.yaml).
 * ``flexible``: lm-evaluation-harness "flexible-extract": the last match of
@@ -19,13 +28,15 @@ Every extractor returns a float, or None when nothing numeric was found (lm-eval
 from __future__ import annotations
 
 import atexit
+import bisect
 import math
 import multiprocessing
 import re
 import threading
 from typing import Optional
 
-RULES: tuple[str, ...] = ("paper", "strict", "flexible", "math_verify")
+RULES: tuple[str, ...] = ("final", "paper", "strict", "flexible", "math_verify")
+PRIMARY_RULE = "final"
 
 # Seconds one math-verify parse may take before the worker is killed and the answer is None.
 MATH_VERIFY_TIMEOUT_S = 10.0
@@ -78,8 +89,8 @@ _PLAIN_FRAC = re.compile(r"^(?P<sign>[-\u2212]?)\s*(?P<num>[0-9]+)\s*/\s*(?P<den
 _ANSWER_PHRASE = re.compile(r"\bthe\s+(?:final\s+|correct\s+)?answer\s+is\b", re.IGNORECASE)
 
 
-def _boxed_contents(text: str) -> list[str]:
-  """Contents of the outermost `\\boxed{...}`s in order; nested braces match, unclosed skipped."""
+def _boxed_contents(text: str) -> list[tuple[int, str]]:
+  """(start, content) of the outermost `\\boxed{...}`s in order; nested braces match, unclosed skipped."""
   # One pass pairing every brace, so many unclosed boxes cost linear, not quadratic, time.
   closing_of = {}
   open_positions = []
@@ -96,7 +107,7 @@ def _boxed_contents(text: str) -> list[str]:
     # total work linear in the text length.
     if brace in closing_of and brace > examined_until:
       examined_until = closing_of[brace]
-      contents.append(text[start.end():examined_until])
+      contents.append((start.start(), text[start.end():examined_until]))
   return contents
 
 
@@ -134,7 +145,7 @@ def _boxed_value(content: str) -> Optional[float]:
 
 
 def _paper_answer(text: str) -> Optional[float]:
-  for content in _boxed_contents(text):
+  for _, content in _boxed_contents(text):
     value = _boxed_value(content)
     if value is not None:
       return value
@@ -149,6 +160,66 @@ def _paper_answer(text: str) -> Optional[float]:
       return values[0]
   values = _numbers(text)
   return values[-1] if values else None
+
+
+# --------------------------------------------------------------------------------------------
+# The primary rule: the last answer marker, else the last number.
+
+# Markers after which an answer follows: "(the) (final|correct) answer is", "Answer:" (also "Final answer:",
+# and markdown emphasis around the word or the colon: "**Answer:** 5", "**Answer**: 5"), and "#### N" only with
+# the number right after it, since "#### Step 2" is a markdown heading.
+_FINAL_MARKERS = re.compile(
+    r"\banswer\s+is\b"
+    r"|\banswer\s*(?:\*\*|__|\*|_)?\s*:"
+    r"|####(?=[ \t]*[-+\u2212$]?[0-9.])",
+    re.IGNORECASE)
+
+
+# What may stand between a marker and an answer on a line of its own ("The final answer is:\n\n18").
+_NOTHING_ON_LINE = re.compile(r"[ \t*_:$\\()\[\]]*(?:\n|\Z)")
+
+
+def _final_answer(text: str) -> Optional[float]:
+  # Every number once, with its position: each marker then finds the first number after it by bisection,
+  # which keeps the rule linear in the text length however many markers there are.
+  numbers = [(m.start(), value) for m in _NUMBER.finditer(text)
+             if (value := _number_value(m)) is not None]
+  starts = [position for position, _ in numbers]
+
+  def number_after(position: int) -> Optional[float]:
+    """The first number after `position` on its line, or on the next non-empty line when its line ends."""
+    line_end = text.find("\n", position)
+    line_end = len(text) if line_end < 0 else line_end
+    index = bisect.bisect_left(starts, position)
+    if index < len(numbers) and numbers[index][0] < line_end:
+      return numbers[index][1]
+    if not _NOTHING_ON_LINE.match(text, position):
+      return None
+    next_start = line_end + 1
+    while next_start < len(text):
+      next_end = text.find("\n", next_start)
+      next_end = len(text) if next_end < 0 else next_end
+      if text[next_start:next_end].strip():
+        return numbers[index][1] if index < len(numbers) and numbers[index][0] < next_end else None
+      next_start = next_end + 1
+    return None
+
+  best = None  # (position of the marker, its answer): the marker that starts last wins
+  for start, content in _boxed_contents(text):
+    value = _boxed_value(content)
+    if value is not None:
+      best = (start, value)
+  # Markers from the last backwards: the first that holds a number is the last one that does.
+  for marker in reversed(list(_FINAL_MARKERS.finditer(text))):
+    if best is not None and marker.start() < best[0]:
+      break
+    value = number_after(marker.end())
+    if value is not None:
+      best = (marker.start(), value)
+      break
+  if best is not None:
+    return best[1]
+  return numbers[-1][1] if numbers else None
 
 
 # --------------------------------------------------------------------------------------------
@@ -316,7 +387,7 @@ atexit.register(_MATH_VERIFY_WORKER.stop)
 # Public API.
 
 
-def extract_answer(text: str, rule: str = "paper", *,
+def extract_answer(text: str, rule: str = PRIMARY_RULE, *,
                    timeout_s: float = MATH_VERIFY_TIMEOUT_S) -> Optional[float]:
   """The numeric answer in a model output under `rule`, or None when there is none.
 
@@ -326,6 +397,8 @@ def extract_answer(text: str, rule: str = "paper", *,
     raise ValueError(f"unknown extraction rule {rule!r}; expected one of {RULES}")
   if not isinstance(text, str):
     raise TypeError(f"text must be str, got {type(text).__name__}")
+  if rule == "final":
+    return _final_answer(text)
   if rule == "paper":
     return _paper_answer(text)
   if rule == "strict":

@@ -2,8 +2,11 @@
 
 An evaluation folder holds
   eval_config.json  the settings that decide the outputs (written first; a restart with other settings fails)
-  samples.jsonl     one record per question (fields in `SAMPLE_FIELDS`), appended and fsynced per batch
-  summary.json      accuracy per rule with Wilson intervals, lengths and speed (written atomically at the end)
+  samples.jsonl     one record per question (fields in `SAMPLE_FIELDS`), appended and fsynced per batch; `ref_nll`
+                    and `ref_tokens` are the reference solution's mean per-token NLL (nats) under the same prompt
+                    and its token count (`kdjax.evaluation.reference_nll`)
+  summary.json      accuracy per rule with Wilson intervals, `ref_nll_mean` (the mean of the questions' `ref_nll`),
+                    lengths and speed (written atomically at the end)
 `kdjax.evaluation.report.build_report` reads these folders.
 
 Scoring under the math_verify rule uses a worker started with multiprocessing's "spawn", which re-imports the
@@ -11,9 +14,10 @@ caller's main module: scripts that call `evaluate` must keep their work under `i
 
 The model is any `Llama` object: a base model, one with LoRA factors attached, or merged weights.
 
-Primary rule: "paper" (the paper's own extraction, so our numbers sit next to its table; it is also the report's
-default). Every rule in `extract.RULES` is stored per question, so any other rule can be reported without
-re-running; "strict" doubles as a check that the model followed the requested answer format.
+Primary rule: "final" (`extract.PRIMARY_RULE`: the last answer marker, else the last number; also the report's
+default). Every rule in `extract.RULES` is stored per question, so any other rule, "paper" (the authors'
+extraction, for comparison with their table) included, can be reported without re-running; "strict" doubles as
+a check that the model followed the requested answer format.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ from kdjax import generation
 from kdjax import priming
 from kdjax.evaluation import exemplars
 from kdjax.evaluation import extract
+from kdjax.evaluation import reference_nll
 from kdjax.evaluation import stats
 
 PROMPT_FORMATS = ("zero_shot_cot", "eight_shot_cot")
@@ -38,7 +43,7 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "eval_config.json"
 SAMPLE_FIELDS = ("id", "question", "prompt", "output", "num_output_tokens", "hit_token_limit", "finish_reason",
-                 "gold", "answers", "correct", "seconds")
+                 "gold", "answers", "correct", "seconds", "ref_nll", "ref_tokens")
 
 
 class EvalError(ValueError):
@@ -71,7 +76,7 @@ class EvalConfig:
   max_new_tokens: int = 512
   batch_size: int = 16
   rules: tuple[str, ...] = extract.RULES
-  primary_rule: str = "paper"
+  primary_rule: str = extract.PRIMARY_RULE
   confidence: float = 0.95
 
   def __post_init__(self):
@@ -210,6 +215,21 @@ def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig) -> None:
     _atomic_write_json(path, wanted)
 
 
+def _add_missing_reference_nll(samples_path: pathlib.Path, done: dict, wanted_ids: Sequence[int],
+                               ref_nll_of) -> None:
+  """Records written before the reference NLL existed get it, and the samples file is rewritten atomically."""
+  missing = [i for i in wanted_ids if "ref_nll" not in done[i]]
+  if not missing:
+    return
+  for question_id, (nll, tokens) in ref_nll_of(missing).items():
+    done[question_id] = {**done[question_id], "ref_nll": nll, "ref_tokens": tokens}
+  records = [done.get(r["id"], r) for r in read_samples(samples_path)]
+  tmp = samples_path.with_name(samples_path.name + ".tmp")
+  tmp.unlink(missing_ok=True)
+  _append_records(tmp, records)
+  os.replace(tmp, samples_path)
+
+
 # ----------------------------------------------------------------------------- summary
 
 def summarise(records: Sequence[Mapping], cfg: EvalConfig, *, arm: str, run_seconds: float | None = None) -> dict:
@@ -238,6 +258,7 @@ def summarise(records: Sequence[Mapping], cfg: EvalConfig, *, arm: str, run_seco
       "no_answer_share": no_answer,
       "mean_output_tokens": tokens / n if n else None,
       "hit_token_limit_share": sum(bool(r["hit_token_limit"]) for r in records) / n if n else None,
+      "ref_nll_mean": reference_nll.mean_of(records),
       "output_tokens": tokens,
       # Generation time summed over every run that produced these records (compilation included).
       "seconds": seconds,
@@ -278,8 +299,9 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
              arm: str, progress: bool = True) -> dict:
   """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
 
-  `questions` are records with `id`, `question` and `gold` (or `answer`), as from `data.load_gsm8k`.
-  Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
+  `questions` are records with `id`, `question`, `answer` (the reference solution, scored by its NLL) and `gold`
+  (else parsed from `answer`), as from `data.load_gsm8k`. Each generated batch also gets its reference NLL
+  (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
   selected questions is returned as is.
   """
   out_dir = pathlib.Path(out_dir)
@@ -295,14 +317,26 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
     done.setdefault(record["id"], record)
   if summary_path.exists() and set(wanted_ids) <= set(done):
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
-    if summary.get("n") == len(selected) and summary.get("arm") == arm:
+    if summary.get("n") == len(selected) and summary.get("arm") == arm and "ref_nll_mean" in summary:
       return summary
+  lacking = [q["id"] for q in selected if not isinstance(q.get("answer"), str)]
+  if lacking:
+    raise EvalError(f"questions {lacking[:5]} have no reference solution 'answer' (needed for the reference NLL)")
 
   todo = [q for q in selected if q["id"] not in done]
   stop_ids = priming.stop_token_ids(tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
   prompts = {q["id"]: priming.encode_chat(tokenizer, prompt_messages(q["question"], cfg.prompt_format))
-             for q in todo}
+             for q in selected}
+  # Every question's reference sequence, so the padded length (one compilation) never depends on what is left.
+  references = {q["id"]: reference_nll.reference_example(prompts[q["id"]], q["answer"], tokenizer, stop_ids[0],
+                                                         q["id"]) for q in selected}
+  ref_length = reference_nll.padded_length(list(references.values()))
+
+  def ref_nll_of(ids: Sequence[int]) -> dict[int, tuple[float, int]]:
+    return reference_nll.reference_nll(model, [references[i] for i in ids], batch_size=cfg.batch_size,
+                                       length=ref_length)
+
   # Similar prompt lengths share a batch, so little compute goes to padding; ids keep the records apart.
   todo.sort(key=lambda q: (len(prompts[q["id"]]), q["id"]))
   sampling = cfg.sampling()
@@ -316,6 +350,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
           model, [prompts[q["id"]] for q in batch], sampling, stop_ids=stop_ids, pad_id=pad_id,
           example_ids=[int(q["id"]) for q in batch], batch_size=cfg.batch_size)
       share = (time.perf_counter() - batch_start) / len(batch)
+      ref = ref_nll_of([q["id"] for q in batch])
       new_records = []
       for q, gen in zip(batch, generations):
         # The stop token is a chat marker, not part of the answer text.
@@ -328,13 +363,15 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
             "prompt": tokenizer.decode(prompts[q["id"]], skip_special_tokens=False),
             "output": output, "num_output_tokens": len(gen.tokens),
             "hit_token_limit": gen.finish_reason == "length", "finish_reason": gen.finish_reason,
-            "gold": gold, "answers": answers, "correct": correct, "seconds": share})
+            "gold": gold, "answers": answers, "correct": correct, "seconds": share,
+            "ref_nll": ref[q["id"]][0], "ref_tokens": ref[q["id"]][1]})
       _append_records(samples_path, new_records)
       for record in new_records:
         done[record["id"]] = record
       bar.update(len(batch), sum(r["num_output_tokens"] for r in new_records))
   finally:
     bar.close()
+  _add_missing_reference_nll(samples_path, done, wanted_ids, ref_nll_of)
 
   summary = summarise([done[i] for i in wanted_ids], cfg, arm=arm, run_seconds=time.perf_counter() - run_start)
   _atomic_write_json(summary_path, summary)
@@ -354,4 +391,6 @@ def format_summary(summary: Mapping) -> str:
   lines.append(f"  mean output {summary['mean_output_tokens']:.1f} tokens, "
                f"{100 * summary['hit_token_limit_share']:.1f}% hit the limit; generation {summary['seconds']:.1f} s, "
                f"{'n/a' if tps is None else f'{tps:.1f}'} tokens/s")
+  if summary.get("ref_nll_mean") is not None:
+    lines.append(f"  reference solution NLL {summary['ref_nll_mean']:.4f} nats/token (mean over questions)")
   return "\n".join(lines)

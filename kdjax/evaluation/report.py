@@ -1,23 +1,35 @@
-"""Cross-arm GSM8K report: accuracy with Wilson intervals, exact McNemar tests against the
-control arms, output-length statistics and the paper's published numbers side by side.
+"""Cross-arm GSM8K report: accuracy under four extraction rules with Wilson intervals, reference-solution NLL with
+paired bootstrap intervals against the controls, exact McNemar tests (Holm-adjusted), how many answers training
+changed, adapter update norms, teacher-store statistics, and the paper's published numbers side by side.
 
-Input per arm: a folder holding `samples.jsonl` (one record per test question, see
-`REQUIRED_FIELDS`) and optionally `summary.json`. Output: `report.md`, `report.json` and PNG plots.
+Input per arm: a folder holding `samples.jsonl` (one record per test question, see `REQUIRED_FIELDS`) and
+optionally `summary.json` (whose `config` holds the eval settings). Arms evaluated with settings that differ from
+the main group's (`COMPARED_SETTINGS`) are set apart: shown in their own table, never compared. Output:
+`report.md`, `report.json` and PNG plots (`report_render`).
 """
 
 from __future__ import annotations
 
 import json
 import pathlib
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 from kdjax.evaluation import extract
 from kdjax.evaluation import paper_numbers as paper_numbers_lib
+from kdjax.evaluation import report_render
 from kdjax.evaluation import stats
 
 REQUIRED_FIELDS = ("id", "gold")
-ACCURACY_PLOT = "accuracy.png"
-LENGTH_PLOT = "output_length.png"
+ACCURACY_PLOT = report_render.ACCURACY_PLOT
+LENGTH_PLOT = report_render.LENGTH_PLOT
+# Every arm is shown under the primary rule and these (lm-eval's two and the authors' own).
+SHOWN_RULES = ("strict", "flexible", "paper")
+# Eval settings that must agree for arms to be compared (keys of summary.json's `config`).
+COMPARED_SETTINGS = ("split", "num_questions", "start", "stop", "prompt_format", "greedy", "temperature", "top_p",
+                     "seed", "max_new_tokens", "rules")
+# An arm whose adapter changed fewer than this share of nodistill's outputs is flagged.
+UNCHANGED_FLAG_SHARE = 0.01
+AGREEMENT_CONTROL = "nodistill"
 
 
 class SamplesFormatError(ValueError):
@@ -59,6 +71,15 @@ def load_samples(path: str | pathlib.Path) -> list[dict]:
   return samples
 
 
+def _read_json_file(path: pathlib.Path) -> Optional[dict]:
+  if not path.is_file():
+    return None
+  try:
+    return json.loads(path.read_text(encoding="utf-8"))
+  except json.JSONDecodeError as e:
+    raise SamplesFormatError(f"{path}: not valid JSON ({e.msg})") from None
+
+
 def score_sample(sample: Mapping, rule: str) -> tuple[Optional[float], bool]:
   """(answer, correct) of one record under `rule`.
 
@@ -79,24 +100,25 @@ def _mean(values: Sequence[float]) -> Optional[float]:
   return sum(values) / len(values) if values else None
 
 
+def accuracy_with_interval(correct: int, n: int, confidence: float) -> dict:
+  low, high = stats.wilson_interval(correct, n, confidence)
+  return {"correct": correct, "n": n, "accuracy": correct / n if n else None, "ci_low": low, "ci_high": high}
+
+
 def summarise_arm(samples: Sequence[Mapping], rule: str, confidence: float = 0.95) -> dict:
-  """Accuracy, Wilson interval, no-answer share and output-length statistics of one arm."""
+  """Accuracy, Wilson interval, no-answer share, output lengths and reference NLL of one arm under `rule`."""
   n = len(samples)
   scored = [score_sample(s, rule) for s in samples]
-  correct = sum(1 for _, ok in scored if ok)
-  low, high = stats.wilson_interval(correct, n, confidence)
-  tokens = [float(s["num_output_tokens"]) for s in samples
-            if s.get("num_output_tokens") is not None]
-  hit_limit = [bool(s["hit_token_limit"]) for s in samples if s.get("hit_token_limit") is not None]
+  tokens = [float(s["num_output_tokens"]) for s in samples if s.get("num_output_tokens") is not None]
+  hit_limit = [float(bool(s["hit_token_limit"])) for s in samples if s.get("hit_token_limit") is not None]
+  ref = [float(s["ref_nll"]) for s in samples if s.get("ref_nll") is not None]
   return {
-      "n": n,
-      "correct": correct,
-      "accuracy": correct / n if n else None,
-      "ci_low": low,
-      "ci_high": high,
+      **accuracy_with_interval(sum(1 for _, ok in scored if ok), n, confidence),
       "no_answer_share": sum(1 for answer, _ in scored if answer is None) / n if n else None,
       "mean_output_tokens": _mean(tokens),
-      "hit_token_limit_share": _mean([float(h) for h in hit_limit]),
+      "hit_token_limit_share": _mean(hit_limit),
+      "ref_nll": _mean(ref),
+      "ref_nll_n": len(ref),
   }
 
 
@@ -110,8 +132,7 @@ def _correct_by_id(samples: Sequence[Mapping], rule: str, arm: str) -> dict[int,
   return by_id
 
 
-def compare_to_control(arm_correct: Mapping[int, bool],
-                       control_correct: Mapping[int, bool]) -> dict:
+def compare_to_control(arm_correct: Mapping[int, bool], control_correct: Mapping[int, bool]) -> dict:
   """Exact McNemar on the questions both arms answered."""
   shared = sorted(set(arm_correct) & set(control_correct))
   control = [control_correct[i] for i in shared]
@@ -129,115 +150,94 @@ def compare_to_control(arm_correct: Mapping[int, bool],
   }
 
 
+def agreement_with_control(arm: Sequence[Mapping], control: Sequence[Mapping], rule: str) -> dict:
+  """How many of the control's test answers the arm repeats: identical outputs, identical answers under `rule`,
+  and the discordant counts (right -> wrong, wrong -> right going from the control to the arm)."""
+  arm_by_id = {s["id"]: s for s in arm}
+  shared = [s for s in control if s["id"] in arm_by_id]
+  identical_outputs = identical_answers = right_to_wrong = wrong_to_right = 0
+  for before in shared:
+    after = arm_by_id[before["id"]]
+    identical_outputs += before.get("output") == after.get("output")
+    (answer_before, ok_before), (answer_after, ok_after) = score_sample(before, rule), score_sample(after, rule)
+    identical_answers += answer_before == answer_after
+    right_to_wrong += ok_before and not ok_after
+    wrong_to_right += ok_after and not ok_before
+  n = len(shared)
+  changed = (n - identical_outputs) / n if n else None
+  return {"n_paired": n, "identical_outputs": identical_outputs, "identical_answers": identical_answers,
+          "right_to_wrong": right_to_wrong, "wrong_to_right": wrong_to_right, "changed_output_share": changed,
+          "barely_changed": changed is not None and changed < UNCHANGED_FLAG_SHARE}
+
+
+def read_update_norms(path: pathlib.Path) -> Optional[dict]:
+  """{"mean", "max", "num_modules"} of a train stage's `update_norms.json`, or None when it is absent."""
+  content = _read_json_file(pathlib.Path(path))
+  if content is None:
+    return None
+  try:
+    return {"mean": float(content["mean"]), "max": float(content["max"]),
+            "num_modules": len(content.get("per_module") or {})}
+  except (KeyError, TypeError, ValueError):
+    raise SamplesFormatError(f"{path}: expected {{'per_module': {{...}}, 'mean': float, 'max': float}}") from None
+
+
+def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95) -> dict:
+  """Teacher accuracy on the store's own (GSM8K train) questions under `rule`, truncation, response length."""
+  from kdjax import store  # pylint: disable=import-outside-toplevel
+  reader = store.StoreReader(path)
+  n = len(reader)
+  correct = stored_correct = truncated = 0
+  for index in range(n):
+    meta = reader.metadata(index)
+    correct += extract.is_correct(extract.extract_answer(meta["response_text"] or "", rule), meta["gold_answer"])
+    stored_correct += bool(meta["correct"])
+    truncated += meta["finish_reason"] == "length"
+  return {**accuracy_with_interval(correct, n, confidence),
+          "stored_correct_share": stored_correct / n if n else None,
+          "truncation_rate": truncated / n if n else None,
+          "mean_response_tokens": reader.total_tokens / n if n else None}
+
+
+def eval_settings(summary: Optional[Mapping]) -> Optional[dict]:
+  """The settings of `COMPARED_SETTINGS` an arm was evaluated with (None: no summary.json to tell)."""
+  if not summary or not isinstance(summary.get("config"), Mapping):
+    return None
+  config = summary["config"]
+  settings = {key: config.get(key) for key in COMPARED_SETTINGS}
+  settings["rules"] = sorted(settings["rules"] or [])
+  return settings
+
+
+def _main_group(settings: Mapping[str, Optional[dict]], controls: Sequence[str]) -> list[str]:
+  """The arms compared with each other: those sharing the most common settings (ties: a control's)."""
+  known = {name: s for name, s in settings.items() if s is not None}
+  groups: dict[str, list[str]] = {}
+  for name, s in known.items():
+    groups.setdefault(json.dumps(s, sort_keys=True), []).append(name)
+  if not groups:
+    return list(settings)
+  best = max(groups.values(), key=lambda names: (len(names), any(c in names for c in controls)))
+  return [name for name in settings if settings[name] is None or name in best]
+
+
 def _check_paper_numbers(numbers: Mapping[str, Optional[float]]) -> None:
   for arm, value in numbers.items():
     if value is not None and not 0.0 <= value <= 1.0:
       raise ValueError(f"paper number for {arm!r} must be a fraction in [0, 1], got {value}")
 
 
-def _percent(value: Optional[float]) -> str:
-  return "n/a" if value is None else f"{100.0 * value:.1f}%"
-
-
-def _number(value: Optional[float], digits: int = 1) -> str:
-  return "n/a" if value is None else f"{value:.{digits}f}"
-
-
-def _markdown(report: dict) -> str:
-  confidence = round(100 * report["confidence"])
-  lines = [
-      "# GSM8K report",
-      "",
-      f"Extraction rule: `{report['rule']}`. Intervals: {confidence}% Wilson score.",
-      "",
-      f"| arm | accuracy | {confidence}% CI | correct / n | no answer | mean output tokens "
-      "| hit token limit | paper |",
-      "|---|---|---|---|---|---|---|---|",
-  ]
-  for name, arm in report["arms"].items():
-    lines.append(
-        f"| {name} | {_percent(arm['accuracy'])} | [{_percent(arm['ci_low'])}, "
-        f"{_percent(arm['ci_high'])}] | {arm['correct']} / {arm['n']} | "
-        f"{_percent(arm['no_answer_share'])} | {_number(arm['mean_output_tokens'])} | "
-        f"{_percent(arm['hit_token_limit_share'])} | {_percent(arm['paper_accuracy'])} |")
-  lines += ["", "## Exact McNemar tests against controls", ""]
-  if report["comparisons"]:
-    lines += [
-        "| arm | control | paired n | arm acc. | control acc. | arm-only correct "
-        "| control-only correct | p (two-sided) |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for c in report["comparisons"]:
-      lines.append(
-          f"| {c['arm']} | {c['control']} | {c['n_paired']} | {_percent(c['arm_accuracy'])} | "
-          f"{_percent(c['control_accuracy'])} | {c['arm_only_correct']} | "
-          f"{c['control_only_correct']} | {c['p_value']:.3g} |")
-  else:
-    lines.append("No control arm present; no tests run.")
-  lines += ["", "## Notes", ""]
-  lines += [f"- {note}" for note in report["notes"]]
-  lines += ["", f"![accuracy]({ACCURACY_PLOT})", "", f"![output length]({LENGTH_PLOT})", ""]
-  return "\n".join(lines)
-
-
-def _plot_accuracy(report: dict, path: pathlib.Path) -> None:
-  # The object API with an explicit Agg canvas: no pyplot global state, no display needed.
-  from matplotlib.backends import backend_agg  # pylint: disable=import-outside-toplevel
-  from matplotlib import figure as figure_lib  # pylint: disable=import-outside-toplevel
-
-  names = list(report["arms"])
-  arms = [report["arms"][name] for name in names]
-  positions = list(range(len(names)))
-  accuracy = [a["accuracy"] or 0.0 for a in arms]
-  errors = [[acc - a["ci_low"] for acc, a in zip(accuracy, arms)],
-            [a["ci_high"] - acc for acc, a in zip(accuracy, arms)]]
-  figure = figure_lib.Figure(figsize=(max(4.0, 1.2 * len(names) + 2.0), 4.0))
-  backend_agg.FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  axes.bar(positions, accuracy, yerr=errors, capsize=4, color="tab:blue",
-           label=f"kdjax ({round(100 * report['confidence'])}% Wilson CI)")
-  paper = [(i, a["paper_accuracy"]) for i, a in zip(positions, arms)
-           if a["paper_accuracy"] is not None]
-  if paper:
-    axes.scatter([i for i, _ in paper], [v for _, v in paper], marker="D", color="tab:red",
-                 zorder=3, label="paper")
-  axes.set_xticks(positions, names, rotation=30, ha="right")
-  axes.set_ylim(0.0, 1.0)
-  axes.set_ylabel(f"GSM8K accuracy ({report['rule']} rule)")
-  axes.legend(loc="upper left")
-  figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
-
-
-def _plot_lengths(report: dict, path: pathlib.Path) -> None:
-  from matplotlib.backends import backend_agg  # pylint: disable=import-outside-toplevel
-  from matplotlib import figure as figure_lib  # pylint: disable=import-outside-toplevel
-
-  names = list(report["arms"])
-  arms = [report["arms"][name] for name in names]
-  positions = list(range(len(names)))
-  figure = figure_lib.Figure(figsize=(max(4.0, 1.2 * len(names) + 2.0), 4.0))
-  backend_agg.FigureCanvasAgg(figure)
-  axes = figure.add_subplot()
-  bars = axes.bar(positions, [a["mean_output_tokens"] or 0.0 for a in arms], color="tab:gray")
-  for bar, arm in zip(bars, arms):
-    axes.annotate(f"{_percent(arm['hit_token_limit_share'])} at limit",
-                  (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                  ha="center", va="bottom", fontsize=8)
-  axes.set_xticks(positions, names, rotation=30, ha="right")
-  axes.set_ylabel("mean output tokens")
-  figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
-
-
 def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, *,
-                 rule: str = "paper", controls: Sequence[str] = ("nodistill", "finetune"),
-                 paper_numbers: Optional[Mapping[str, Optional[float]]] = None,
-                 confidence: float = 0.95) -> dict:
+                 rule: str = extract.PRIMARY_RULE, controls: Sequence[str] = ("nodistill", "finetune"),
+                 paper_numbers: Optional[Mapping[str, Optional[float]]] = None, confidence: float = 0.95,
+                 stores: Optional[Mapping[str, pathlib.Path]] = None,
+                 update_norms: Optional[Mapping[str, pathlib.Path]] = None,
+                 bootstrap_resamples: int = 2000, seed: int = 0) -> dict:
   """Writes report.md, report.json and plots to `out_dir`; returns the report.json content.
 
-  `arms` maps an arm name to its folder (or samples.jsonl). `paper_numbers` maps arm names to
-  published accuracies as fractions; None uses `paper_numbers.PAPER_GSM8K_ACCURACY`.
+  `arms` maps an arm name to its eval folder (or samples.jsonl). `paper_numbers` maps arm names to published
+  accuracies as fractions; None uses `paper_numbers.PAPER_GSM8K_ACCURACY`. `stores` maps a priming strategy to
+  its teacher store; `update_norms` maps an arm to its `update_norms.json` (absent files are skipped).
   """
   if rule not in extract.RULES:
     raise ValueError(f"unknown extraction rule {rule!r}; expected one of {extract.RULES}")
@@ -248,46 +248,84 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   _check_paper_numbers(paper_numbers)
   out_dir = pathlib.Path(out_dir)
   out_dir.mkdir(parents=True, exist_ok=True)
+  rules = [rule] + [r for r in SHOWN_RULES if r != rule]
 
   samples = {name: load_samples(path) for name, path in arms.items()}
   correct_by_id = {name: _correct_by_id(s, rule, name) for name, s in samples.items()}
-  report = {"rule": rule, "confidence": confidence, "arms": {}, "comparisons": [], "notes": []}
+  summaries = {name: _read_json_file(_samples_path(pathlib.Path(path)).parent / "summary.json")
+               for name, path in arms.items()}
+  settings = {name: eval_settings(summary) for name, summary in summaries.items()}
+  compared = _main_group(settings, controls)
+  report: dict[str, Any] = {"rule": rule, "rules": rules, "confidence": confidence, "arms": {}, "set_apart": {},
+                            "comparisons": [], "ref_nll_comparisons": [], "agreement": [], "update_norms": {},
+                            "stores": {}, "notes": []}
   for name, path in arms.items():
     summary = summarise_arm(samples[name], rule, confidence)
+    summary["by_rule"] = {r: summarise_arm(samples[name], r, confidence) for r in rules}
     summary["paper_accuracy"] = paper_numbers.get(name)
     summary["samples_path"] = str(_samples_path(pathlib.Path(path)))
-    summary_file = pathlib.Path(path) / "summary.json"
-    if summary_file.is_file():
-      try:
-        summary["eval_summary"] = json.loads(summary_file.read_text(encoding="utf-8"))
-      except json.JSONDecodeError as e:
-        raise SamplesFormatError(f"{summary_file}: not valid JSON ({e.msg})") from None
-    report["arms"][name] = summary
+    summary["eval_settings"] = settings[name]
+    if summaries[name] is not None:
+      summary["eval_summary"] = summaries[name]
+    report["arms" if name in compared else "set_apart"][name] = summary
 
-  present_controls = [c for c in controls if c in arms]
+  main_settings = next((settings[n] for n in compared if settings[n] is not None), None)
+  for name in report["set_apart"]:
+    differing = sorted(k for k in COMPARED_SETTINGS if settings[name][k] != main_settings[k])
+    report["set_apart"][name]["differs_in"] = {k: settings[name][k] for k in differing}
+  unknown = [name for name in compared if settings[name] is None]
+  if unknown:
+    report["notes"].append(f"no summary.json, eval settings unchecked for: {unknown}")
+
+  present_controls = [c for c in controls if c in compared]
+  ref_by_id = {name: {s["id"]: float(s["ref_nll"]) for s in samples[name] if s.get("ref_nll") is not None}
+               for name in compared}
   for control in present_controls:
-    for name in arms:
+    for name in compared:
       if name == control:
         continue
       comparison = {"arm": name, "control": control}
       comparison.update(compare_to_control(correct_by_id[name], correct_by_id[control]))
       report["comparisons"].append(comparison)
+      if ref_by_id[name] and ref_by_id[control]:
+        difference = stats.paired_bootstrap_difference(ref_by_id[name], ref_by_id[control],
+                                                       resamples=bootstrap_resamples, seed=seed,
+                                                       confidence=confidence)
+        report["ref_nll_comparisons"].append({"arm": name, "control": control, **difference})
+  # One family: every distinct McNemar test of this report (all arms against all controls, primary rule); the
+  # two controls compared each way are one test.
+  tests = {frozenset((c["arm"], c["control"])): c["p_value"] for c in report["comparisons"]}
+  adjusted = dict(zip(tests, stats.holm_adjust(list(tests.values()))))
+  for comparison in report["comparisons"]:
+    comparison["p_holm"] = adjusted[frozenset((comparison["arm"], comparison["control"]))]
+  report["num_tests"] = len(tests)
 
-  missing_controls = [c for c in controls if c not in arms]
+  if AGREEMENT_CONTROL in compared:
+    for name in compared:
+      if name not in controls:
+        report["agreement"].append({"arm": name, **agreement_with_control(
+            samples[name], samples[AGREEMENT_CONTROL], rule)})
+  for name, path in (update_norms or {}).items():
+    norms = read_update_norms(pathlib.Path(path))
+    if norms is not None:
+      report["update_norms"][name] = norms
+  for strategy, path in (stores or {}).items():
+    report["stores"][strategy] = summarise_store(pathlib.Path(path), rule, confidence)
+
+  missing_controls = [c for c in controls if c not in compared]
   if missing_controls:
     report["notes"].append(f"control arm(s) absent, not tested against: {missing_controls}")
   unverified = [name for name in arms if paper_numbers.get(name) is None]
   if unverified:
     report["notes"].append(f"no verified published accuracy for: {unverified}")
-  sizes = {a["n"] for a in report["arms"].values()}
-  if len(sizes) > 1:
-    report["notes"].append("arms differ in sample count; McNemar uses shared question ids only")
+  if len({a["n"] for a in report["arms"].values()}) > 1:
+    report["notes"].append("arms differ in sample count; paired statistics use shared question ids only")
+  without_ref = [name for name in compared if not ref_by_id[name]]
+  if without_ref:
+    report["notes"].append(f"no reference-solution NLL recorded for: {without_ref}")
 
-  _plot_accuracy(report, out_dir / ACCURACY_PLOT)
-  _plot_lengths(report, out_dir / LENGTH_PLOT)
-  report["plots"] = [ACCURACY_PLOT, LENGTH_PLOT]
+  report["plots"] = report_render.write_plots(report, out_dir)
   # allow_nan=False: the file must stay strict JSON for other tools.
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
-                                       encoding="utf-8")
-  (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
+  (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+  (out_dir / "report.md").write_text(report_render.markdown(report, bootstrap_resamples, seed), encoding="utf-8")
   return report

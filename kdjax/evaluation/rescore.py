@@ -26,7 +26,7 @@ from kdjax.evaluation import stats
 
 _INPUT = flags.DEFINE_string("input", None, "Saved outputs: a .jsonl or .csv file.")
 # A plain string, validated in main, so a bad rule gets the same exit status 2 as other bad input.
-_RULE = flags.DEFINE_string("rule", "paper", f"Extraction rule, one of {extract.RULES}.")
+_RULE = flags.DEFINE_string("rule", extract.PRIMARY_RULE, f"Extraction rule, one of {extract.RULES}.")
 _QUESTION_COLUMN = flags.DEFINE_string("question_column", "question", "Column with the question.")
 _OUTPUT_COLUMN = flags.DEFINE_string("output_column", "output", "Column with the model output.")
 _GOLD_COLUMN = flags.DEFINE_string(

@@ -1,0 +1,85 @@
+"""Mean per-token negative log-likelihood of GSM8K reference solutions under the student prompt.
+
+Accuracy moves in steps of 1/n and a small student scores near zero, so arms that differ slightly look the same;
+the likelihood the student gives the reference solution moves smoothly with the adapter. The sequence is the one
+the fine-tuning control trains on (`distill.batches.gold_examples`): the eval prompt (the same tokens generation
+starts from), then the solution with GSM8K's calculator annotations removed, then the first stop token. The NLL
+counts the solution's tokens and the stop token, teacher-forced, at temperature 1, in nats.
+
+All batches have one shape (the longest sequence of the question set, rounded up to 64, and a fixed row count),
+so the pass compiles once per model; the vocabulary projection runs one row at a time, so no [batch, seq, vocab]
+logits are held.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdjax import data
+from kdjax.distill import batches
+from kdjax.distill import losses
+
+PAD_MULTIPLE = 64
+
+
+def reference_example(prompt_ids: Sequence[int], answer: str, tokenizer, end_token_id: int,
+                      question_id: int | None = None) -> batches.TrainExample:
+  """The teacher-forced sequence of one question: prompt, annotation-free solution, end token."""
+  solution = tokenizer.encode(data.strip_calculator_annotations(answer).strip(), add_special_tokens=False)
+  return batches.ce_example(prompt_ids, solution, end_token_id, question_id=question_id)
+
+
+def padded_length(examples: Sequence[batches.TrainExample]) -> int:
+  """The one sequence length every batch of `examples` is padded to."""
+  return batches.round_up(max(len(e) for e in examples), PAD_MULTIPLE)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _row_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, attention_mask: jax.Array,
+              target_ids: jax.Array, loss_mask: jax.Array) -> jax.Array:
+  """Per row: the summed token cross-entropy over the loss tokens."""
+  model = nnx.merge(graphdef, state)
+  hidden = model.forward(input_ids, attention_mask=attention_mask, return_logits=False).hidden
+  head = model.lm_head_weight().astype(model.dtype)
+
+  def row(args):
+    row_hidden, targets, mask = args
+    logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
+    return jnp.sum(jnp.where(mask > 0, losses.token_cross_entropy(logits, targets), 0.0))
+
+  return jax.lax.map(row, (hidden, target_ids, loss_mask))
+
+
+def reference_nll(model, examples: Sequence[batches.TrainExample], *, batch_size: int,
+                  length: int) -> dict[int, tuple[float, int]]:
+  """{question id: (mean NLL per reference token in nats, number of reference tokens)} of `examples`.
+
+  `length` (see `padded_length`) and `batch_size` fix the one batch shape; a short last batch gets empty rows.
+  """
+  if any(e.question_id is None for e in examples):
+    raise ValueError("reference examples need question ids")
+  if any(len(e) > length for e in examples):
+    raise ValueError(f"a reference sequence is longer than the padded length {length}")
+  graphdef, state = nnx.split(model)
+  out = {}
+  for first in range(0, len(examples), batch_size):
+    chunk = examples[first:first + batch_size]
+    batch = batches.collate(chunk, pad_multiple=length, batch_size=batch_size)
+    sums = np.asarray(jax.device_get(_row_sums(graphdef, state, batch["input_ids"], batch["attention_mask"],
+                                               batch["target_ids"], batch["loss_mask"])), np.float64)
+    for row, example in enumerate(chunk):
+      count = example.num_loss_tokens
+      out[int(example.question_id)] = (float(sums[row]) / count, count)
+  return out
+
+
+def mean_of(records: Sequence[Mapping]) -> float | None:
+  """The mean over questions of their per-token reference NLL (every question weighs the same)."""
+  values = [float(r["ref_nll"]) for r in records if r.get("ref_nll") is not None]
+  return sum(values) / len(values) if values else None
