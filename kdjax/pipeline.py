@@ -81,6 +81,14 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"GSM8K not found at {data} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
   if c.teacher.quantization not in ("int8", "none"):
     raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
+  from kdjax.distill import batches
+  try:
+    tail_temperatures = config_lib.tail_temperatures(c)
+    if "generate" in stages and any(config_lib.ARMS[a]["mode"] == "kd" for a in arms):
+      batches.require_tail_temperature(float(c.distill.temperature), tail_temperatures, c.distill.topk_mode,
+                                       "teacher.tail_temperatures")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 # ------------------------------------------------------------------------------------------ shared loading
@@ -172,6 +180,7 @@ def stage_generate(c, wd: Workdir) -> None:
         model, tokenizer, train_q + val_q, strategy, wd.store(strategy), teacher_model_id=c.teacher.model_id,
         sampling=sampling, student_tokenizer=student_tokenizer, k=c.teacher.k, placement=c.teacher.placement,
         shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
+        tail_temperatures=config_lib.tail_temperatures(c),
         questions_name=f"gsm8k-train-{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
     log(f"generate: {strategy}: {json.dumps(summary, default=str)[:300]}")
 
@@ -203,11 +212,26 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   val_ids = {q["id"] for q in val_q}
   train_records = [r for r in records if r.question_id not in val_ids]
   val_records = [r for r in records if r.question_id in val_ids]
-  return batches.examples_from_records(train_records), batches.examples_from_records(val_records)
+  tail = {"temperature": float(c.distill.temperature), "topk_mode": c.distill.topk_mode}
+  return batches.examples_from_records(train_records, **tail), batches.examples_from_records(val_records, **tail)
+
+
+def _check_stores_serve_the_loss(c, wd: Workdir) -> None:
+  """Before any training: every KD arm's store keeps the teacher's tail at the loss temperature (tail mode)."""
+  from kdjax import store
+  from kdjax.distill import batches
+  for arm in config_lib.arm_names(c):
+    if config_lib.ARMS[arm]["mode"] != "kd" or (wd.arm(arm) / "adapter" / "adapter_config.json").exists():
+      continue
+    path = wd.store(config_lib.ARMS[arm]["strategy"])
+    spec = store.StoreReader(path).spec
+    batches.require_tail_temperature(float(c.distill.temperature), spec.tail_temperatures, c.distill.topk_mode,
+                                     f"the store {path}")
 
 
 def stage_train(c, wd: Workdir) -> None:
   from kdjax.distill import lora, train
+  _check_stores_serve_the_loss(c, wd)
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
     mode = config_lib.ARMS[arm]["mode"]

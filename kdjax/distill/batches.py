@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
@@ -49,7 +50,7 @@ class TrainExample:
   teacher_offset: int = 0
   teacher_ids: np.ndarray | None = None       # [m, k] int32
   teacher_logprobs: np.ndarray | None = None  # [m, k] float32
-  teacher_tail: np.ndarray | None = None      # [m] float32
+  teacher_tail: np.ndarray | None = None      # [m] float32, mass outside the top-k at the loss temperature
   question_id: int | None = None              # GSM8K train id, when known
 
   def __len__(self) -> int:
@@ -99,7 +100,8 @@ def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logp
     prompt_ids: [P] the student's prompt (no priming text).
     response_ids: [T] the teacher's response tokens (including its stop token when it stopped).
     topk_ids, topk_logprobs: [T, k] teacher top-k for each response token (log-probs at T = 1).
-    tail_mass: [T] teacher mass outside the top-k (None: 1 - sum of the top-k probabilities).
+    tail_mass: [T] teacher mass outside the top-k at the loss temperature (None: 1 - sum of the top-k
+      probabilities, the tail at temperature 1).
   """
   prompt, response = _ids(prompt_ids, "prompt_ids"), _ids(response_ids, "response_ids")
   topk_ids, topk_logprobs = np.asarray(topk_ids), np.asarray(topk_logprobs, np.float32)
@@ -128,10 +130,48 @@ def ce_example(prompt_ids: Any, solution_ids: Any, end_token_id: int | None, *,
   return TrainExample(x, targets, mask, question_id=question_id)
 
 
-def examples_from_records(records: Iterable[Any]) -> list[TrainExample]:
-  """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`)."""
-  return [distill_example(r.student_prompt_ids, r.response_ids, r.topk_ids, r.topk_logprobs, r.tail_mass,
-                          question_id=int(r.question_id)) for r in records]
+def _tail_column(temperature: float, store_temperatures: Sequence[float]) -> int | None:
+  """Index of `temperature` in `store_temperatures`, or None."""
+  for index, stored in enumerate(store_temperatures):
+    if math.isclose(float(stored), temperature, rel_tol=1e-9):
+      return index
+  return None
+
+
+def require_tail_temperature(temperature: float, store_temperatures: Sequence[float], topk_mode: str,
+                             where: str = "the teacher store") -> None:
+  """Raises BatchError (one line) when "tail" mode at `temperature` needs a tail the store does not keep.
+
+  At T = 1 the store's `tail_mass` serves; at other T the exact tempered tail (`tail_log_mass`) must have been
+  generated at T (see kdjax.distill.losses for why it cannot be derived from the top-k).
+  """
+  if topk_mode != "tail" or temperature == 1.0 or _tail_column(temperature, store_temperatures) is not None:
+    return
+  kept = ", ".join(f"{t:g}" for t in sorted({1.0, *map(float, store_temperatures)}))
+  raise BatchError(
+      f"distill.temperature={temperature:g} with topk_mode=tail needs the teacher's exact tail mass at "
+      f"T={temperature:g}, but {where} keeps it only at T in {{{kept}}}; regenerate the store with "
+      f"--config.teacher.tail_temperatures=1,{temperature:g} or use --config.distill.topk_mode=renormalize")
+
+
+def examples_from_records(records: Iterable[Any], *, temperature: float = 1.0,
+                          topk_mode: str = "tail") -> list[TrainExample]:
+  """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`).
+
+  `teacher_tail` is the tail at the loss `temperature`: the record's `tail_mass` at T = 1, else its stored
+  tail at T (`tail_log_mass`); "tail" mode at a temperature the records lack raises BatchError. Renormalize
+  mode never reads the tail and takes the T = 1 one.
+  """
+  out = []
+  for record in records:
+    temperatures = tuple(getattr(record, "tail_temperatures", ()))
+    require_tail_temperature(temperature, temperatures, topk_mode)
+    column = _tail_column(temperature, temperatures) if topk_mode == "tail" and temperature != 1.0 else None
+    tail = record.tail_mass if column is None else np.exp(
+        np.asarray(record.tail_log_mass, np.float64)[:, column]).astype(np.float32)
+    out.append(distill_example(record.student_prompt_ids, record.response_ids, record.topk_ids,
+                               record.topk_logprobs, tail, question_id=int(record.question_id)))
+  return out
 
 
 def gold_examples(gsm8k_examples: Sequence[Mapping[str, Any]], tokenizer: Any, *,

@@ -14,26 +14,43 @@ Conventions (all divergences are per position, over the vocabulary, in nats):
   skew reverse KL(alpha) = KL(q || alpha * q + (1 - alpha) * p)  (DistiLLM, arXiv 2402.03898).
   alpha = 0 is plain forward / reverse KL.
 * total variation = 0.5 * sum |p - q|.
-* Temperature T tempers both sides: student ``log_softmax(logits / T)``; teacher log-probs ``/ T`` and
-  renormalised over what is known (the k ids, plus the tail bucket in "tail" mode). With ``scale_by_t2``
-  the KD term is multiplied by T**2 so its gradient scale stays comparable across temperatures.
+* Temperature T tempers both sides: the student is ``softmax(logits / T)`` over the full vocabulary, the
+  teacher is ``softmax(teacher logits / T)``, coarse-grained exactly as described below. With
+  ``scale_by_t2`` the KD term is multiplied by T**2 so its gradient scale stays comparable across
+  temperatures.
 * Cross-entropy is ``-log q(target)`` at T = 1 on ``target_ids`` (the teacher's response tokens or gold
   solution tokens: the data decides).
 * ``total = (1 - ce_weight) * KD + ce_weight * CE``, each a mean over loss tokens (see ``total_loss``).
 
-Sparse teacher. The teacher gives ``teacher_ids [..., k]`` and ``teacher_logprobs [..., k]`` (full-vocabulary
-log-probs of those ids at T = 1), optionally ``teacher_tail [...]`` = probability mass outside the k ids.
-``LossConfig.topk_mode`` picks how the student is compared with it:
+Sparse teacher. The teacher gives ``teacher_ids [..., k]``, ``teacher_logprobs [..., k]`` (full-vocabulary
+log-probs ``lp(i)`` of those ids at T = 1) and optionally ``teacher_tail [...]``: the probability mass that the
+teacher's distribution AT THE LOSS TEMPERATURE T puts outside the k ids. ``LossConfig.topk_mode`` picks how
+the student is compared with it:
 
 * "renormalize": both distributions are restricted to the k ids and renormalised there. At any T this is
-  the exact restriction of the tempered teacher.
-* "tail": k + 1 buckets, the k ids plus one "rest of vocabulary" bucket. Teacher bucket mass = tail mass
-  (given, or ``1 - sum exp(logprobs)``); student bucket mass = ``1 - sum`` of the student's probabilities on
-  the k ids, computed in log space as ``log(-expm1(logsumexp(log q_ids)))``. APPROXIMATION: with T != 1
-  the teacher's tail is tempered as ONE bucket (``tail ** (1 / T)`` before renormalising), because the
-  teacher's distribution inside the tail is unknown; the student's tail is tempered exactly. Rounding
-  guards: a teacher tail below ``k * eps(dtype)`` (the rounding error of ``1 - sum`` over k float
-  probabilities) counts as 0 before tempering, and after tempering either side's tail bucket is floored at
+  the exact restriction of the tempered teacher: ``p_T(i) / sum_K p_T`` = ``softmax_K(lp / T)``.
+* "tail": k + 1 buckets, the k ids plus one "rest of vocabulary" bucket; both sides are the full tempered
+  distributions coarse-grained onto these buckets, exactly, at any T:
+
+  - student: exact tempered probabilities of the k ids from its full logits, rest bucket =
+    ``1 - sum`` of them, computed in log space as ``log(-expm1(logsumexp(log q_ids)))``.
+  - teacher: with logits z, ``lp(i) = z_i - logsumexp(z)``, so
+    ``log p_T(i) = z_i / T - logsumexp(z / T) = lp(i) / T - logsumexp_V(lp / T)``. The normaliser runs over the
+    FULL vocabulary and cannot be recovered from the top-k: that is what the stored tail supplies. With
+    ``tail_T`` = mass of p_T outside the k ids, ``sum_K exp(lp / T - N_T) = 1 - tail_T``, hence
+    ``N_T = logsumexp_K(lp / T) - log(1 - tail_T)`` and ``log p_T(i) = log_softmax_K(lp / T)(i) + log(1 - tail_T)``,
+    rest bucket = ``tail_T``. The buckets sum to 1 by construction.
+
+  Scheme: the teacher store keeps, per response token, the tail's log-mass at each temperature named in
+  ``teacher.tail_temperatures`` (default 1 and ``distill.temperature``), computed from the full logits inside
+  the jitted decode step (``kdjax.generation.topk_logprobs``); the batch carries ``teacher_tail`` at the loss
+  temperature. It is exact, costs one logsumexp over the vocabulary per temperature at generation time and
+  4 bytes per token and temperature in the store, and needs nothing of the teacher's distribution inside the
+  tail, which a top-k store cannot know: the old ``tail ** (1 / T)`` (tempering the tail as one lump)
+  disagrees with the student's token-by-token tempered tail by orders of magnitude at T = 5.94. Without
+  ``teacher_tail`` the T = 1 tail ``1 - sum exp(lp)`` is used, which is only right at T = 1; other
+  temperatures then raise. Float32 keeps ``1 - tail_T`` to about 6e-8 absolute, i.e. the top-k's tempered
+  mass to a relative 6e-8 / (1 - tail_T). Rounding guard: either side's tail bucket is floored at
   ``MIN_TAIL_MASS`` and renormalised, because an exact-zero bucket on one side only makes KL infinite.
 
 With k = vocabulary size both modes equal ``dense_divergence``. Teacher ids should be distinct at each
@@ -222,8 +239,9 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     student_logits: [..., V] student logits (T = 1).
     teacher_ids: [..., k] int token ids (clipped into [0, V)).
     teacher_logprobs: [..., k] full-vocabulary teacher log-probs of those ids at T = 1.
-    teacher_tail: [...] teacher mass outside the k ids, or None to use ``1 - sum exp(teacher_logprobs)``.
-      Only read in "tail" mode.
+    teacher_tail: [...] the teacher's mass outside the k ids at the loss temperature (of softmax(logits / T)),
+      or None to use ``1 - sum exp(teacher_logprobs)``, which is that mass only at T = 1. Only read in "tail"
+      mode.
     cfg: loss configuration.
     student_logsumexp: [...] logsumexp of `student_logits` when the caller has it already; used at T = 1,
       where it saves a second pass over the vocabulary.
@@ -256,19 +274,21 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     log_q_ids = student_at_ids - normaliser
     log_q_rest = _log_rest(jax.nn.logsumexp(log_q_ids, axis=-1, keepdims=True))
     log_q = _floor_last_bucket(jnp.concatenate([log_q_ids, log_q_rest], axis=-1))
-    # Teacher: tail at T = 1, tempered as one bucket (the approximation documented above).
+    # Teacher: the k ids' probabilities at T inside the top-k, scaled to the top-k's tempered mass 1 - tail_T
+    # (the derivation is in the module docstring).
     if teacher_tail is None:
-      tail = -jnp.expm1(jax.nn.logsumexp(teacher_lp, axis=-1, keepdims=True))
+      if temp != 1.0:
+        raise ValueError(f"tail mode at temperature {temp} needs the teacher's tail mass at that temperature "
+                         f"(teacher_tail); 1 - sum of the top-k probabilities is the tail at T = 1 only")
+      tail = jnp.clip(-jnp.expm1(jax.nn.logsumexp(teacher_lp, axis=-1, keepdims=True)), 0.0, 1.0)
     else:
       if teacher_tail.shape != teacher_ids.shape[:-1]:
         raise ValueError(f"teacher_tail {teacher_tail.shape} must be {teacher_ids.shape[:-1]}")
-      tail = jax.lax.stop_gradient(teacher_tail).astype(dtype)[..., None]
-    # A tail below the rounding error of 1 - sum(k probs) is noise, and tempering would amplify it
-    # (1e-7 ** (1 / 2) = 3e-4), so it counts as zero.
-    real = tail > teacher_lp.shape[-1] * jnp.finfo(dtype).eps
-    log_p_rest = jnp.where(real, jnp.log(jnp.where(real, tail, 1.0)), -jnp.inf)
-    log_p = jax.nn.log_softmax(jnp.concatenate([teacher_lp, log_p_rest], axis=-1) / temp, axis=-1)
-    log_p = _floor_last_bucket(log_p)
+      tail = jnp.clip(jax.lax.stop_gradient(teacher_tail).astype(dtype)[..., None], 0.0, 1.0)
+    positive = tail > 0
+    log_p_rest = jnp.where(positive, jnp.log(jnp.where(positive, tail, 1.0)), -jnp.inf)
+    log_p_ids = jax.nn.log_softmax(teacher_lp / temp, axis=-1) + jnp.log1p(-tail)
+    log_p = _floor_last_bucket(jnp.concatenate([log_p_ids, log_p_rest], axis=-1))
   return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
 
 
