@@ -130,10 +130,12 @@ def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] 
   """
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   logits = logits.astype(dtype)
-  total = jax.nn.logsumexp(logits, axis=-1)
   values, ids = jax.lax.top_k(logits, k)
+  # Relative to the largest logit (<= 0), so the log-normalisers below are small numbers with small rounding:
+  # real logits reach 30-40, where float32 itself is only good to ~4e-6.
+  shifted = logits - values[:, :1]
+  total = jax.nn.logsumexp(shifted, axis=-1)
   rows = jnp.arange(logits.shape[0])[:, None]
-  shifted = logits - values[:, :1]  # <= 0, so the logsumexps below stay small numbers with small rounding
   rest = shifted.at[rows, ids].set(-jnp.inf)
   top = values - values[:, :1]
 
@@ -144,7 +146,7 @@ def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] 
   tail = jnp.exp(log_tail(1.0))
   tempered = jnp.stack([log_tail(t) for t in tail_temperatures], axis=-1) if tail_temperatures else \
       jnp.zeros((logits.shape[0], 0), dtype)
-  return ids.astype(jnp.int32), values - total[:, None], tail, tempered
+  return ids.astype(jnp.int32), top - total[:, None], tail, tempered
 
 
 def filter_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | float, use_top_p: bool) -> jax.Array:

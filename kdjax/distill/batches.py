@@ -27,8 +27,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 BATCH_KEYS = ("input_ids", "attention_mask", "target_ids", "loss_mask", "teacher_ids", "teacher_logprobs",
-              "teacher_tail")
-TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+              "teacher_log_tail")
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_log_tail")
 
 
 class BatchError(ValueError):
@@ -50,7 +50,7 @@ class TrainExample:
   teacher_offset: int = 0
   teacher_ids: np.ndarray | None = None       # [m, k] int32
   teacher_logprobs: np.ndarray | None = None  # [m, k] float32
-  teacher_tail: np.ndarray | None = None      # [m] float32, mass outside the top-k at the loss temperature
+  teacher_log_tail: np.ndarray | None = None  # [m] float32, log-mass outside the top-k at the loss temperature
   question_id: int | None = None              # GSM8K train id, when known
 
   def __len__(self) -> int:
@@ -93,15 +93,15 @@ def _shifted(prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logprobs: Any,
-                    tail_mass: Any | None = None, *, question_id: int | None = None) -> TrainExample:
+                    tail_log_mass: Any | None = None, *, question_id: int | None = None) -> TrainExample:
   """A KD sequence: student prompt + teacher response, with the teacher's top-k for each response token.
 
   Args:
     prompt_ids: [P] the student's prompt (no priming text).
     response_ids: [T] the teacher's response tokens (including its stop token when it stopped).
     topk_ids, topk_logprobs: [T, k] teacher top-k for each response token (log-probs at T = 1).
-    tail_mass: [T] teacher mass outside the top-k at the loss temperature (None: 1 - sum of the top-k
-      probabilities, the tail at temperature 1).
+    tail_log_mass: [T] log of the teacher's mass outside the top-k at the loss temperature (None: the log of
+      1 - sum of the top-k probabilities, the tail at temperature 1).
   """
   prompt, response = _ids(prompt_ids, "prompt_ids"), _ids(response_ids, "response_ids")
   topk_ids, topk_logprobs = np.asarray(topk_ids), np.asarray(topk_logprobs, np.float32)
@@ -109,12 +109,14 @@ def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logp
   if topk_ids.ndim != 2 or topk_ids.shape[0] != num or topk_logprobs.shape != topk_ids.shape:
     raise BatchError(f"topk_ids {topk_ids.shape} and topk_logprobs {topk_logprobs.shape} must be "
                      f"[{num}, k] for {num} response tokens")
-  if tail_mass is None:
-    tail = np.clip(1.0 - np.exp(topk_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
+  if tail_log_mass is None:
+    with np.errstate(divide="ignore"):  # a tail that rounds to 0 is -inf; the loss guards it
+      tail = np.log(np.clip(-np.expm1(np.logaddexp.reduce(topk_logprobs.astype(np.float64), axis=-1)), 0.0, 1.0))
+    tail = tail.astype(np.float32)
   else:
-    tail = np.asarray(tail_mass, np.float32)
+    tail = np.asarray(tail_log_mass, np.float32)
     if tail.shape != (num,):
-      raise BatchError(f"tail_mass must be [{num}], got {tail.shape}")
+      raise BatchError(f"tail_log_mass must be [{num}], got {tail.shape}")
   x, targets, mask = _shifted(prompt, response)
   return TrainExample(x, targets, mask, prompt.size - 1, topk_ids.astype(np.int32), topk_logprobs, tail,
                       question_id)
@@ -158,17 +160,20 @@ def examples_from_records(records: Iterable[Any], *, temperature: float = 1.0,
                           topk_mode: str = "tail") -> list[TrainExample]:
   """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`).
 
-  `teacher_tail` is the tail at the loss `temperature`: the record's `tail_mass` at T = 1, else its stored
-  tail at T (`tail_log_mass`); "tail" mode at a temperature the records lack raises BatchError. Renormalize
-  mode never reads the tail and takes the T = 1 one.
+  `teacher_log_tail` is the tail's log-mass at the loss `temperature`: the record's stored one at that
+  temperature (`tail_log_mass`), else at T = 1 the log of its `tail_mass` (stores older than the field);
+  "tail" mode at any other temperature raises BatchError. Renormalize mode never reads the tail.
   """
   out = []
   for record in records:
     temperatures = tuple(getattr(record, "tail_temperatures", ()))
     require_tail_temperature(temperature, temperatures, topk_mode)
-    column = _tail_column(temperature, temperatures) if topk_mode == "tail" and temperature != 1.0 else None
-    tail = record.tail_mass if column is None else np.exp(
-        np.asarray(record.tail_log_mass, np.float64)[:, column]).astype(np.float32)
+    column = _tail_column(temperature if topk_mode == "tail" else 1.0, temperatures)
+    if column is not None:
+      tail = np.asarray(record.tail_log_mass, np.float32)[:, column]
+    else:
+      with np.errstate(divide="ignore"):
+        tail = np.log(np.asarray(record.tail_mass, np.float32))
     out.append(distill_example(record.student_prompt_ids, record.response_ids, record.topk_ids,
                                record.topk_logprobs, tail, question_id=int(record.question_id)))
   return out
@@ -237,7 +242,7 @@ def collate(examples: Sequence[TrainExample], *, pad_multiple: int = 64, batch_s
       raise BatchError("examples have different top-k sizes")
     batch["teacher_ids"] = np.zeros((rows, length, k), np.int32)
     batch["teacher_logprobs"] = np.zeros((rows, length, k), np.float32)
-    batch["teacher_tail"] = np.zeros((rows, length), np.float32)
+    batch["teacher_log_tail"] = np.zeros((rows, length), np.float32)
   for row, example in enumerate(examples):
     n = len(example)
     batch["input_ids"][row, :n] = example.input_ids
