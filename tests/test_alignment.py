@@ -112,6 +112,15 @@ def test_a_store_without_tempered_tails_is_refused_at_t_not_1(smollm2_store, tmp
   message = str(error.value)
   assert "\n" not in message and "T=5.94" in message and "T in {1}" in message
   assert "--config.teacher.tail_temperatures=1,5.94" in message and "topk_mode=renormalize" in message
+  # The train stage refuses it before its first step, naming the store (default config: reverse KL, T = 5.94).
+  c = config_lib.get_default_config()
+  c.arms = "base"
+  workdir = pipeline.Workdir(tmp_path / "run")
+  shutil.copytree(old.path, workdir.store("base"))
+  with pytest.raises(batches.BatchError, match=f"the store {workdir.store('base')} keeps it only at T in"):
+    pipeline._check_stores_serve_the_loss(c, workdir)
+  c.distill.topk_mode = "renormalize"
+  pipeline._check_stores_serve_the_loss(c, workdir)
   # T = 1 from the old tail and renormalize mode at any T stay exact (tests/test_losses.py), so they are served.
   for temperature, mode in ((1.0, "tail"), (PAPER_TEMPERATURE, "renormalize")):
     examples = batches.examples_from_records(old, temperature=temperature, topk_mode=mode)
