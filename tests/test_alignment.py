@@ -2,8 +2,8 @@
 
 The student is the teacher itself and the store was written with `base` priming, so the student's prompt is the
 teacher's prompt and every stored top-k distribution must be reproduced exactly at the position the data pipeline
-aligns it with: the KD loss at step 1 (fresh LoRA, B = 0) is ~0, at T = 1 and at the paper's T = 5.94 in tail
-mode, for reverse and forward KL. A shift by one token, pairing logits with another question, a loss over prompt
+aligns it with: the KD loss at step 1 (fresh LoRA, B = 0) is ~0 at the paper's T = 5.94 in tail mode, for
+reverse and forward KL. A shift by one token, pairing logits with another question, a loss over prompt
 positions, or a teacher tail tempered as one lump (4.0 nats per token of reverse KL and 4.2 of forward KL here at
 T = 5.94 before issue 11) would all make it large.
 """
