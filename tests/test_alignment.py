@@ -20,7 +20,7 @@ import kdjax
 from kdjax import config as config_lib, data, pipeline, store, teacher
 from kdjax.distill import batches, losses, lora, train
 from kdjax.generation import SamplingConfig
-from test_losses import assert_exact_against_full_logits
+from test_tail_exactness import assert_exact_against_full_logits
 
 PAPER_TEMPERATURE = 5.94
 
