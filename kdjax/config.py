@@ -59,6 +59,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "bfloat16"
   c.teacher.placement = "system"    # where the priming text goes: "system" or "user_prefix"
   c.teacher.k = 50                  # top-k log-probabilities stored per response token
+  # Temperatures at which the store keeps each token's exact tempered tail mass (comma-separated, e.g. "1,5.94");
+  # training in tail mode needs distill.temperature among them. Empty: 1 and distill.temperature (resolved
+  # by `tail_temperatures`, so an override of distill.temperature alone moves the default with it).
+  c.teacher.tail_temperatures = ""
   c.teacher.temperature = 0.0       # 0: greedy
   c.teacher.top_p = 1.0
   c.teacher.top_k = 0
@@ -157,6 +161,28 @@ def recommended(c: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   c.train.lr_reference_batch = 0
   c.train.eval_every = 100
   return c
+
+
+def tail_temperatures(c: ml_collections.ConfigDict) -> tuple[float, ...]:
+  """The temperatures the teacher store keeps tempered tails at: `teacher.tail_temperatures`, sorted, distinct.
+
+  The empty default means 1 and `distill.temperature`; it is resolved here, at use time, because a default
+  written into the schema would be computed before command-line overrides of distill.temperature apply.
+  """
+  text = str(c.teacher.tail_temperatures).strip()
+  if not text:
+    return tuple(sorted({1.0, float(c.distill.temperature)}))
+  values = []
+  for part in text.split(","):
+    try:
+      value = float(part)
+    except ValueError:
+      value = float("nan")
+    if not 0.0 < value < float("inf"):
+      raise ValueError(f"teacher.tail_temperatures must be positive numbers separated by commas, "
+                       f"got {c.teacher.tail_temperatures!r}")
+    values.append(value)
+  return tuple(sorted(set(values)))
 
 
 def arm_names(c: ml_collections.ConfigDict) -> list[str]:

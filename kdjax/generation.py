@@ -66,6 +66,7 @@ class Generation:
   topk_ids: np.ndarray | None = None     # [n, k] int32
   topk_logprobs: np.ndarray | None = None  # [n, k] float32, log-softmax at temperature 1
   tail_mass: np.ndarray | None = None    # [n] float32: probability outside the top k
+  tail_log_mass: np.ndarray | None = None  # [n, len(tail_temperatures)] float32: log tail mass at each T
 
 
 class _DecodeOptions(NamedTuple):
@@ -76,6 +77,7 @@ class _DecodeOptions(NamedTuple):
   use_top_p: bool
   topk_logprobs: int
   pad_id: int
+  tail_temperatures: tuple[float, ...] = ()
 
 
 class _DecodeResult(NamedTuple):
@@ -85,6 +87,7 @@ class _DecodeResult(NamedTuple):
   topk_ids: jax.Array       # [B, N, k] int32 (k may be 0)
   topk_logprobs: jax.Array  # [B, N, k] float32
   tail_mass: jax.Array      # [B, N] float32 (N=0 when k=0)
+  tail_log_mass: jax.Array  # [B, N, len(tail_temperatures)] float32
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -112,19 +115,38 @@ def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
-def topk_logprobs(logits: jax.Array, k: int) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """Top-k of log-softmax(logits) [B, V] and the probability left outside them.
+def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] = ()
+                  ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+  """Top-k of log-softmax(logits) [B, V], the probability left outside them, and its log at other temperatures.
 
-  The tail is exp(logsumexp(other logits) - logsumexp(all logits)) rather than 1 - sum(top-k probs), which
-  would lose all precision when the top k hold nearly all the mass.
+  Returns (ids [B, k], log-probs [B, k] at temperature 1, tail [B] at temperature 1, tail_log_mass [B, n]):
+  tail_log_mass[:, j] = log of the mass that softmax(logits / T_j) puts outside the same k ids, for T_j in
+  `tail_temperatures`. The top-k log-probs at T = 1 and the tail at T fix the tempered distribution over
+  (k ids, rest) exactly (see kdjax.distill.losses); the tail at T is not a function of the top-k alone.
+
+  Tails are computed as log_sigmoid(logsumexp(rest) - logsumexp(top k)) of max-shifted logits rather than as
+  1 - sum(top-k probs), so they keep their precision both when the top k hold nearly all the mass (tiny
+  tail) and when they hold little of it (tail near 1, as at high temperatures).
   """
-  logits = logits.astype(jnp.float32)
-  total = jax.nn.logsumexp(logits, axis=-1)
+  dtype = jnp.promote_types(logits.dtype, jnp.float32)
+  logits = logits.astype(dtype)
   values, ids = jax.lax.top_k(logits, k)
+  # Relative to the largest logit (<= 0), so the log-normalisers below are small numbers with small rounding:
+  # real logits reach 30-40, where float32 itself is only good to ~4e-6.
+  shifted = logits - values[:, :1]
+  total = jax.nn.logsumexp(shifted, axis=-1)
   rows = jnp.arange(logits.shape[0])[:, None]
-  rest = logits.at[rows, ids].set(-jnp.inf)
-  tail = jnp.exp(jax.nn.logsumexp(rest, axis=-1) - total)
-  return ids.astype(jnp.int32), values - total[:, None], tail
+  rest = shifted.at[rows, ids].set(-jnp.inf)
+  top = values - values[:, :1]
+
+  def log_tail(temperature: float) -> jax.Array:
+    return jax.nn.log_sigmoid(jax.nn.logsumexp(rest / temperature, axis=-1)
+                              - jax.nn.logsumexp(top / temperature, axis=-1))
+
+  tail = jnp.exp(log_tail(1.0))
+  tempered = jnp.stack([log_tail(t) for t in tail_temperatures], axis=-1) if tail_temperatures else \
+      jnp.zeros((logits.shape[0], 0), dtype)
+  return ids.astype(jnp.int32), top - total[:, None], tail, tempered
 
 
 def filter_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | float, use_top_p: bool) -> jax.Array:
@@ -205,17 +227,19 @@ def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_logi
     result = result._replace(tokens=tokens, lengths=result.lengths + active.astype(jnp.int32),
                              stopped=result.stopped | hit_stop)
     if k:
-      ids, logprobs, tail = topk_logprobs(logits, k)
+      ids, logprobs, tail, tail_log_mass = topk_logprobs(logits, k, opts.tail_temperatures)
       result = result._replace(
           topk_ids=jax.lax.dynamic_update_index_in_dim(result.topk_ids, ids, step, axis=1),
           topk_logprobs=jax.lax.dynamic_update_index_in_dim(result.topk_logprobs, logprobs, step, axis=1),
-          tail_mass=jax.lax.dynamic_update_index_in_dim(result.tail_mass, tail, step, axis=1))
+          tail_mass=jax.lax.dynamic_update_index_in_dim(result.tail_mass, tail, step, axis=1),
+          tail_log_mass=jax.lax.dynamic_update_index_in_dim(result.tail_log_mass, tail_log_mass, step, axis=1))
     return result, done | hit_stop, chosen
 
   empty = _DecodeResult(
       tokens=jnp.full((b, n), opts.pad_id, jnp.int32), lengths=jnp.zeros((b,), jnp.int32),
       stopped=jnp.zeros((b,), bool), topk_ids=jnp.zeros((b, n, k), jnp.int32),
-      topk_logprobs=jnp.zeros((b, n, k), jnp.float32), tail_mass=jnp.zeros((b, n if k else 0), jnp.float32))
+      topk_logprobs=jnp.zeros((b, n, k), jnp.float32), tail_mass=jnp.zeros((b, n if k else 0), jnp.float32),
+      tail_log_mass=jnp.zeros((b, n if k else 0, len(opts.tail_temperatures) if k else 0), jnp.float32))
   result, done, last = record(empty, jnp.zeros((b,), bool), first_logits, jnp.int32(0))
 
   def keep_going(carry):
@@ -269,13 +293,14 @@ def _check_inputs(model: Llama, prompts: Sequence[Sequence[int]], example_ids: S
 
 def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              stop_ids: Sequence[int], pad_id: int, example_ids: Sequence[int] | None = None,
-             batch_size: int = 16, topk_logprobs: int = 0, progress: ProgressCallback | None = None,
-             length_bucket: int = 64) -> list[Generation]:
+             batch_size: int = 16, topk_logprobs: int = 0, tail_temperatures: Sequence[float] = (),
+             progress: ProgressCallback | None = None, length_bucket: int = 64) -> list[Generation]:
   """Generates a response for every prompt (token ids, without padding), in the order given.
 
   stop_ids end a row (the stop token is kept in `tokens`); `pad_id` fills finished rows and padding.
   `example_ids` (default: the prompt indices) seed each row's sampling key. With `topk_logprobs=k`, each
-  Generation carries the top-k log-probs (temperature 1) of the distribution behind every response token.
+  Generation carries the top-k log-probs (temperature 1) of the distribution behind every response token,
+  its tail mass, and the log of the tail mass at each of `tail_temperatures` (see `topk_logprobs`).
   `progress(tokens, elapsed_s, examples_done, examples_total)` is called after every batch.
   Prompt lengths round up to a multiple of `length_bucket`, so few prompt shapes compile.
   """
@@ -287,7 +312,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
     return []
   graphdef, state = nnx.split(model)
   opts = _DecodeOptions(max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
-                        use_top_p=sampling.top_p < 1.0, topk_logprobs=topk_logprobs, pad_id=pad_id)
+                        use_top_p=sampling.top_p < 1.0, topk_logprobs=topk_logprobs, pad_id=pad_id,
+                        tail_temperatures=tuple(float(t) for t in tail_temperatures))
   # Padded with -1 (never a token) to a multiple of 8, so the number of stop ids rarely forces a recompile.
   stop_array = np.full(round_up(max(len(stop_ids), 1), 8), -1, np.int32)
   stop_array[:len(stop_ids)] = list(stop_ids)
@@ -316,6 +342,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
         gen.topk_ids = np.asarray(out.topk_ids[row, :n], np.int32)
         gen.topk_logprobs = np.asarray(out.topk_logprobs[row, :n], np.float32)
         gen.tail_mass = np.asarray(out.tail_mass[row, :n], np.float32)
+        gen.tail_log_mass = np.asarray(out.tail_log_mass[row, :n], np.float32)
       results[index] = gen
       tokens_done += n
     if progress is not None:

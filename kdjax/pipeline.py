@@ -136,6 +136,14 @@ def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None
     from kdjax.distill import train
     train.train_config(c)
   _eval_config(c)
+  from kdjax.distill import batches
+  try:
+    tail_temperatures = config_lib.tail_temperatures(c)
+    if "generate" in stages and any(config_lib.ARMS[a]["mode"] == "kd" for a in arms):
+      batches.require_tail_temperature(float(c.distill.temperature), tail_temperatures, c.distill.topk_mode,
+                                       "teacher.tail_temperatures")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def _check_data(c, stages: set[str], modes: set[str]) -> None:
@@ -347,6 +355,7 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
         model, tokenizer, train_q + val_q, strategy, wd.store(strategy), teacher_model_id=c.teacher.model_id,
         sampling=_teacher_sampling(c), student_tokenizer=student_tokenizer, k=c.teacher.k,
         placement=c.teacher.placement, shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
+        tail_temperatures=config_lib.tail_temperatures(c),
         questions_name=f"gsm8k-train-first{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
     log(f"generate: {strategy}: {json.dumps(summary, default=str)[:300]}")
 
@@ -378,11 +387,26 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   val_ids = {q["id"] for q in val_q}
   train_records = [r for r in records if r.question_id not in val_ids]
   val_records = [r for r in records if r.question_id in val_ids]
-  return batches.examples_from_records(train_records), batches.examples_from_records(val_records)
+  tail = {"temperature": float(c.distill.temperature), "topk_mode": c.distill.topk_mode}
+  return batches.examples_from_records(train_records, **tail), batches.examples_from_records(val_records, **tail)
+
+
+def _check_stores_serve_the_loss(c, wd: Workdir) -> None:
+  """Before any training: every KD arm's store keeps the teacher's tail at the loss temperature (tail mode)."""
+  from kdjax import store
+  from kdjax.distill import batches
+  for arm in config_lib.arm_names(c):
+    if config_lib.ARMS[arm]["mode"] != "kd" or (wd.arm(arm) / "adapter" / "adapter_config.json").exists():
+      continue
+    path = wd.store(config_lib.ARMS[arm]["strategy"])
+    spec = store.StoreReader(path).spec
+    batches.require_tail_temperature(float(c.distill.temperature), spec.tail_temperatures, c.distill.topk_mode,
+                                     f"the store {path}")
 
 
 def stage_train(c, wd: Workdir, records: Records) -> None:
   from kdjax.distill import lora, results, train
+  _check_stores_serve_the_loss(c, wd)
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
     spec = config_lib.ARMS[arm]

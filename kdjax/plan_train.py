@@ -276,7 +276,7 @@ def abstract_batch(batch_size: int, grad_accum_steps: int, max_len: int, teacher
   tokens = np.zeros(max_len, np.int32)
   if teacher_k:
     example = batches_lib.distill_example(tokens[:1], tokens, np.zeros((max_len, teacher_k), np.int32),
-                                          np.zeros((max_len, teacher_k), np.float32), np.zeros(max_len, np.float32))
+                                          np.zeros((max_len, teacher_k), np.float32), np.full(max_len, -1.0, np.float32))
   else:
     example = batches_lib.TrainExample(input_ids=tokens, target_ids=tokens, loss_mask=np.ones(max_len, np.float32))
   batch = batches_lib.collate([example], batch_size=batch_size * grad_accum_steps, max_length=max_len)

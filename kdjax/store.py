@@ -23,6 +23,8 @@ A shard is one uncompressed `.npz` (written with fixed zip timestamps, hence rep
   *_offsets (int64, E+1)                                 example e owns [off[e], off[e+1])
   topk_ids (T*k ids), topk_logprobs (T, k) float32       top-k at temperature 1, per token
   tail_mass (T,) float32                                 probability outside the top-k
+  tail_log_mass (T, n) float32                           log of the mass outside the top-k at each of the
+                                                         spec's n tail_temperatures (absent in older stores)
   metadata (uint8)                                       per-example fields as column JSON
 
 Ids are stored as uint16 when vocab_size <= 65536. Larger vocabularies are bit-packed with
@@ -87,10 +89,17 @@ class StoreSpec:
   sampling: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   placement: str = "system"
   questions: str = ""  # which question list, e.g. "gsm8k:train seed=0 n=7000"
+  # Temperatures T at which each token's tail (mass of softmax(logits / T) outside the top-k) is stored;
+  # empty in stores written before the field existed.
+  tail_temperatures: tuple[float, ...] = ()
 
   def __post_init__(self):
     if self.vocab_size < 2 or not 1 <= self.k <= self.vocab_size:
       raise StoreError(f"need 1 <= k <= vocab_size, got k={self.k}, vocab_size={self.vocab_size}")
+    temperatures = tuple(float(t) for t in self.tail_temperatures)
+    if any(not 0.0 < t < math.inf for t in temperatures) or len(set(temperatures)) != len(temperatures):
+      raise StoreError(f"tail_temperatures must be distinct positive numbers, got {self.tail_temperatures!r}")
+    object.__setattr__(self, "tail_temperatures", temperatures)
     object.__setattr__(self, "sampling", _json_normalized(dict(self.sampling)))
 
   @property
@@ -127,6 +136,10 @@ class TeacherRecord:
   extracted_answer: float | None
   gold_answer: float
   correct: bool
+  # (T, n) log of the mass outside the top-k at each of `tail_temperatures` (the store spec's); None or
+  # (T, 0) when the store keeps no tempered tails.
+  tail_log_mass: np.ndarray | None = None
+  tail_temperatures: tuple[float, ...] = ()
 
   @property
   def num_tokens(self) -> int:
@@ -364,9 +377,15 @@ class StoreWriter:
       raise StoreError(f"{where}: finish_reason {record.finish_reason!r} not in {FINISH_REASONS}")
     num_tokens = len(record.response_ids)
     k = self.spec.k
+    temperatures = self.spec.tail_temperatures
+    if tuple(float(t) for t in record.tail_temperatures) != temperatures:
+      raise StoreError(f"{where}: tail_temperatures {tuple(record.tail_temperatures)} != store's {temperatures}")
     shapes = {"response_ids": (num_tokens,), "topk_ids": (num_tokens, k),
-              "topk_logprobs": (num_tokens, k), "tail_mass": (num_tokens,)}
+              "topk_logprobs": (num_tokens, k), "tail_mass": (num_tokens,),
+              "tail_log_mass": (num_tokens, len(temperatures))}
     for name, shape in shapes.items():
+      if name == "tail_log_mass" and record.tail_log_mass is None and not temperatures:
+        continue
       if np.shape(getattr(record, name)) != shape:
         raise StoreError(f"{where}: {name} has shape {np.shape(getattr(record, name))}, expected {shape}")
     for name in ("student_prompt_ids", "teacher_prompt_ids"):
@@ -405,6 +424,11 @@ class StoreWriter:
         "topk_ids": _encode_ids(topk_ids, id_format),
         "topk_logprobs": logprobs.reshape(-1, k),
         "tail_mass": concat("tail_mass", np.float32),
+        "tail_log_mass": np.concatenate(
+            [np.zeros((0, len(self.spec.tail_temperatures)), np.float32)]
+            + [np.asarray(r.tail_log_mass, np.float32).reshape(r.num_tokens, len(self.spec.tail_temperatures))
+               for r in records
+               if r.tail_log_mass is not None]).astype(np.float32),
         "metadata": np.frombuffer(json.dumps(metadata, sort_keys=True, ensure_ascii=False).encode(),
                                   np.uint8),
     }
@@ -563,6 +587,8 @@ class StoreReader(Sequence):
         arrays["topk_ids"], num_tokens * self.spec.k, id_format).reshape(num_tokens, self.spec.k)
     decoded["topk_logprobs"] = arrays["topk_logprobs"]
     decoded["tail_mass"] = arrays["tail_mass"]
+    decoded["tail_log_mass"] = arrays.get(
+        "tail_log_mass", np.zeros((num_tokens, len(self.spec.tail_temperatures)), np.float32))
     for array in decoded.values():
       array.flags.writeable = False  # records are views into this cache
     self._cache[shard_index] = decoded
@@ -595,7 +621,8 @@ class StoreReader(Sequence):
         topk_ids=shard["topk_ids"][response], topk_logprobs=shard["topk_logprobs"][response],
         tail_mass=shard["tail_mass"][response], finish_reason=meta["finish_reason"],
         extracted_answer=meta["extracted_answer"], gold_answer=meta["gold_answer"],
-        correct=meta["correct"])
+        correct=meta["correct"], tail_log_mass=shard["tail_log_mass"][response],
+        tail_temperatures=self.spec.tail_temperatures)
 
   def __iter__(self) -> Iterator[TeacherRecord]:
     for index in range(len(self)):

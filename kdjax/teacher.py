@@ -66,6 +66,7 @@ class TeacherJob:
   batch_size: int = 16
   answer_rule: str = "strict"
   correct_only: bool = False  # recorded for the trainer; the store keeps every response
+  tail_temperatures: tuple[float, ...] = ()  # temperatures of the stored tempered tails (see kdjax.store)
 
   def __post_init__(self):
     priming.get_strategy(self.strategy)  # raises PrimingError for an unknown name
@@ -225,7 +226,7 @@ def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job:
   outputs = generation.generate(
       model, teacher_prompts, job.sampling, stop_ids=stop_ids, pad_id=pad_id,
       example_ids=[int(q["id"]) for q in questions], batch_size=job.batch_size,
-      topk_logprobs=job.k, progress=progress)
+      topk_logprobs=job.k, tail_temperatures=job.tail_temperatures, progress=progress)
   sampling = dataclasses.asdict(job.sampling)
   records = []
   for question, teacher_ids, student_ids, out in zip(questions, teacher_prompts, student_prompts, outputs):
@@ -241,7 +242,8 @@ def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job:
         response_text=text, response_ids=np.asarray(out.tokens, np.int32),
         topk_ids=out.topk_ids, topk_logprobs=out.topk_logprobs, tail_mass=out.tail_mass,
         finish_reason=out.finish_reason, extracted_answer=answer,
-        gold_answer=float(question["gold"]), correct=extract.is_correct(answer, float(question["gold"]))))
+        gold_answer=float(question["gold"]), correct=extract.is_correct(answer, float(question["gold"])),
+        tail_log_mass=out.tail_log_mass, tail_temperatures=job.tail_temperatures))
   return records
 
 
@@ -281,6 +283,7 @@ def generate_store(
     batch_size: int = 16,
     correct_only: bool = False,
     answer_rule: str = "strict",
+    tail_temperatures: Sequence[float] = (),
     questions_name: str = "",
     process_index: int | None = None,
     process_count: int | None = None,
@@ -292,7 +295,8 @@ def generate_store(
   the sampling. A finished store with the same spec is left as it is; a partial one is resumed.
   With `student_tokenizer`, both tokenizers must map tokens to the same ids (checked first).
   `questions_name` (e.g. "gsm8k:train n=7000") goes into the store spec next to a fingerprint of
-  the list. Process `process_index` of `process_count` (default: jax's) writes its share of the
+  the list. `tail_temperatures`: the temperatures at which every token's exact tail mass outside the
+  top-k is stored as well (training in "tail" mode at T != 1 needs T among them). Process `process_index` of `process_count` (default: jax's) writes its share of the
   shards; under `jax.distributed` all processes meet at a barrier, process 0 writes manifest.json,
   and every process returns the finished store's summary.
   """
@@ -301,7 +305,8 @@ def generate_store(
     priming.check_same_tokenizer(tokenizer, student_tokenizer)
   job = TeacherJob(strategy=strategy, teacher_model=teacher_model_id, sampling=sampling, k=k,
                    placement=placement, shard_size=shard_size, batch_size=batch_size,
-                   answer_rule=answer_rule, correct_only=correct_only)
+                   answer_rule=answer_rule, correct_only=correct_only,
+                   tail_temperatures=tuple(sorted({float(t) for t in tail_temperatures})))
   _check_questions(questions, priming.get_strategy(strategy).needs_gold_solution)
   distributed = jax.process_count() > 1
   process_index = jax.process_index() if process_index is None else process_index
@@ -310,7 +315,7 @@ def generate_store(
 
   spec = store.StoreSpec(
       teacher_model=teacher_model_id, strategy=strategy, vocab_size=model.config.vocab_size, k=k,
-      sampling=dataclasses.asdict(sampling), placement=placement,
+      sampling=dataclasses.asdict(sampling), placement=placement, tail_temperatures=job.tail_temperatures,
       questions=f"{questions_name} n={len(questions)} sha={questions_fingerprint(questions)}".strip())
   writer = store.StoreWriter(store_dir, spec, num_examples=len(questions), shard_size=shard_size,
                              process_index=process_index, process_count=process_count)

@@ -78,7 +78,7 @@ def main():
   n, k = args.max_len - 1, c.teacher.k
   example = batches.distill_example(np.zeros(2, np.int32), rng.integers(0, config.vocab_size, n),
                                     rng.integers(0, config.vocab_size, (n, k)),
-                                    np.full((n, k), np.log(0.5 / k), np.float32), np.full(n, 0.5, np.float32))
+                                    np.full((n, k), np.log(0.5 / k), np.float32), np.full(n, np.log(0.5), np.float32))
   batch = batches.collate([example] * args.batch, batch_size=args.batch, max_length=args.max_len)
   batch = jax.device_put({key: v.reshape((1,) + v.shape) for key, v in batch.items()}, device)
   key = jax.random.key(0)

@@ -63,7 +63,7 @@ def int8_teacher(num_devices: int = 1):
 def run_store(store_dir, questions, tokenizer, model=None, **overrides) -> dict:
   from kdjax import teacher
   kwargs = dict(teacher_model_id=TEACHER_ID, sampling=SAMPLING, k=K, shard_size=SHARD_SIZE,
-                batch_size=BATCH_SIZE, progress=False)
+                batch_size=BATCH_SIZE, tail_temperatures=(1.0, 5.94), progress=False)
   kwargs.update(overrides)
   model = tiny_teacher() if model is None else model
   return teacher.generate_store(model, tokenizer, questions, STRATEGY, store_dir, **kwargs)

@@ -12,7 +12,7 @@ def _record(prompt, response, k=3, seed=0):
   rng = np.random.default_rng(seed)
   ids = rng.integers(0, 100, (len(response), k))
   logprobs = -rng.random((len(response), k)).astype(np.float32) - 1.0
-  tail = rng.random(len(response)).astype(np.float32) * 0.1
+  tail = np.log(rng.uniform(0.01, 0.1, len(response))).astype(np.float32)  # log tail masses
   return ids, logprobs, tail
 
 
@@ -37,8 +37,8 @@ def test_alignment_on_hand_made_record():
   for position, row in ((2, 0), (3, 1), (4, 2)):
     np.testing.assert_array_equal(batch["teacher_ids"][0, position], ids[row])
     np.testing.assert_array_equal(batch["teacher_logprobs"][0, position], logprobs[row])
-    assert batch["teacher_tail"][0, position] == tail[row]
-  assert not batch["teacher_ids"][0, [0, 1, 5, 6, 7]].any() and not batch["teacher_tail"][0, [0, 1, 5]].any()
+    assert batch["teacher_log_tail"][0, position] == tail[row]
+  assert not batch["teacher_ids"][0, [0, 1, 5, 6, 7]].any() and not batch["teacher_log_tail"][0, [0, 1, 5]].any()
   assert batch["input_ids"].dtype == np.int32 and batch["loss_mask"].dtype == np.float32
   assert batch["teacher_logprobs"].dtype == np.float32 and batch["teacher_ids"].dtype == np.int32
 
@@ -46,7 +46,7 @@ def test_alignment_on_hand_made_record():
 def test_tail_defaults_to_missing_mass_and_bad_shapes_raise():
   logprobs = np.log(np.array([[0.5, 0.25], [0.9, 0.05]], np.float32))
   example = batches.distill_example([1], [5, 6], [[5, 7], [6, 8]], logprobs)
-  np.testing.assert_allclose(example.teacher_tail, [0.25, 0.05], rtol=1e-6)
+  np.testing.assert_allclose(example.teacher_log_tail, np.log([0.25, 0.05]), rtol=1e-6)
   with pytest.raises(batches.BatchError, match="topk_ids"):
     batches.distill_example([1], [5, 6], [[5, 7]], logprobs[:1])
   with pytest.raises(batches.BatchError, match="non-empty"):

@@ -123,11 +123,15 @@ def test_topk_logprobs_and_tail_mass_match_fresh_forward(tiny):
 
 def test_tail_mass_keeps_precision_when_top_k_hold_almost_everything():
   logits = np.array([[30.0, 10.0, 0.0, -5.0], [0.0, 0.0, 0.0, 0.0]], np.float32)
-  ids, logprobs, tail = generation.topk_logprobs(jnp.asarray(logits), 2)
+  ids, logprobs, tail, tempered = generation.topk_logprobs(jnp.asarray(logits), 2, (1.0, 40.0))
   expected = np.exp(log_softmax64(logits.astype(np.float64))[:, 2:]).sum(axis=1)
   assert np.asarray(ids).tolist() == [[0, 1], [0, 1]]
   # 1 - sum(top-k probs) in float32 would give exactly 0 for the first row (true value ~2e-13).
   np.testing.assert_allclose(np.asarray(tail), expected, rtol=1e-4)
+  np.testing.assert_allclose(np.exp(np.asarray(tempered[:, 0])), expected, rtol=1e-4)
+  # At T = 40 the tail holds about half the mass; its log keeps the top-k's mass 1 - tail to float32 precision.
+  tail_40 = np.exp(log_softmax64(logits.astype(np.float64) / 40.0)[:, 2:]).sum(axis=1)
+  np.testing.assert_allclose(-np.expm1(np.asarray(tempered[:, 1], np.float64)), 1.0 - tail_40, rtol=1e-6)
   np.testing.assert_allclose(np.asarray(logprobs), log_softmax64(logits.astype(np.float64))[:, :2], atol=1e-6)
 
 

@@ -51,28 +51,38 @@ def np_divergence(p, q, name, beta=0.5, alpha=0.1):
   raise AssertionError(name)
 
 
-def np_sparse_buckets(student_logits, ids, teacher_lp, tail, temperature, mode):
-  """(p, q) bucket distributions for a sparse teacher, written from the definitions."""
+def np_coarse_buckets(student_logits, teacher_logits, ids, temperature, mode):
+  """(p, q): the FULL tempered teacher and student distributions coarse-grained onto the teacher's k ids.
+
+  "tail": the k ids plus one bucket holding all the rest of the vocabulary (summed, not 1 - sum);
+  "renormalize": the k ids only, renormalised. float64 from first principles, never from a top-k store.
+  """
+  p_full = np.exp(np_log_softmax(np.asarray(teacher_logits, np.float64) / temperature))
   q_full = np.exp(np_log_softmax(np.asarray(student_logits, np.float64) / temperature))
-  q_ids = np.take_along_axis(q_full, ids, -1)
-  teacher_lp = np.asarray(teacher_lp, np.float64)
+  p_ids, q_ids = np.take_along_axis(p_full, ids, -1), np.take_along_axis(q_full, ids, -1)
   if mode == "renormalize":
-    p = np.exp(teacher_lp / temperature)
-    return p / p.sum(-1, keepdims=True), q_ids / q_ids.sum(-1, keepdims=True)
-  if tail is None:
-    tail = 1.0 - np.exp(teacher_lp).sum(-1)
-  tail = np.clip(np.asarray(tail, np.float64), 0.0, None)
-  p = np.concatenate([np.exp(teacher_lp / temperature), (tail ** (1.0 / temperature))[..., None]], -1)
-  q = np.concatenate([q_ids, 1.0 - q_ids.sum(-1, keepdims=True)], -1)
-  return p / p.sum(-1, keepdims=True), q
+    return p_ids / p_ids.sum(-1, keepdims=True), q_ids / q_ids.sum(-1, keepdims=True)
+  outside = np.ones(p_full.shape, bool)
+  np.put_along_axis(outside, ids, False, axis=-1)
+  p_rest = np.where(outside, p_full, 0.0).sum(-1, keepdims=True)
+  q_rest = np.where(outside, q_full, 0.0).sum(-1, keepdims=True)
+  return np.concatenate([p_ids, p_rest], -1), np.concatenate([q_ids, q_rest], -1)
 
 
-def make_teacher(rng, shape, vocab, k, spread=2.0):
-  """Random full teacher log-probs and their top-k (ids, log-probs, tail) in float64."""
+def np_log_tail(teacher_logits, ids, temperature):
+  """What a store holds as the tail at `temperature`: log of the mass softmax(logits / T) puts outside `ids`."""
+  log_p = np_log_softmax(np.asarray(teacher_logits, np.float64) / temperature)
+  np.put_along_axis(log_p, ids, -np.inf, axis=-1)
+  with np.errstate(divide="ignore"):
+    return np.logaddexp.reduce(log_p, axis=-1)
+
+
+def make_teacher(rng, shape, vocab, k, spread=2.0, temperature=1.0):
+  """Random full teacher log-probs and their top-k (ids, log-probs at T = 1, log tail at `temperature`), float64."""
   full = np_log_softmax(rng.normal(size=shape + (vocab,)) * spread)
   ids = np.argsort(-full, axis=-1)[..., :k]
   lp = np.take_along_axis(full, ids, -1)
-  return full, ids, lp, 1.0 - np.exp(lp).sum(-1)
+  return full, ids, lp, np_log_tail(full, ids, temperature)
 
 
 def cfg_for(name, **kw):
@@ -162,18 +172,18 @@ def test_jsd_endpoints_and_skew_zero_are_plain_kl():
 def test_temperature_and_t2_scaling():
   rng = np.random.default_rng(3)
   logits = rng.normal(size=(6, 12)) * 3
-  _, ids, lp, tail = make_teacher(rng, (6,), 12, 5)
   temperature = 2.0
+  full, ids, lp, tail = make_teacher(rng, (6,), 12, 5, temperature=temperature)
   cases = [(mode, scale) for mode in losses.TOPK_MODES for scale in (False, True)]
   got = sparse_many(f32(logits), ids, f32(lp), f32(tail), tuple(
       (cfg_for("forward_kl", temperature=temperature, scale_by_t2=scale, topk_mode=mode), True)
       for mode, scale in cases))
   for (mode, scale), value in zip(cases, got):
-    p, q = np_sparse_buckets(logits, ids, lp, tail, temperature, mode)
+    p, q = np_coarse_buckets(logits, full, ids, temperature, mode)
     want = np_kl(p, q) * (temperature ** 2 if scale else 1.0)
     np.testing.assert_allclose(value, want, rtol=2e-5, atol=4e-6, err_msg=f"{mode} {scale}")
     # T = 1 differs from T = 2 (the temperature is really applied).
-    p1, q1 = np_sparse_buckets(logits, ids, lp, tail, 1.0, mode)
+    p1, q1 = np_coarse_buckets(logits, full, ids, 1.0, mode)
     assert np.max(np.abs(np_kl(p1, q1) - np_kl(p, q))) > 1e-2
 
 
@@ -184,20 +194,36 @@ def test_temperature_and_t2_scaling():
 def test_sparse_matches_numpy():
   rng = np.random.default_rng(4)
   logits = rng.normal(size=(2, 5, 17)) * 2
-  _, ids, lp, tail = make_teacher(rng, (2, 5), 17, 4)
+  full, ids, lp, _ = make_teacher(rng, (2, 5), 17, 4)
   ids = ids.astype(np.int32)
-  # The given-vs-derived tail only matters in "tail" mode.
-  cases = [(name, mode, temperature, use_tail) for name in KD_DIVERGENCES for mode in losses.TOPK_MODES
-           for temperature in (1.0, 1.7) for use_tail in ((False, True) if mode == "tail" else (False,))]
-  got = sparse_many(f32(logits), ids, f32(lp), f32(tail), tuple(
-      (cfg_for(name, beta=0.4, skew_alpha=0.3, temperature=t, scale_by_t2=False, topk_mode=mode), use_tail)
-      for name, mode, t, use_tail in cases))
-  for (name, mode, temperature, use_tail), value in zip(cases, got):
-    p, q = np_sparse_buckets(logits, ids, lp, tail if use_tail else None, temperature, mode)
+  temperatures = (1.0, 1.7)
+  tails = np.stack([np_log_tail(full, ids, t) for t in temperatures])
+  # Without a given tail, tail mode derives the T = 1 one (1 - sum of the top-k probabilities).
+  cases = [(name, mode, t, use_tail) for name in KD_DIVERGENCES for mode in losses.TOPK_MODES
+           for t in range(len(temperatures)) for use_tail in ((False, True) if mode == "tail" and t == 0 else (True,))]
+
+  @functools.partial(jax.jit, static_argnames="cfgs")
+  def run(logits, tails, cfgs):
+    return [losses.per_token_divergence(logits, ids, f32(lp), tails[t] if use_tail else None, cfg)
+            for cfg, t, use_tail in cfgs]
+
+  got = run(f32(logits), f32(tails), tuple(
+      (cfg_for(name, beta=0.4, skew_alpha=0.3, temperature=temperatures[t], scale_by_t2=False, topk_mode=mode),
+       t, use_tail) for name, mode, t, use_tail in cases))
+  for (name, mode, t, use_tail), value in zip(cases, got):
+    p, q = np_coarse_buckets(logits, full, ids, temperatures[t], mode)
     want = np_divergence(p, q, name, beta=0.4, alpha=0.3)
     assert np.all(want > 1e-4)
     np.testing.assert_allclose(value, want, rtol=5e-5, atol=2e-6,
-                               err_msg=f"{name} {mode} T={temperature} tail={use_tail}")
+                               err_msg=f"{name} {mode} T={temperatures[t]} tail={use_tail}")
+
+
+def test_tail_mode_at_t_not_1_needs_the_tempered_tail():
+  rng = np.random.default_rng(15)
+  _, ids, lp, _ = make_teacher(rng, (3,), 10, 4)
+  with pytest.raises(ValueError, match="tail mass at that temperature"):
+    losses.per_token_divergence(f32(rng.normal(size=(3, 10))), ids, f32(lp), None,
+                                cfg_for("reverse_kl", temperature=2.0))
 
 
 def test_full_k_equals_dense():
@@ -210,9 +236,10 @@ def test_full_k_equals_dense():
   dense_cases = [(name, t) for name in KD_DIVERGENCES for t in (1.0, 2.0)]
   dense = dict(zip(dense_cases, dense_many(logits, f32(full), tuple(
       cfg_for(name, temperature=t) for name, t in dense_cases))))
+  # k = V: the tail is 0 at every temperature; derived from the top-k (no tail given) only at T = 1.
   sparse_cases = [(name, t, mode, use_tail) for name, t in dense_cases for mode in losses.TOPK_MODES
-                  for use_tail in ((False, True) if mode == "tail" else (False,))]
-  sparse = sparse_many(logits, ids, f32(lp), f32(np.zeros((3, 4))), tuple(
+                  for use_tail in ((False, True) if mode == "tail" and t == 1.0 else (True,))]
+  sparse = sparse_many(logits, ids, f32(lp), f32(np.full((3, 4), -np.inf)), tuple(
       (cfg_for(name, temperature=t, topk_mode=mode), use_tail) for name, t, mode, use_tail in sparse_cases))
   for (name, t, mode, use_tail), value in zip(sparse_cases, sparse):
     assert np.all(np.asarray(dense[name, t]) > 1e-3)
@@ -227,12 +254,17 @@ def test_identical_distribution_gives_zero():
   student_lp = np_log_softmax(logits)
   ids = np.argsort(-student_lp, -1)[..., :8].astype(np.int32)
   lp = np.take_along_axis(student_lp, ids, -1)
-  assert np.all(1.0 - np.exp(lp).sum(-1) > 1e-3)  # the tail bucket is really in play
-  cases = [(name, mode, 1.0) for name in KD_DIVERGENCES for mode in losses.TOPK_MODES]
-  # Renormalize mode restricts the tempered teacher exactly, so it stays 0 at T != 1 as well.
-  cases.append(("forward_kl", "renormalize", 3.0))
-  got = sparse_many(f32(logits), ids, f32(lp), None, tuple(
-      (cfg_for(name, temperature=t, scale_by_t2=False, topk_mode=mode), False) for name, mode, t in cases))
+  temperatures = (1.0, 2.0, 5.94)
+  tails = np.stack([np_log_tail(logits, ids, t) for t in temperatures])
+  assert np.all(tails > np.log(1e-3))  # the tail bucket is really in play
+  cases = [(name, mode, t) for name in KD_DIVERGENCES for mode in losses.TOPK_MODES for t in range(3)]
+
+  @functools.partial(jax.jit, static_argnames="cfgs")
+  def run(logits, tails, cfgs):
+    return [losses.per_token_divergence(logits, ids, f32(lp), tails[t], cfg) for cfg, t in cfgs]
+
+  got = run(f32(logits), f32(tails), tuple(
+      (cfg_for(name, temperature=temperatures[t], scale_by_t2=False, topk_mode=mode), t) for name, mode, t in cases))
   for case, value in zip(cases, got):
     assert np.max(np.abs(np.asarray(value))) < 1e-6, case
 
@@ -279,7 +311,7 @@ def test_forward_kl_gradient_is_q_minus_p_over_t():
 def test_sparse_gradients_match_finite_differences():
   rng = np.random.default_rng(9)
   logits = rng.normal(size=(2, 8)) * 1.5
-  _, ids, lp, tail = make_teacher(rng, (2,), 8, 3)
+  _, ids, lp, tail = make_teacher(rng, (2,), 8, 3, temperature=1.3)
   cases = [(name, mode) for name in KD_DIVERGENCES for mode in losses.TOPK_MODES]
   eps = 1e-6
   steps = eps * np.eye(logits.size).reshape((logits.size,) + logits.shape)
@@ -306,26 +338,26 @@ def test_sparse_gradients_match_finite_differences():
 # Chunked distill_loss
 
 
-def make_batch(rng, batch_size=2, seq_len=7, dim=6, vocab=13, k=4):
+def make_batch(rng, batch_size=2, seq_len=7, dim=6, vocab=13, k=4, temperature=1.0):
+  """(hidden, lm_head, batch with the teacher's tail at `temperature`, the teacher's full log-probs)."""
   hidden = rng.normal(size=(batch_size, seq_len, dim))
   lm_head = rng.normal(size=(dim, vocab)) / np.sqrt(dim) * 2
-  _, ids, lp, tail = make_teacher(rng, (batch_size, seq_len), vocab, k)
+  full, ids, lp, tail = make_teacher(rng, (batch_size, seq_len), vocab, k, temperature=temperature)
   mask = rng.random((batch_size, seq_len)) > 0.3
   mask[0, 0] = False
   mask[1, -1] = True
   batch = {"target_ids": rng.integers(0, vocab, (batch_size, seq_len)).astype(np.int32), "loss_mask": mask,
            "teacher_ids": ids.astype(np.int32), "teacher_logprobs": lp.astype(np.float32),
-           "teacher_tail": tail.astype(np.float32)}
-  return hidden, lm_head, batch
+           "teacher_log_tail": tail.astype(np.float32)}
+  return hidden, lm_head, batch, full
 
 
-def np_distill_sums(hidden, lm_head, batch, cfg):
+def np_distill_sums(hidden, lm_head, batch, teacher_full, cfg):
   logits = np.einsum("bsd,dv->bsv", hidden, lm_head)
   mask = np.asarray(batch["loss_mask"], np.float64)
   log_q1 = np_log_softmax(logits)
   ce = -np.take_along_axis(log_q1, batch["target_ids"][..., None], -1)[..., 0]
-  p, q = np_sparse_buckets(logits, batch["teacher_ids"], batch["teacher_logprobs"], batch.get("teacher_tail"),
-                           cfg.temperature, cfg.topk_mode)
+  p, q = np_coarse_buckets(logits, teacher_full, batch["teacher_ids"], cfg.temperature, cfg.topk_mode)
   kd = np_divergence(p, q, cfg.divergence, cfg.beta, cfg.skew_alpha)
   if cfg.scale_by_t2:
     kd = kd * cfg.temperature ** 2
@@ -337,7 +369,7 @@ def direct_total(hidden, lm_head, batch, cfg):
   logits = jnp.einsum("bsd,dv->bsv", hidden, lm_head)
   mask = jnp.asarray(batch["loss_mask"], jnp.float32)
   kd = losses.per_token_divergence(logits, batch["teacher_ids"], batch["teacher_logprobs"],
-                                   batch.get("teacher_tail"), cfg)
+                                   batch.get("teacher_log_tail"), cfg)
   ce = losses.token_cross_entropy(logits, batch["target_ids"])
   return ((1 - cfg.ce_weight) * (mask * kd).sum() + cfg.ce_weight * (mask * ce).sum()) / mask.sum()
 
@@ -350,7 +382,7 @@ def chunked_total(hidden, lm_head, batch, cfg, chunk_size, residual_budget_bytes
 
 def test_distill_loss_chunked_matches_direct():
   rng = np.random.default_rng(10)
-  hidden, lm_head, batch = make_batch(rng)  # 14 tokens
+  hidden, lm_head, batch, full = make_batch(rng, temperature=1.5)  # 14 tokens
   cfg_tail = cfg_for("forward_kl", temperature=1.5, ce_weight=0.3, topk_mode="tail")
   cfg_renorm = cfg_for("skew_reverse_kl", temperature=1.5, ce_weight=0.3, topk_mode="renormalize")
   # 4 does not divide 14; 7 does; 64 exceeds it (one chunk of 14).
@@ -365,7 +397,7 @@ def test_distill_loss_chunked_matches_direct():
 
   direct, chunked = run(f32(hidden), f32(lm_head))
   for (cfg, size), (grads, (sums, metrics)) in zip(cases, chunked):
-    kd_want, ce_want, n_want = np_distill_sums(hidden, lm_head, batch, cfg)
+    kd_want, ce_want, n_want = np_distill_sums(hidden, lm_head, batch, full, cfg)
     np.testing.assert_allclose(sums.kd_sum, kd_want, rtol=2e-5, err_msg=f"{cfg.divergence} {size}")
     np.testing.assert_allclose(sums.ce_sum, ce_want, rtol=2e-5, err_msg=f"{cfg.divergence} {size}")
     assert float(sums.num_tokens) == n_want
@@ -391,7 +423,8 @@ def _loss_grad_temp_bytes(residual_budget_bytes: int) -> tuple[int, int, int]:
   spec = jax.ShapeDtypeStruct
   batch = {"target_ids": spec((batch_size, seq_len), jnp.int32), "loss_mask": spec((batch_size, seq_len), bool),
            "teacher_ids": spec((batch_size, seq_len, k), jnp.int32),
-           "teacher_logprobs": spec((batch_size, seq_len, k), jnp.float32)}
+           "teacher_logprobs": spec((batch_size, seq_len, k), jnp.float32),
+           "teacher_log_tail": spec((batch_size, seq_len), jnp.float32)}
   cfg = cfg_for("jsd", temperature=2.0, ce_weight=0.5)
   grad_fn = jax.jit(jax.grad(
       lambda h, w, b: chunked_total(h, w, b, cfg, chunk_size, residual_budget_bytes)[0], argnums=(0, 1)))
@@ -413,7 +446,7 @@ def test_distill_loss_keeps_residuals_under_the_budget_with_equal_gradients():
   temp_bytes, full_logits_bytes, _ = _loss_grad_temp_bytes(residual_budget_bytes=1 << 30)
   assert temp_bytes >= full_logits_bytes
   rng = np.random.default_rng(13)
-  hidden, lm_head, batch = make_batch(rng)
+  hidden, lm_head, batch, full = make_batch(rng)
   cfg = cfg_for("forward_kl", ce_weight=0.3, topk_mode="tail")
   results = [jax.jit(jax.value_and_grad(chunked_total, argnums=(0, 1), has_aux=True), static_argnums=(3, 4, 5))(
       f32(hidden), f32(lm_head), batch, cfg, 4, budget) for budget in (0, 1 << 30)]
@@ -426,12 +459,12 @@ def test_distill_loss_keeps_residuals_under_the_budget_with_equal_gradients():
 
 def test_masked_positions_get_zero_gradient_even_with_garbage():
   rng = np.random.default_rng(11)
-  hidden, lm_head, batch = make_batch(rng)
+  hidden, lm_head, batch, full = make_batch(rng)
   mask = batch["loss_mask"]
   # Garbage teacher data where the mask is off must not leak into values or gradients.
   batch["teacher_logprobs"] = np.where(mask[..., None], batch["teacher_logprobs"], np.nan).astype(np.float32)
   batch["teacher_ids"] = np.where(mask[..., None], batch["teacher_ids"], 10_000).astype(np.int32)
-  batch["teacher_tail"] = np.where(mask, batch["teacher_tail"], -np.inf).astype(np.float32)
+  batch["teacher_log_tail"] = np.where(mask, batch["teacher_log_tail"], np.nan).astype(np.float32)
   cfgs = [cfg_for("reverse_kl", ce_weight=0.5)]  # reverse KL: the direction where 0 * inf could appear
   run = jax.jit(lambda h, w: [jax.value_and_grad(chunked_total, argnums=(0, 1), has_aux=True)(h, w, batch, c, 3)
                               for c in cfgs])
@@ -444,12 +477,12 @@ def test_masked_positions_get_zero_gradient_even_with_garbage():
 
 def test_divergence_none_is_plain_cross_entropy_and_needs_no_teacher():
   rng = np.random.default_rng(12)
-  hidden, lm_head, batch = make_batch(rng)
+  hidden, lm_head, batch, full = make_batch(rng)
   cfg = cfg_for("none", ce_weight=1.0)
   sft_batch = {key: batch[key] for key in ("target_ids", "loss_mask")}
   sums, metrics = jax.jit(functools.partial(losses.distill_loss, cfg=cfg, chunk_size=5))(
       f32(hidden), f32(lm_head), sft_batch)
-  _, ce_want, n_want = np_distill_sums(hidden, lm_head, batch, cfg_for("forward_kl"))
+  _, ce_want, n_want = np_distill_sums(hidden, lm_head, batch, full, cfg_for("forward_kl"))
   assert float(sums.kd_sum) == 0.0
   np.testing.assert_allclose(sums.ce_sum, ce_want, rtol=2e-5)
   np.testing.assert_allclose(losses.total_loss(sums, cfg), ce_want / n_want, rtol=2e-5)
@@ -466,12 +499,12 @@ def test_total_loss_combines_token_means():
 
 def test_bfloat16_inputs_give_float32_sums():
   rng = np.random.default_rng(13)
-  hidden, lm_head, batch = make_batch(rng)
+  hidden, lm_head, batch, full = make_batch(rng)
   cfg = cfg_for("forward_kl")
   sums, _ = jax.jit(functools.partial(losses.distill_loss, cfg=cfg, chunk_size=4))(
       jnp.asarray(hidden, jnp.bfloat16), jnp.asarray(lm_head, jnp.bfloat16), batch)
   assert sums.kd_sum.dtype == jnp.float32
-  kd_want, _, _ = np_distill_sums(hidden, lm_head, batch, cfg)
+  kd_want, _, _ = np_distill_sums(hidden, lm_head, batch, full, cfg)
   np.testing.assert_allclose(sums.kd_sum, kd_want, rtol=5e-2)
 
 
@@ -489,7 +522,7 @@ def test_config_rejects_bad_values(kwargs):
 
 def test_distill_loss_rejects_bad_batches():
   rng = np.random.default_rng(14)
-  hidden, lm_head, batch = make_batch(rng)
+  hidden, lm_head, batch, full = make_batch(rng)
   cfg = cfg_for("forward_kl")
   with pytest.raises(KeyError, match="teacher_logprobs"):
     losses.distill_loss(f32(hidden), f32(lm_head), {k: v for k, v in batch.items() if k != "teacher_logprobs"},

@@ -52,7 +52,8 @@ def _record(spec, position, num_tokens=None, text_chars_per_token=None, prompt_t
       topk_ids=topk_ids, topk_logprobs=top.astype(np.float32), tail_mass=tail.astype(np.float32),
       finish_reason=("stop", "length")[position % 2],
       extracted_answer=None if position % 3 == 0 else float(position) + 0.5,
-      gold_answer=float(position), correct=correct)
+      gold_answer=float(position), correct=correct, tail_temperatures=spec.tail_temperatures,
+      tail_log_mass=-rng.exponential(3.0, (num_tokens, len(spec.tail_temperatures))).astype(np.float32))
 
 
 def _assert_same_record(got, want):
@@ -371,3 +372,31 @@ def test_gsm8k_train_store_fits_in_0_6_gb(tmp_path, vocab_size, per_token_arrays
   print(f"vocab {vocab_size}: {bytes_per_token:.1f} B/token -> GSM8K train {total / 1e9:.3f} GB")
   assert total <= 0.6e9, f"{total / 1e9:.3f} GB"
   assert store.StoreReader(tmp_path).bytes_per_token == pytest.approx(bytes_per_token)
+
+
+def test_tempered_tails_round_trip_and_are_checked(tmp_path):
+  """tail_log_mass (T, n) at the spec's tail_temperatures: stored exactly, and a record that does not match the
+  spec, or a resume with other temperatures, is refused."""
+  spec = _spec(LLAMA3_VOCAB, tail_temperatures=(1.0, 5.94))
+  assert store.StoreSpec.from_json(spec.to_json()) == spec and spec.tail_temperatures == (1.0, 5.94)
+  writer = _fill(tmp_path / "s", spec, num_examples=5, shard_size=2)
+  writer.finalize()
+  reader = store.StoreReader(tmp_path / "s")
+  assert reader.spec.tail_temperatures == (1.0, 5.94)
+  for position, got in enumerate(reader):
+    want = _record(spec, position)
+    assert got.tail_temperatures == (1.0, 5.94) and got.tail_log_mass.dtype == np.float32
+    np.testing.assert_array_equal(got.tail_log_mass, want.tail_log_mass)
+  fresh = store.StoreWriter(tmp_path / "t", spec, num_examples=2, shard_size=2)
+  wrong_shape = _record(spec, 0)
+  wrong_shape.tail_log_mass = wrong_shape.tail_log_mass[:, :1]
+  with pytest.raises(store.StoreError, match="tail_log_mass has shape"):
+    fresh.write_shard(0, [wrong_shape, _record(spec, 1)])
+  other = _record(_spec(LLAMA3_VOCAB, tail_temperatures=(1.0, 2.0)), 0)
+  with pytest.raises(store.StoreError, match="tail_temperatures"):
+    fresh.write_shard(0, [other, _record(spec, 1)])
+  with pytest.raises(store.StoreSpecMismatchError, match="tail_temperatures"):
+    store.StoreWriter(tmp_path / "s", _spec(LLAMA3_VOCAB, tail_temperatures=(1.0, 2.0)), num_examples=5,
+                      shard_size=2)
+  with pytest.raises(store.StoreError, match="positive"):
+    _spec(tail_temperatures=(0.0,))

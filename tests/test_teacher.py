@@ -34,6 +34,7 @@ WORKER = pathlib.Path(__file__).with_name("teacher_worker.py")
 SMOLLM2_ID = "smollm2-135m-instruct-q4_1-fp32"
 TINY_QUESTIONS = 8  # with SHARD_SIZE 3: shards of 3, 3 and 2 questions
 WORKER_TIMEOUT_S = 600
+TAIL_TEMPERATURES = (1.0, 2.0, 5.94)
 
 
 @pytest.fixture(scope="module")
@@ -106,6 +107,17 @@ def assert_records_match_forward(model, tokenizer, records: list[store.TeacherRe
                                atol=1e-4, rtol=1e-5, err_msg=where)
     tail = 1.0 - np.exp(np.take_along_axis(expected, ids, axis=1)).sum(axis=1)
     np.testing.assert_allclose(record.tail_mass, tail, atol=1e-4, rtol=0, err_msg=where)
+    # The tempered tails: log of the mass softmax(logits / T) puts outside the stored ids, from the full row.
+    assert record.tail_log_mass.shape == (n, len(record.tail_temperatures)), where
+    for column, temperature in enumerate(record.tail_temperatures):
+      tempered = expected / temperature
+      tempered = tempered - np.log(np.exp(tempered - tempered.max(1, keepdims=True)).sum(1, keepdims=True)) \
+          - tempered.max(1, keepdims=True)
+      outside = np.ones(tempered.shape, bool)
+      np.put_along_axis(outside, ids, False, axis=1)
+      log_tail = np.log(np.where(outside, np.exp(tempered), 0.0).sum(axis=1))
+      np.testing.assert_allclose(record.tail_log_mass[:, column], log_tail, atol=1e-4, rtol=1e-4,
+                                 err_msg=f"{where} T={temperature}")
     # The stored ids are a top-k set: no other id is more likely than the least likely stored one.
     kth_best = -np.sort(-expected, axis=1)[:, k - 1]
     assert np.all(np.take_along_axis(expected, ids, axis=1).min(axis=1) >= kth_best - 1e-4), where
@@ -143,7 +155,7 @@ def assert_same_store(left: pathlib.Path, right: pathlib.Path) -> None:
   assert a.spec == b.spec and len(a) == len(b) and a.positions == b.positions
   for x, y in zip(a, b):
     for field in ("student_prompt_ids", "teacher_prompt_ids", "response_ids", "topk_ids",
-                  "topk_logprobs", "tail_mass"):
+                  "topk_logprobs", "tail_mass", "tail_log_mass"):
       np.testing.assert_array_equal(getattr(x, field), getattr(y, field), err_msg=field)
     for field in ("question_id", "question_hash", "strategy", "teacher_model", "sampling", "response_text",
                   "finish_reason", "extracted_answer", "gold_answer", "correct"):
@@ -186,7 +198,8 @@ def _smollm2_stores(smollm2, questions, root: pathlib.Path, sampling: SamplingCo
   for strategy in priming.STRATEGIES:
     summary = teacher.generate_store(
         model, tokenizer, questions, strategy, root / strategy, teacher_model_id=SMOLLM2_ID,
-        student_tokenizer=tokenizer, k=k, sampling=sampling, shard_size=8, batch_size=8, progress=False)
+        student_tokenizer=tokenizer, k=k, sampling=sampling, shard_size=8, batch_size=8,
+        tail_temperatures=TAIL_TEMPERATURES, progress=False)
     results[strategy] = summary
   return results
 
@@ -198,6 +211,7 @@ def _check_smollm2_stores(smollm2, questions, root, summaries, sampling, k) -> N
     reader = store.StoreReader(root / strategy)
     assert reader.finalized and len(reader) == len(questions)
     assert reader.spec.strategy == strategy and reader.spec.k == k
+    assert reader.spec.tail_temperatures == TAIL_TEMPERATURES
     assert summary["total_tokens"] == sum(r.num_tokens for r in reader)
     records = list(reader)
     for record, question in zip(records, questions):
@@ -223,7 +237,8 @@ def test_smollm2_store_equals_full_forward(smollm2, train_questions, tmp_path, m
   before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "base").glob("shard-*.npz")}
   monkeypatch.setattr(generation, "generate", lambda *a, **kw: pytest.fail("generated again"))
   again = teacher.generate_store(*smollm2, questions, "base", tmp_path / "base", teacher_model_id=SMOLLM2_ID,
-                                 k=20, sampling=sampling, shard_size=8, batch_size=8, progress=False)
+                                 k=20, sampling=sampling, shard_size=8, batch_size=8,
+                                 tail_temperatures=TAIL_TEMPERATURES, progress=False)
   assert again["skipped"] and again["finalized"] and again["total_tokens"] == summaries["base"]["total_tokens"]
   assert before == {p.name: p.stat().st_mtime_ns for p in (tmp_path / "base").glob("shard-*.npz")}
 

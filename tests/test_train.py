@@ -97,7 +97,8 @@ def _numpy_kd_ce(model, batch) -> tuple[float, float]:
   kd, ce, n = 0.0, 0.0, 0.0
   for b, s in zip(*np.nonzero(batch["loss_mask"])):
     ce -= logq[b, s, batch["target_ids"][b, s]]
-    p = np.append(np.exp(batch["teacher_logprobs"][b, s].astype(np.float64)), batch["teacher_tail"][b, s])
+    p = np.append(np.exp(batch["teacher_logprobs"][b, s].astype(np.float64)),
+                  np.exp(batch["teacher_log_tail"][b, s].astype(np.float64)))
     q_ids = np.exp(logq[b, s, batch["teacher_ids"][b, s]])
     q = np.append(q_ids, 1.0 - q_ids.sum())
     kd += np.sum(p * np.log(p / q))

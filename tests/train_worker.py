@@ -60,7 +60,7 @@ def synthetic_examples(num: int, seed: int, *, teacher_seed: int = 123,
     rows = logp_all[i, len(prompt) - 1:len(prompt) + len(response) - 1]  # distribution of each response token
     ids = np.argsort(-rows, axis=-1)[:, :TOPK]
     top = np.take_along_axis(rows, ids, -1)
-    tail = np.clip(1.0 - np.exp(top).sum(-1), 0.0, 1.0)
+    tail = np.log(np.clip(1.0 - np.exp(top).sum(-1), 0.0, 1.0))
     out.append(batches.distill_example(prompt, response, ids, top.astype(np.float32), tail.astype(np.float32),
                                        question_id=i))
   return out

@@ -21,13 +21,14 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
 BATCH_KEYS = ("input_ids", "attention_mask", "target_ids", "loss_mask", "teacher_ids", "teacher_logprobs",
-              "teacher_tail")
-TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_tail")
+              "teacher_log_tail")
+TEACHER_KEYS = ("teacher_ids", "teacher_logprobs", "teacher_log_tail")
 
 
 class BatchError(ValueError):
@@ -49,7 +50,7 @@ class TrainExample:
   teacher_offset: int = 0
   teacher_ids: np.ndarray | None = None       # [m, k] int32
   teacher_logprobs: np.ndarray | None = None  # [m, k] float32
-  teacher_tail: np.ndarray | None = None      # [m] float32
+  teacher_log_tail: np.ndarray | None = None  # [m] float32, log-mass outside the top-k at the loss temperature
   question_id: int | None = None              # GSM8K train id, when known
 
   def __len__(self) -> int:
@@ -98,14 +99,15 @@ def _shifted(prompt: np.ndarray, response: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logprobs: Any,
-                    tail_mass: Any | None = None, *, question_id: int | None = None) -> TrainExample:
+                    tail_log_mass: Any | None = None, *, question_id: int | None = None) -> TrainExample:
   """A KD sequence: student prompt + teacher response, with the teacher's top-k for each response token.
 
   Args:
     prompt_ids: [P] the student's prompt (no priming text).
     response_ids: [T] the teacher's response tokens (including its stop token when it stopped).
     topk_ids, topk_logprobs: [T, k] teacher top-k for each response token (log-probs at T = 1).
-    tail_mass: [T] teacher mass outside the top-k (None: 1 - sum of the top-k probabilities).
+    tail_log_mass: [T] log of the teacher's mass outside the top-k at the loss temperature (None: the log of
+      1 - sum of the top-k probabilities, the tail at temperature 1).
   """
   prompt, response = _ids(prompt_ids, "prompt_ids"), _ids(response_ids, "response_ids")
   topk_ids, topk_logprobs = np.asarray(topk_ids), np.asarray(topk_logprobs, np.float32)
@@ -113,12 +115,14 @@ def distill_example(prompt_ids: Any, response_ids: Any, topk_ids: Any, topk_logp
   if topk_ids.ndim != 2 or topk_ids.shape[0] != num or topk_logprobs.shape != topk_ids.shape:
     raise BatchError(f"topk_ids {topk_ids.shape} and topk_logprobs {topk_logprobs.shape} must be "
                      f"[{num}, k] for {num} response tokens")
-  if tail_mass is None:
-    tail = np.clip(1.0 - np.exp(topk_logprobs.astype(np.float64)).sum(-1), 0.0, 1.0).astype(np.float32)
+  if tail_log_mass is None:
+    with np.errstate(divide="ignore"):  # a tail that rounds to 0 is -inf; the loss guards it
+      tail = np.log(np.clip(-np.expm1(np.logaddexp.reduce(topk_logprobs.astype(np.float64), axis=-1)), 0.0, 1.0))
+    tail = tail.astype(np.float32)
   else:
-    tail = np.asarray(tail_mass, np.float32)
+    tail = np.asarray(tail_log_mass, np.float32)
     if tail.shape != (num,):
-      raise BatchError(f"tail_mass must be [{num}], got {tail.shape}")
+      raise BatchError(f"tail_log_mass must be [{num}], got {tail.shape}")
   x, targets, mask = _shifted(prompt, response)
   return TrainExample(x, targets, mask, prompt.size - 1, topk_ids.astype(np.int32), topk_logprobs, tail,
                       question_id)
@@ -134,10 +138,51 @@ def ce_example(prompt_ids: Any, solution_ids: Any, end_token_id: int | None, *,
   return TrainExample(x, targets, mask, question_id=question_id)
 
 
-def examples_from_records(records: Iterable[Any]) -> list[TrainExample]:
-  """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`)."""
-  return [distill_example(r.student_prompt_ids, r.response_ids, r.topk_ids, r.topk_logprobs, r.tail_mass,
-                          question_id=int(r.question_id)) for r in records]
+def _tail_column(temperature: float, store_temperatures: Sequence[float]) -> int | None:
+  """Index of `temperature` in `store_temperatures`, or None."""
+  for index, stored in enumerate(store_temperatures):
+    if math.isclose(float(stored), temperature, rel_tol=1e-9):
+      return index
+  return None
+
+
+def require_tail_temperature(temperature: float, store_temperatures: Sequence[float], topk_mode: str,
+                             where: str = "the teacher store") -> None:
+  """Raises BatchError (one line) when "tail" mode at `temperature` needs a tail the store does not keep.
+
+  At T = 1 the store's `tail_mass` serves; at other T the exact tempered tail (`tail_log_mass`) must have been
+  generated at T (see kdjax.distill.losses for why it cannot be derived from the top-k).
+  """
+  if topk_mode != "tail" or temperature == 1.0 or _tail_column(temperature, store_temperatures) is not None:
+    return
+  kept = ", ".join(f"{t:g}" for t in sorted({1.0, *map(float, store_temperatures)}))
+  raise BatchError(
+      f"distill.temperature={temperature:g} with topk_mode=tail needs the teacher's exact tail mass at "
+      f"T={temperature:g}, but {where} keeps it only at T in {{{kept}}}; regenerate the store with "
+      f"--config.teacher.tail_temperatures=1,{temperature:g} or use --config.distill.topk_mode=renormalize")
+
+
+def examples_from_records(records: Iterable[Any], *, temperature: float = 1.0,
+                          topk_mode: str = "tail") -> list[TrainExample]:
+  """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`).
+
+  `teacher_log_tail` is the tail's log-mass at the loss `temperature`: the record's stored one at that
+  temperature (`tail_log_mass`), else at T = 1 the log of its `tail_mass` (stores older than the field);
+  "tail" mode at any other temperature raises BatchError. Renormalize mode never reads the tail.
+  """
+  out = []
+  for record in records:
+    temperatures = tuple(getattr(record, "tail_temperatures", ()))
+    require_tail_temperature(temperature, temperatures, topk_mode)
+    column = _tail_column(temperature if topk_mode == "tail" else 1.0, temperatures)
+    if column is not None:
+      tail = np.asarray(record.tail_log_mass, np.float32)[:, column]
+    else:
+      with np.errstate(divide="ignore"):
+        tail = np.log(np.asarray(record.tail_mass, np.float32))
+    out.append(distill_example(record.student_prompt_ids, record.response_ids, record.topk_ids,
+                               record.topk_logprobs, tail, question_id=int(record.question_id)))
+  return out
 
 
 def gold_examples(gsm8k_examples: Sequence[Mapping[str, Any]], tokenizer: Any, *,
@@ -204,7 +249,7 @@ def collate(examples: Sequence[TrainExample], *, pad_multiple: int = 64, batch_s
       raise BatchError("examples have different top-k sizes")
     batch["teacher_ids"] = np.zeros((rows, length, k), np.int32)
     batch["teacher_logprobs"] = np.zeros((rows, length, k), np.float32)
-    batch["teacher_tail"] = np.zeros((rows, length), np.float32)
+    batch["teacher_log_tail"] = np.zeros((rows, length), np.float32)
   for row, example in enumerate(examples):
     n = len(example)
     batch["input_ids"][row, :n] = example.input_ids

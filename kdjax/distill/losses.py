@@ -14,27 +14,47 @@ Conventions (all divergences are per position, over the vocabulary, in nats):
   skew reverse KL(alpha) = KL(q || alpha * q + (1 - alpha) * p)  (DistiLLM, arXiv 2402.03898).
   alpha = 0 is plain forward / reverse KL.
 * total variation = 0.5 * sum |p - q|.
-* Temperature T tempers both sides: student ``log_softmax(logits / T)``; teacher log-probs ``/ T`` and
-  renormalised over what is known (the k ids, plus the tail bucket in "tail" mode). With ``scale_by_t2``
-  the KD term is multiplied by T**2 so its gradient scale stays comparable across temperatures.
+* Temperature T tempers both sides: the student is ``softmax(logits / T)`` over the full vocabulary, the
+  teacher is ``softmax(teacher logits / T)``, coarse-grained exactly as described below. With
+  ``scale_by_t2`` the KD term is multiplied by T**2 so its gradient scale stays comparable across
+  temperatures.
 * Cross-entropy is ``-log q(target)`` at T = 1 on ``target_ids`` (the teacher's response tokens or gold
   solution tokens: the data decides).
 * ``total = (1 - ce_weight) * KD + ce_weight * CE``, each a mean over loss tokens (see ``total_loss``).
 
-Sparse teacher. The teacher gives ``teacher_ids [..., k]`` and ``teacher_logprobs [..., k]`` (full-vocabulary
-log-probs of those ids at T = 1), optionally ``teacher_tail [...]`` = probability mass outside the k ids.
-``LossConfig.topk_mode`` picks how the student is compared with it:
+Sparse teacher. The teacher gives ``teacher_ids [..., k]``, ``teacher_logprobs [..., k]`` (full-vocabulary
+log-probs ``lp(i)`` of those ids at T = 1) and optionally ``teacher_log_tail [...]``: the log of the mass that the
+teacher's distribution AT THE LOSS TEMPERATURE T puts outside the k ids. ``LossConfig.topk_mode`` picks how
+the student is compared with it:
 
 * "renormalize": both distributions are restricted to the k ids and renormalised there. At any T this is
-  the exact restriction of the tempered teacher.
-* "tail": k + 1 buckets, the k ids plus one "rest of vocabulary" bucket. Teacher bucket mass = tail mass
-  (given, or ``1 - sum exp(logprobs)``); student bucket mass = ``1 - sum`` of the student's probabilities on
-  the k ids, computed in log space as ``log(-expm1(logsumexp(log q_ids)))``. APPROXIMATION: with T != 1
-  the teacher's tail is tempered as ONE bucket (``tail ** (1 / T)`` before renormalising), because the
-  teacher's distribution inside the tail is unknown; the student's tail is tempered exactly. Rounding
-  guards: a teacher tail below ``k * eps(dtype)`` (the rounding error of ``1 - sum`` over k float
-  probabilities) counts as 0 before tempering, and after tempering either side's tail bucket is floored at
-  ``MIN_TAIL_MASS`` and renormalised, because an exact-zero bucket on one side only makes KL infinite.
+  the exact restriction of the tempered teacher: ``p_T(i) / sum_K p_T`` = ``softmax_K(lp / T)``.
+* "tail": k + 1 buckets, the k ids plus one "rest of vocabulary" bucket; both sides are the full tempered
+  distributions coarse-grained onto these buckets, exactly, at any T:
+
+  - student: exact tempered log-probabilities of the k ids from its full logits; the rest bucket is a
+    logsumexp over the other ids (not ``1 - sum`` of the k probabilities, which is rounding noise when the k
+    ids hold nearly all the mass); the normaliser is ``logaddexp`` of the two, so the buckets sum to 1.
+  - teacher: with logits z, ``lp(i) = z_i - logsumexp(z)``, so
+    ``log p_T(i) = z_i / T - logsumexp(z / T) = lp(i) / T - logsumexp_V(lp / T)``. The normaliser runs over the
+    FULL vocabulary and cannot be recovered from the top-k: that is what the stored tail supplies. With
+    ``tail_T`` = mass of p_T outside the k ids, ``sum_K exp(lp / T - N_T) = 1 - tail_T``, hence
+    ``N_T = logsumexp_K(lp / T) - log(1 - tail_T)`` and ``log p_T(i) = log_softmax_K(lp / T)(i) + log(1 - tail_T)``,
+    rest bucket = ``tail_T``. The buckets sum to 1 by construction.
+
+  Scheme: the teacher store keeps, per response token, the tail's log-mass at each temperature named in
+  ``teacher.tail_temperatures`` (default 1 and ``distill.temperature``), computed from the full logits inside
+  the jitted decode step (``kdjax.generation.topk_logprobs``); the batch carries ``teacher_log_tail`` at the
+  loss temperature. It is exact, costs one logsumexp over the vocabulary per temperature at generation time and
+  4 bytes per token and temperature in the store, and needs nothing of the teacher's distribution inside the
+  tail, which a top-k store cannot know: the old ``tail ** (1 / T)`` (tempering the tail as one lump)
+  disagrees with the student's token-by-token tempered tail by orders of magnitude at T = 5.94. Without
+  ``teacher_log_tail`` the T = 1 tail ``1 - sum exp(lp)`` is used, which is only right at T = 1; other
+  temperatures then raise. Tails travel as log-masses, which float32 keeps to a relative ~1e-7 both when
+  they are tiny (a confident token at T = 1: a probability would lose everything below 1e-38, and a floor
+  would change reverse KL by nats) and when they are near 1 (T = 5.94 on a 128k vocabulary, where the top-k
+  hold ~0.1%). Guard: a tail bucket that is exactly empty on one side only (k = V, or an old store's tail
+  rounded to 0) gets ``MIN_TAIL_MASS``, because it would only make KL infinite; real tails are untouched.
 
 With k = vocabulary size both modes equal ``dense_divergence``. Teacher ids should be distinct at each
 position; teacher log-probs of -inf are allowed (zero teacher mass) but make reverse-type divergences infinite
@@ -62,9 +82,8 @@ DEFAULT_RESIDUAL_BUDGET = 256 << 20
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tv", "none")
 TOPK_MODES = ("renormalize", "tail")
 
-# Smallest probability of a "rest of vocabulary" bucket. 1 - sum(top-k probs) is only known to about
-# k * 1e-7 in float32, so a smaller tail is rounding noise; the floor keeps KL finite when one side's tail
-# rounds to exactly zero and the other's does not.
+# Mass given to a "rest of vocabulary" bucket that is exactly empty (k = V, or a T = 1 tail derived as
+# 1 - sum(top-k probs) that rounded to 0): it keeps KL finite; tails that are not exactly 0 are kept as they are.
 MIN_TAIL_MASS = 1e-8
 
 # Log-probs below this are exactly zero probability in float64 as well; clamping there keeps logaddexp of
@@ -179,10 +198,14 @@ def _log_rest(log_mass: jax.Array) -> jax.Array:
   return jnp.where(positive, jnp.log(jnp.where(positive, rest, 1.0)), -jnp.inf)
 
 
-def _floor_last_bucket(log_probs: jax.Array) -> jax.Array:
-  """Floor the last (tail) bucket at MIN_TAIL_MASS and renormalise."""
-  tail = jnp.maximum(log_probs[..., -1:], math.log(MIN_TAIL_MASS))
-  return jax.nn.log_softmax(jnp.concatenate([log_probs[..., :-1], tail], axis=-1), axis=-1)
+def _fill_empty_tail(log_probs: jax.Array) -> jax.Array:
+  """A tail bucket (last) that is exactly empty gets MIN_TAIL_MASS, taken from the other buckets.
+
+  Only an exact zero is touched, so every real tail, however small, stays exact.
+  """
+  empty = log_probs[..., -1:] == -jnp.inf
+  ids = jnp.where(empty, log_probs[..., :-1] - math.log1p(MIN_TAIL_MASS), log_probs[..., :-1])
+  return jnp.concatenate([ids, jnp.where(empty, math.log(MIN_TAIL_MASS), log_probs[..., -1:])], axis=-1)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -214,19 +237,17 @@ def dense_divergence(student_logits: jax.Array, teacher_logprobs_full: jax.Array
 
 
 def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teacher_logprobs: jax.Array,
-                         teacher_tail: jax.Array | None, cfg: LossConfig,
-                         student_logsumexp: jax.Array | None = None) -> jax.Array:
+                         teacher_log_tail: jax.Array | None, cfg: LossConfig) -> jax.Array:
   """cfg.divergence per position between dense student logits and a sparse top-k teacher.
 
   Args:
     student_logits: [..., V] student logits (T = 1).
-    teacher_ids: [..., k] int token ids (clipped into [0, V)).
+    teacher_ids: [..., k] distinct int token ids (clipped into [0, V)).
     teacher_logprobs: [..., k] full-vocabulary teacher log-probs of those ids at T = 1.
-    teacher_tail: [...] teacher mass outside the k ids, or None to use ``1 - sum exp(teacher_logprobs)``.
+    teacher_log_tail: [...] log of the mass the teacher's softmax(logits / T) puts outside the k ids, at the
+      loss temperature T; or None for ``log(1 - sum exp(teacher_logprobs))``, which is that only at T = 1.
       Only read in "tail" mode.
     cfg: loss configuration.
-    student_logsumexp: [...] logsumexp of `student_logits` when the caller has it already; used at T = 1,
-      where it saves a second pass over the vocabulary.
 
   Returns:
     [...] divergence, times T**2 when cfg.scale_by_t2. No gradient flows into teacher inputs.
@@ -248,27 +269,29 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     log_q = jax.nn.log_softmax(student_at_ids, axis=-1)
     log_p = jax.nn.log_softmax(teacher_lp / temp, axis=-1)
   else:
-    # Student: exact tempered probabilities of the k ids, the rest of the vocabulary as one bucket.
-    if student_logsumexp is not None and temp == 1.0:
-      normaliser = student_logsumexp.astype(dtype)[..., None]
+    # Student: the rest bucket is a logsumexp over the other ids, not 1 - sum of the k probabilities, which is
+    # only rounding noise when the k ids hold nearly everything (a peaked token at T = 1). Logits are taken
+    # relative to the largest one among the k ids (shift invariance; no extra pass over the vocabulary), so
+    # the normalisers are small numbers: raw logits of 30-40 carry ~4e-6 of float32 rounding themselves.
+    shift = jax.lax.stop_gradient(jnp.max(student_at_ids, axis=-1, keepdims=True))
+    at_ids = student_at_ids - shift
+    rest = jnp.put_along_axis(scaled - shift, ids, -jnp.inf, axis=-1, inplace=False)
+    log_q_rest = jax.nn.logsumexp(rest, axis=-1, keepdims=True)
+    normaliser = jnp.logaddexp(jax.nn.logsumexp(at_ids, axis=-1, keepdims=True), log_q_rest)
+    log_q = _fill_empty_tail(jnp.concatenate([at_ids, log_q_rest], axis=-1) - normaliser)
+    # Teacher: the k ids' tempered probabilities inside the top-k, scaled to the top-k's tempered mass
+    # 1 - tail_T (derived in the module docstring).
+    if teacher_log_tail is None:
+      if temp != 1.0:
+        raise ValueError(f"tail mode at temperature {temp} needs the teacher's tail mass at that temperature "
+                         f"(teacher_log_tail); 1 - sum of the top-k probabilities is the tail at T = 1 only")
+      log_p_rest = _log_rest(jax.nn.logsumexp(teacher_lp, axis=-1, keepdims=True))
     else:
-      normaliser = jax.nn.logsumexp(scaled, axis=-1, keepdims=True)
-    log_q_ids = student_at_ids - normaliser
-    log_q_rest = _log_rest(jax.nn.logsumexp(log_q_ids, axis=-1, keepdims=True))
-    log_q = _floor_last_bucket(jnp.concatenate([log_q_ids, log_q_rest], axis=-1))
-    # Teacher: tail at T = 1, tempered as one bucket (the approximation documented above).
-    if teacher_tail is None:
-      tail = -jnp.expm1(jax.nn.logsumexp(teacher_lp, axis=-1, keepdims=True))
-    else:
-      if teacher_tail.shape != teacher_ids.shape[:-1]:
-        raise ValueError(f"teacher_tail {teacher_tail.shape} must be {teacher_ids.shape[:-1]}")
-      tail = jax.lax.stop_gradient(teacher_tail).astype(dtype)[..., None]
-    # A tail below the rounding error of 1 - sum(k probs) is noise, and tempering would amplify it
-    # (1e-7 ** (1 / 2) = 3e-4), so it counts as zero.
-    real = tail > teacher_lp.shape[-1] * jnp.finfo(dtype).eps
-    log_p_rest = jnp.where(real, jnp.log(jnp.where(real, tail, 1.0)), -jnp.inf)
-    log_p = jax.nn.log_softmax(jnp.concatenate([teacher_lp, log_p_rest], axis=-1) / temp, axis=-1)
-    log_p = _floor_last_bucket(log_p)
+      if teacher_log_tail.shape != teacher_ids.shape[:-1]:
+        raise ValueError(f"teacher_log_tail {teacher_log_tail.shape} must be {teacher_ids.shape[:-1]}")
+      log_p_rest = jnp.minimum(jax.lax.stop_gradient(teacher_log_tail).astype(dtype)[..., None], 0.0)
+    log_p_ids = jax.nn.log_softmax(teacher_lp / temp, axis=-1) + _log_rest(log_p_rest)
+    log_p = _fill_empty_tail(jnp.concatenate([log_p_ids, log_p_rest], axis=-1))
   return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
 
 
@@ -303,7 +326,7 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
   if missing:
     raise KeyError(f"batch is missing {missing} (divergence={cfg.divergence!r})")
   tokens_shape = hidden.shape[:2]
-  for key in ("target_ids", "loss_mask") + (("teacher_tail",) if "teacher_tail" in batch else ()):
+  for key in ("target_ids", "loss_mask") + (("teacher_log_tail",) if "teacher_log_tail" in batch else ()):
     if batch[key].shape != tokens_shape:
       raise ValueError(f"batch[{key!r}] must be [B, S] = {tokens_shape}, got {batch[key].shape}")
   if cfg.uses_teacher:
@@ -325,7 +348,8 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     lm_head: [D, V] output projection; logits = hidden @ lm_head, accumulated in (at least) float32.
     batch: ``target_ids [B, S]`` int, ``loss_mask [B, S]`` bool or float weights, and unless
       divergence == "none": ``teacher_ids [B, S, k]``, ``teacher_logprobs [B, S, k]``, optionally
-      ``teacher_tail [B, S]``; teacher arrays at t describe the token predicted at t.
+      ``teacher_log_tail [B, S]`` (the tail's log-mass at cfg.temperature); teacher arrays at t describe the
+      token predicted at t.
     cfg: loss configuration.
     chunk_size: tokens per chunk (capped at B * S); the token count is padded with masked tokens.
     residual_budget_bytes: when keeping every chunk's float32 [chunk, V] residuals for the backward pass
@@ -354,8 +378,8 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
   if cfg.uses_teacher:
     xs["teacher_ids"] = to_chunks(batch["teacher_ids"])
     xs["teacher_logprobs"] = to_chunks(batch["teacher_logprobs"])
-    if "teacher_tail" in batch:
-      xs["teacher_tail"] = to_chunks(batch["teacher_tail"])
+    if "teacher_log_tail" in batch:
+      xs["teacher_log_tail"] = to_chunks(batch["teacher_log_tail"])
   compute_dtype = jnp.promote_types(hidden.dtype, lm_head.dtype)
   logits_dtype = _float_dtype(compute_dtype)
 
@@ -370,7 +394,7 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       return jnp.sum(jnp.where(valid, weight * values, 0.0))
 
     student_top1 = jnp.argmax(logits, axis=-1)
-    # One pass over the vocabulary for the log-normaliser, shared by CE, KD (at T = 1) and the metrics.
+    # One pass over the vocabulary for the log-normaliser, shared by CE and the metrics.
     lse = jax.nn.logsumexp(logits, axis=-1)
     out = {"ce": masked_sum(token_cross_entropy(logits, part["target_ids"], lse)), "num_tokens": jnp.sum(weight),
            "student_target_acc_sum": masked_sum((student_top1 == part["target_ids"]).astype(logits_dtype))}
@@ -379,10 +403,12 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       return out
     teacher_ids = jnp.clip(part["teacher_ids"], 0, logits.shape[-1] - 1)
     teacher_lp = jnp.where(valid[:, None], part["teacher_logprobs"].astype(logits_dtype), 0.0)
-    teacher_tail = part.get("teacher_tail")
-    if teacher_tail is not None:
-      teacher_tail = jnp.where(valid, teacher_tail.astype(logits_dtype), 0.0)
-    out["kd"] = masked_sum(per_token_divergence(logits, teacher_ids, teacher_lp, teacher_tail, cfg, lse))
+    teacher_log_tail = part.get("teacher_log_tail")
+    if teacher_log_tail is not None:
+      # Masked tokens get a harmless finite tail (half the mass): an infinite KL there would be 0 in the sum
+      # but NaN in its gradient.
+      teacher_log_tail = jnp.where(valid, teacher_log_tail.astype(logits_dtype), math.log(0.5))
+    out["kd"] = masked_sum(per_token_divergence(logits, teacher_ids, teacher_lp, teacher_log_tail, cfg))
     teacher_top1 = jnp.take_along_axis(teacher_ids, jnp.argmax(teacher_lp, axis=-1)[:, None], axis=-1)[:, 0]
     out["teacher_top1_agree_sum"] = masked_sum((student_top1 == teacher_top1).astype(logits_dtype))
     out["teacher_topk_mass_sum"] = masked_sum(jnp.sum(jnp.exp(teacher_lp), axis=-1))
