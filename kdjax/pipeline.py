@@ -25,7 +25,7 @@ import jax
 import ml_collections
 
 from kdjax import config as config_lib
-from kdjax import parallel
+from kdjax import parallel, storage
 
 
 class ConfigError(ValueError):
@@ -73,11 +73,11 @@ def validate(c: ml_collections.ConfigDict) -> None:
       continue
     if not source:
       raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
-    if not pathlib.Path(source).exists():
+    if not storage.path(source).exists():
       raise ConfigError(f"{role} model not found: {source}")
   if {"generate", "train", "eval", "analyze"} & set(stages):
     data = c.data.source
-    if data != "openai/gsm8k" and not pathlib.Path(data).exists():
+    if data != "openai/gsm8k" and not storage.path(data).exists():
       raise ConfigError(f"GSM8K not found at {data} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
   if c.teacher.quantization not in ("int8", "none"):
     raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
@@ -146,7 +146,7 @@ def stage_convert(c, wd: Workdir) -> None:
       log(f"convert: {target} already converted")
       continue
     if role == "teacher" and settings["teacher"] == settings["student"]:  # self-distillation: one conversion
-      target.symlink_to(wd.model("student").name, target_is_directory=True)
+      storage.link_dir(target, wd.model("student"))
       log(f"convert: teacher is the student's checkpoint ({target} -> {wd.model('student').name})")
       continue
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
@@ -295,10 +295,9 @@ def run(c: ml_collections.ConfigDict) -> None:
   validate(c)
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
-  wd = Workdir(pathlib.Path(c.workdir).absolute())  # orbax needs absolute paths
-  wd.root.mkdir(parents=True, exist_ok=True)
+  wd = Workdir(storage.makedirs(storage.path(c.workdir, absolute=True)))  # orbax needs absolute paths
   if jax.process_index() == 0:
-    (wd.root / "config.json").write_text(c.to_json_best_effort(indent=2))
+    storage.write_text(wd.root / "config.json", c.to_json_best_effort(indent=2))
   for stage in config_lib.stage_names(c):
     start = time.time()
     log(f"stage {stage}: start")

@@ -9,9 +9,9 @@ Layout of a store folder::
 
 Work is split in fixed units: shard i always holds positions [i*S, (i+1)*S), so a shard is
 either complete or absent, reruns write byte-identical shards, and process p of n writes
-the shards with i % n == p. Every file is written to `<name>.tmp` in the same folder, fsynced
-and renamed over `<name>`, so a kill leaves at worst a stale `.tmp`, which readers never look
-at and the next writer overwrites.
+the shards with i % n == p. Every file is committed through `kdjax.storage` (locally: written to
+`<name>.tmp`, fsynced and renamed over `<name>`; on gs://: one upload), so a kill leaves at worst a
+stale `.tmp`, which readers never look at and the next writer overwrites.
 
 A shard is one uncompressed `.npz` (written with fixed zip timestamps, hence reproducible):
 
@@ -40,6 +40,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
+
+from kdjax import storage
 
 FORMAT_NAME = "kdjax-teacher-store"
 FORMAT_VERSION = 1
@@ -166,33 +168,14 @@ def _decode_ids(stored: np.ndarray, count: int, id_format: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
-  try:
-    fd = os.open(folder, os.O_RDONLY)
-  except OSError:
-    return  # some filesystems cannot open folders; the rename itself is still atomic
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def _atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
-  # A fixed temp name: a kill leaves one stale file that the rerun simply overwrites.
-  temp = path.with_name(path.name + ".tmp")
-  with open(temp, "wb") as f:
+  with storage.atomic_writer(path, "wb") as f:
     write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temp, path)
-  _fsync_dir(path.parent)
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
   data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
-  _atomic_write(path, lambda f: f.write(data))
+  storage.write_bytes(path, data)
 
 
 def _write_npz(f: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
@@ -217,12 +200,12 @@ def shard_name(index: int) -> str:
 
 def _shard_stats(path: pathlib.Path) -> dict:
   try:
-    with np.load(path, allow_pickle=False) as shard:
+    with np.load(storage.readable(path), allow_pickle=False) as shard:
       offsets = shard["response_offsets"]
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
     raise StoreError(f"corrupt shard {path} ({err}); delete it to have it rewritten") from None
   return {"file": path.name, "examples": int(len(offsets) - 1), "tokens": int(offsets[-1]),
-          "bytes": path.stat().st_size}
+          "bytes": storage.size(path)}
 
 
 def _header(spec: StoreSpec, num_examples: int, shard_size: int) -> dict:
@@ -264,7 +247,7 @@ class StoreWriter:
       raise StoreError(f"need num_examples >= 0 and shard_size >= 1, got {num_examples}, {shard_size}")
     if not 0 <= process_index < process_count:
       raise StoreError(f"process_index {process_index} not in [0, {process_count})")
-    self.path = pathlib.Path(path)
+    self.path = storage.path(path)
     self.spec = spec
     self.num_examples = num_examples
     self.shard_size = shard_size
@@ -272,7 +255,7 @@ class StoreWriter:
     self.process_count = process_count
     self.num_shards = math.ceil(num_examples / shard_size)
     self._header = _header(spec, num_examples, shard_size)
-    self.path.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(self.path)
     self._check_existing_manifests()
     self._written = {i: _shard_stats(self._shard_path(i)) for i in self.own_shards()
                      if self._shard_path(i).is_file()}
@@ -437,7 +420,7 @@ class StoreReader(Sequence):
   """
 
   def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False, cached_shards: int = 4):
-    self.path = pathlib.Path(path)
+    self.path = storage.path(path)
     manifests = _existing_manifests(self.path) if self.path.is_dir() else []
     if not manifests:
       raise StoreError(f"{self.path} is not a teacher store (no manifest)")
@@ -464,12 +447,12 @@ class StoreReader(Sequence):
     for i in present:
       path_i = self.path / shard_name(i)
       try:
-        with np.load(path_i, allow_pickle=False) as shard:
+        with np.load(storage.readable(path_i), allow_pickle=False) as shard:
           num_tokens = int(shard["response_offsets"][-1])
           columns = json.loads(shard["metadata"].tobytes().decode())
       except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise StoreError(f"corrupt shard {path_i} ({err}); delete it to have it rewritten") from None
-      self._shard_bytes[i], self._shard_tokens[i] = path_i.stat().st_size, num_tokens
+      self._shard_bytes[i], self._shard_tokens[i] = storage.size(path_i), num_tokens
       start = i * self.shard_size
       for e in range(len(columns["question_id"])):
         self._metadata.append({name: columns[name][e] for name in _META_FIELDS})
@@ -500,7 +483,7 @@ class StoreReader(Sequence):
       self._cache.move_to_end(shard_index)
       return self._cache[shard_index]
     id_format = self.spec.id_format
-    with np.load(self.path / shard_name(shard_index), allow_pickle=False) as shard:
+    with np.load(storage.readable(self.path / shard_name(shard_index)), allow_pickle=False) as shard:
       arrays = {name: shard[name] for name in shard.files if name != "metadata"}
     decoded = {}
     for name in ("response", "student_prompt", "teacher_prompt"):

@@ -11,6 +11,7 @@ import json
 import pathlib
 from typing import Mapping, Optional, Sequence
 
+from kdjax import storage
 from kdjax.evaluation import extract
 from kdjax.evaluation import paper_numbers as paper_numbers_lib
 from kdjax.evaluation import stats
@@ -25,7 +26,7 @@ class SamplesFormatError(ValueError):
 
 
 def _samples_path(path: pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+  path = storage.path(path)
   return path / "samples.jsonl" if path.is_dir() else path
 
 
@@ -48,7 +49,7 @@ def read_jsonl_objects(path: pathlib.Path, error: type[Exception] = ValueError) 
 
 def load_samples(path: str | pathlib.Path) -> list[dict]:
   """Records of a `samples.jsonl` file (or of the one inside folder `path`)."""
-  path = _samples_path(pathlib.Path(path))
+  path = _samples_path(path)
   if not path.is_file():
     raise SamplesFormatError(f"samples file not found: {path}")
   samples = read_jsonl_objects(path, SamplesFormatError)
@@ -206,7 +207,7 @@ def _plot_accuracy(report: dict, path: pathlib.Path) -> None:
   axes.set_ylabel(f"GSM8K accuracy ({report['rule']} rule)")
   axes.legend(loc="upper left")
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
+  storage.save_figure(figure, path, format="png", dpi=120)
 
 
 def _plot_lengths(report: dict, path: pathlib.Path) -> None:
@@ -227,7 +228,7 @@ def _plot_lengths(report: dict, path: pathlib.Path) -> None:
   axes.set_xticks(positions, names, rotation=30, ha="right")
   axes.set_ylabel("mean output tokens")
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
+  storage.save_figure(figure, path, format="png", dpi=120)
 
 
 def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, *,
@@ -246,8 +247,7 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   if paper_numbers is None:
     paper_numbers = paper_numbers_lib.PAPER_GSM8K_ACCURACY
   _check_paper_numbers(paper_numbers)
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.makedirs(out_dir)
 
   samples = {name: load_samples(path) for name, path in arms.items()}
   correct_by_id = {name: _correct_by_id(s, rule, name) for name, s in samples.items()}
@@ -255,8 +255,8 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   for name, path in arms.items():
     summary = summarise_arm(samples[name], rule, confidence)
     summary["paper_accuracy"] = paper_numbers.get(name)
-    summary["samples_path"] = str(_samples_path(pathlib.Path(path)))
-    summary_file = pathlib.Path(path) / "summary.json"
+    summary["samples_path"] = str(_samples_path(path))
+    summary_file = storage.path(path) / "summary.json"
     if summary_file.is_file():
       try:
         summary["eval_summary"] = json.loads(summary_file.read_text(encoding="utf-8"))
@@ -287,7 +287,6 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   _plot_lengths(report, out_dir / LENGTH_PLOT)
   report["plots"] = [ACCURACY_PLOT, LENGTH_PLOT]
   # allow_nan=False: the file must stay strict JSON for other tools.
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n",
-                                       encoding="utf-8")
-  (out_dir / "report.md").write_text(_markdown(report), encoding="utf-8")
+  storage.write_json(out_dir / "report.json", report, indent=2, allow_nan=False)
+  storage.write_text(out_dir / "report.md", _markdown(report))
   return report
