@@ -265,7 +265,9 @@ def link_dir(link, target) -> None:
   if is_remote(link):
     fs, key = _fs_and_key(target)
     _, link_key = _fs_and_key(link)
-    for source in sorted(fs.find(key)):  # the marker objects sort after the data they mark ('k' > 'p')
+    depth = key.rstrip("/").count("/") + 1
+    # Objects in subfolders first, the folder's own files (its commit markers) last.
+    for source in sorted(fs.find(key), key=lambda name: (name.count("/") == depth, name)):
       fs.copy(source, link_key + source[len(key):])
     return
   link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)

@@ -202,3 +202,30 @@ def test_checkpoint_round_trip_on_gs(gcs_emulator):
     np.testing.assert_array_equal(np.asarray(restored.layers.arrays()[name]), np.asarray(array), err_msg=name)
   ids = jax.numpy.arange(24, dtype=jax.numpy.int32).reshape(2, 12)
   np.testing.assert_array_equal(np.asarray(restored(ids)), np.asarray(model(ids)))
+
+
+@pytest.mark.slow
+def test_demo_runs_with_its_workdir_in_a_bucket(gcs_emulator, gsm8k_dir, smollm2_gguf, tmp_path):
+  """Issue 12 acceptance 1: the demo, started outside the checkout with only STORAGE_EMULATOR_HOST set, writes
+  its report and plots into the bucket and leaves no local run folder (~3 min on 2 cores)."""
+  bucket = gcs_emulator.create_bucket("kdjax-demo")
+  elsewhere, scratch = tmp_path / "elsewhere", tmp_path / "scratch"
+  elsewhere.mkdir()
+  overrides = ["--config.data.num_train_questions=8", "--config.data.num_validation=2",
+               "--config.teacher.max_new_tokens=16", "--config.eval.num_questions=4",
+               "--config.eval.max_new_tokens=16", "--config.train.max_len=256"]
+  env = {**gcs_emulator.env(), "PYTHONPATH": str(REPO), "KDJAX_SCRATCH": str(scratch)}
+  proc = subprocess.run([sys.executable, "-m", "kdjax.main", f"--config={REPO / 'configs' / 'demo.py'}",
+                         f"--config.workdir=gs://{bucket}/demo", f"--config.data.source={gsm8k_dir}", *overrides],
+                        cwd=elsewhere, env=env, capture_output=True, text=True, timeout=1500)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  report = _object_bytes(gcs_emulator, bucket, "demo/report/report.md")
+  assert report is not None and b"| ground_truth |" in report and b"| nodistill |" in report
+  for plot in ("accuracy.png", "output_length.png"):
+    assert _object_bytes(gcs_emulator, bucket, f"demo/report/{plot}").startswith(b"\x89PNG"), plot
+  for name in ("config.json", "report/report.json", "stores/ground_truth/manifest.json",
+               "arms/ground_truth/adapter/adapter_config.json", "arms/nodistill/eval/samples.jsonl",
+               "models/student/kdjax_model.json", "models/teacher/kdjax_model.json"):
+    assert _object_bytes(gcs_emulator, bucket, f"demo/{name}") is not None, name
+  assert list(elsewhere.iterdir()) == []  # no local run folder
+  assert not scratch.exists() or list(scratch.iterdir()) == []  # private copies removed at exit
