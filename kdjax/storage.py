@@ -66,15 +66,21 @@ def configure_emulator(environ=os.environ) -> bool:
   return True
 
 
+_listings_configured: list[bool] = []
+
+
 def _configure_listings() -> None:
+  """Before the first gs:// filesystem is made (local runs never import fsspec here)."""
+  if _listings_configured:
+    return
   # Several processes write one folder: a cached listing would hide the other processes' objects.
   import fsspec
   for protocol in ("gs", "gcs"):
     fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+  _listings_configured.append(True)
 
 
 configure_emulator()
-_configure_listings()
 
 
 # ------------------------------------------------------------------------------------------ paths
@@ -88,6 +94,7 @@ def is_remote(p: str | os.PathLike | Any) -> bool:
 def path(p: str | os.PathLike | Any, *, absolute: bool = False) -> Path:
   """`p` as a path object: pathlib.Path for a local path (made absolute if asked), epath.Path for gs://."""
   if is_remote(p):
+    _configure_listings()
     from etils import epath
     return p if isinstance(p, epath.Path) else epath.Path(str(p))
   local = pathlib.Path(p)
@@ -95,15 +102,27 @@ def path(p: str | os.PathLike | Any, *, absolute: bool = False) -> Path:
 
 
 def _fs_and_key(p) -> tuple[Any, str]:
+  _configure_listings()
   import fsspec
   return fsspec.core.url_to_fs(str(p))
 
 
+_buckets_seen: set[str] = set()
+
+
 def makedirs(p) -> Path:
-  """Creates the folder `p` (and parents) locally; on gs:// folders are name prefixes and need nothing."""
+  """Creates the folder `p` (and parents) locally; on gs:// folders are name prefixes and need nothing, but the
+  bucket must exist (FileNotFoundError with one line otherwise, before any work)."""
   p = path(p)
   if not is_remote(p):
     p.mkdir(parents=True, exist_ok=True)
+    return p
+  fs, key = _fs_and_key(p)
+  bucket = key.split("/", 1)[0]
+  if bucket not in _buckets_seen:
+    if not fs.exists(bucket):
+      raise FileNotFoundError(f"bucket gs://{bucket} not found (or not readable with these credentials)")
+    _buckets_seen.add(bucket)
   return p
 
 

@@ -51,7 +51,7 @@ _DERIVED_EMULATOR_VARIABLES = ("TENSORSTORE_GCS_HTTP_URL", "GOOGLE_AUTH_TOKEN_FO
 
 
 @pytest.fixture(scope="session")
-def gcs_emulator():
+def gcs_emulator(tmp_path_factory):
   """Starts the emulator on a free port, waits until it answers, points this process at it, stops it at the end."""
   import socket
   import subprocess
@@ -63,9 +63,12 @@ def gcs_emulator():
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
   url = f"http://127.0.0.1:{port}"
+  # Its log goes to a file: a pipe nobody reads fills up and stalls the server mid-request.
+  log_path = tmp_path_factory.mktemp("gcs-emulator") / "emulator.log"
+  log = open(log_path, "wb")
   proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
                            "--port", str(port), "--in-memory", "--quiet"],
-                          stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                          stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + 60
   while True:
     try:
@@ -74,7 +77,8 @@ def gcs_emulator():
     except OSError:
       if proc.poll() is not None or time.time() > deadline:
         proc.kill()
-        raise RuntimeError(f"gcp-storage-emulator did not start: {proc.stderr.read().decode()[-500:]}")
+        log.close()
+        raise RuntimeError(f"gcp-storage-emulator did not start: {log_path.read_text()[-500:]}")
       time.sleep(0.2)
   saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST",) + _DERIVED_EMULATOR_VARIABLES}
   os.environ["STORAGE_EMULATOR_HOST"] = url
@@ -91,6 +95,7 @@ def gcs_emulator():
     except subprocess.TimeoutExpired:
       proc.kill()
       proc.wait()
+    log.close()
     for key, value in saved.items():
       if value is None:
         os.environ.pop(key, None)

@@ -93,6 +93,17 @@ def test_local_paths_take_the_plain_path(tmp_path):
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
 
 
+def test_local_runs_never_load_the_cloud_libraries(tmp_path):
+  """A local workdir costs nothing extra: writing, reading and listing never import fsspec, gcsfs or epath."""
+  code = ("import sys; from kdjax import storage; p = storage.makedirs(sys.argv[1]) / 'x.json';"
+          "storage.write_json(p, [1]); storage.append_text(p.with_name('y.txt'), 'a'); list(p.parent.glob('*'));"
+          "print(sorted(m for m in ('fsspec', 'gcsfs', 'etils.epath') if m in sys.modules))")
+  env = {k: v for k, v in os.environ.items() if k != "STORAGE_EMULATOR_HOST"}
+  out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], env={**env, "PYTHONPATH": str(REPO)},
+                       capture_output=True, text=True, check=True).stdout
+  assert out.strip() == "[]" and json.loads((tmp_path / "run" / "x.json").read_text()) == [1]
+
+
 def test_local_failed_write_keeps_the_old_content(tmp_path):
   target = tmp_path / "result.txt"
   storage.write_text(target, "old")
@@ -133,6 +144,8 @@ def test_gs_writes_commit_whole_objects(gcs_emulator):
   bucket = gcs_emulator.create_bucket("kdjax-unit")
   root = storage.path(f"gs://{bucket}/run")
   assert storage.is_remote(root) and storage.makedirs(root) == root
+  with pytest.raises(FileNotFoundError, match="bucket gs://no-such-bucket not found"):
+    storage.makedirs("gs://no-such-bucket/run")
   storage.write_json(root / "config.json", {"a": 1}, indent=2)
   assert _object_bytes(gcs_emulator, bucket, "run/config.json") == b'{\n  "a": 1\n}\n'
   assert storage.size(root / "config.json") == 13 and (root / "config.json").is_file()
