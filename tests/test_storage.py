@@ -242,3 +242,14 @@ def test_demo_runs_with_its_workdir_in_a_bucket(gcs_emulator, gsm8k_dir, smollm2
     assert _object_bytes(gcs_emulator, bucket, f"demo/{name}") is not None, name
   assert list(elsewhere.iterdir()) == []  # no local run folder
   assert not scratch.exists() or list(scratch.iterdir()) == []  # private copies removed at exit
+
+
+def test_gsm8k_folder_in_a_bucket_reads_like_a_local_one(gcs_emulator, tmp_path):
+  from kdjax import data
+  bucket = gcs_emulator.create_bucket("kdjax-data")
+  rows = [{"question": "1+1?", "answer": "1+1=<<1+1=2>>2\n#### 2"}, {"question": "2*3?", "answer": "#### 6"}]
+  text = "".join(json.dumps(r) + "\n" for r in rows)
+  (tmp_path / "test.jsonl").write_text(text)
+  storage.write_text(f"gs://{bucket}/gsm8k/test.jsonl", text)
+  assert data.load_gsm8k(f"gs://{bucket}/gsm8k", "test") == data.load_gsm8k(tmp_path, "test")
+  assert [q["gold"] for q in data.load_gsm8k(f"gs://{bucket}/gsm8k", "test")] == [2, 6]
