@@ -253,3 +253,25 @@ def test_gsm8k_folder_in_a_bucket_reads_like_a_local_one(gcs_emulator, tmp_path)
   storage.write_text(f"gs://{bucket}/gsm8k/test.jsonl", text)
   assert data.load_gsm8k(f"gs://{bucket}/gsm8k", "test") == data.load_gsm8k(tmp_path, "test")
   assert [q["gold"] for q in data.load_gsm8k(f"gs://{bucket}/gsm8k", "test")] == [2, 6]
+
+
+def test_two_processes_write_one_store_in_a_bucket(gcs_emulator, tmp_path):
+  """Two writer processes with no shared local folder fill one gs:// store (each its own shards and manifest);
+  process 0 then sees the other's objects and finalizes: the same bytes as a one-process store on local disk."""
+  from kdjax import store
+  sys.path.insert(0, str(REPO / "tests"))
+  from test_store import _fill, _spawn, _spec  # pylint: disable=import-outside-toplevel
+  bucket = gcs_emulator.create_bucket("kdjax-two-writers")
+  url = f"gs://{bucket}/stores/gt"
+  children = [_spawn(url, p, 2, 10, 3) for p in (0, 1)]
+  for child in children:
+    child.wait(timeout=120)
+    assert child.returncode == 0, child.stderr.read()
+  manifest = store.StoreWriter(url, _spec(), num_examples=10, shard_size=3, process_index=0,
+                               process_count=2).finalize()
+  assert [s["index"] for s in manifest["shards"]] == [0, 1, 2, 3]
+  _fill(tmp_path / "one", _spec(), num_examples=10, shard_size=3).finalize()
+  for name in [store.shard_name(i) for i in range(4)] + [store.MANIFEST]:
+    assert _object_bytes(gcs_emulator, bucket, f"stores/gt/{name}") == (tmp_path / "one" / name).read_bytes(), name
+  assert json.loads(_object_bytes(gcs_emulator, bucket, "stores/gt/manifest-1.json"))["process_index"] == 1
+  assert len(store.StoreReader(url)) == 10
