@@ -66,7 +66,8 @@ def gcs_emulator(tmp_path_factory):
   # Its log goes to a file: a pipe nobody reads fills up and stalls the server mid-request.
   log_path = tmp_path_factory.mktemp("gcs-emulator") / "emulator.log"
   log = open(log_path, "wb")
-  proc = subprocess.Popen([sys.executable, "-m", "gcp_storage_emulator", "start", "--host", "127.0.0.1",
+  launcher = pathlib.Path(__file__).with_name("gcs_emulator.py")  # the emulator, with generation headers
+  proc = subprocess.Popen([sys.executable, str(launcher), "start", "--host", "127.0.0.1",
                            "--port", str(port), "--in-memory", "--quiet"],
                           stdout=log, stderr=subprocess.STDOUT)
   deadline = time.time() + 60
