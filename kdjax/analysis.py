@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import json
 import math
 import os
 import pathlib
@@ -37,6 +36,7 @@ from flax import nnx
 
 from kdjax import generation
 from kdjax import priming
+from kdjax import storage
 
 METRICS = ("entropy", "self_weight", "share_above", "cosine_prev")
 METRICS_PLOT = "attention_metrics.png"
@@ -246,7 +246,7 @@ def plot_metrics(per_layer_by_model: Mapping[str, Mapping[str, np.ndarray]], pat
     axes.grid(alpha=0.3)
   figure.axes[0].legend(fontsize=8)
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=110)
+  storage.save_figure(figure, path, format="png", dpi=110)
 
 
 def plot_head_maps(first_maps: Mapping[str, np.ndarray], heads: Sequence[tuple[int, int]],
@@ -267,7 +267,7 @@ def plot_head_maps(first_maps: Mapping[str, np.ndarray], heads: Sequence[tuple[i
   figure.subplots_adjust(left=0.08, right=0.82, top=0.95, bottom=0.05, hspace=0.4, wspace=0.3)
   colorbar_axes = figure.add_axes((0.86, 0.3, 0.025, 0.4))
   figure.colorbar(image, cax=colorbar_axes, label="sqrt(attention weight)")
-  figure.savefig(path, format="png", dpi=100)
+  storage.save_figure(figure, path, format="png", dpi=100)
 
 
 def plot_distance(map_distance: np.ndarray, path: pathlib.Path) -> None:
@@ -279,7 +279,7 @@ def plot_distance(map_distance: np.ndarray, path: pathlib.Path) -> None:
   axes.set_title("mean 1 - cosine of attention maps across models", fontsize=10)
   figure.colorbar(image, ax=axes)
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=110)
+  storage.save_figure(figure, path, format="png", dpi=110)
 
 
 # ----------------------------------------------------------------------------- driver
@@ -323,8 +323,7 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
   if not questions:
     raise AnalysisError("no questions given")
   chosen = list(questions[:num_questions])
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.makedirs(out_dir)
   prompts = _prompts(models, tokenizer, chosen, answer_from, max_new_tokens, batch_size)
   pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
   collected = collect(models, prompts, threshold=threshold, batch_size=batch_size, pad_id=pad_id)
@@ -368,5 +367,5 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
       "plotted_heads": [list(h) for h in heads],
       "plots": plots,
   }
-  (out_dir / ANALYSIS_FILE).write_text(json.dumps(result, indent=1, allow_nan=False) + "\n", encoding="utf-8")
+  storage.write_json(out_dir / ANALYSIS_FILE, result, indent=1, allow_nan=False)
   return result

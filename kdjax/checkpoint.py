@@ -11,14 +11,13 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import shutil
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kdjax import parallel
+from kdjax import parallel, storage
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama import weights
 from kdjax.models.llama.config import LlamaConfig
@@ -37,42 +36,37 @@ def dtype_of(name: str | Any):
 
 
 def is_kdjax_checkpoint(path: str | os.PathLike) -> bool:
-  return (pathlib.Path(path) / METADATA_FILE).exists()
-
-
-def _atomic_write_text(path: pathlib.Path, text: str) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(text)
-  os.replace(tmp, path)
+  return (storage.path(path) / METADATA_FILE).exists()
 
 
 def save_model(model: model_lib.Llama, directory: str | os.PathLike, *, tokenizer=None,
                extra: dict | None = None) -> pathlib.Path:
   """Saves `model` (sharded arrays are written by each host's shards) as a kdjax checkpoint."""
   import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory, absolute=True)
   if (directory / METADATA_FILE).exists():
     raise FileExistsError(f"{directory} already holds a kdjax checkpoint")
   if (directory / "params").exists():  # left by an interrupted conversion: start that part again
-    shutil.rmtree(directory / "params")
-  directory.mkdir(parents=True, exist_ok=True)
+    storage.remove_tree(directory / "params")
+  storage.makedirs(directory)
   state = nnx.state(model)
   with ocp.StandardCheckpointer() as checkpointer:
     checkpointer.save(directory / "params", state)
     checkpointer.wait_until_finished()
   if tokenizer is not None and jax.process_index() == 0:
-    tokenizer.save_pretrained(str(directory / "tokenizer"))
+    with storage.staged_dir(directory / "tokenizer") as folder:
+      tokenizer.save_pretrained(str(folder))
   if jax.process_index() == 0:
     meta = {"config": json.loads(model.config.to_json()),
             "param_dtype": str(jnp.dtype(model.embed[...].dtype)),
             "quantized": any(name.endswith("_scale") for name in model.layers.arrays()),
             **(extra or {})}
-    _atomic_write_text(directory / METADATA_FILE, json.dumps(meta, indent=2))
+    storage.write_text(directory / METADATA_FILE, json.dumps(meta, indent=2))
   return directory
 
 
 def read_metadata(directory: str | os.PathLike) -> dict:
-  path = pathlib.Path(directory) / METADATA_FILE
+  path = storage.path(directory) / METADATA_FILE
   if not path.exists():
     raise weights.CheckpointError(f"{directory}: not a finished kdjax checkpoint (no {METADATA_FILE})")
   return json.loads(path.read_text())
@@ -82,7 +76,7 @@ def restore_model(directory: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
                   rules=parallel.DEFAULT_RULES, remat: bool = False) -> model_lib.Llama:
   """Restores a kdjax checkpoint straight onto `mesh` (each host reads its own shards)."""
   import orbax.checkpoint as ocp
-  directory = pathlib.Path(directory).absolute()
+  directory = storage.path(directory, absolute=True)
   meta = read_metadata(directory)
   config = LlamaConfig.from_json(json.dumps(meta["config"]))
   param_dtype = dtype_of(meta["param_dtype"])
@@ -118,12 +112,13 @@ def load_model(source: str | os.PathLike, *, dtype="float32", param_dtype=None, 
   """
   dtype = dtype_of(dtype)
   param_dtype = dtype_of(param_dtype) if param_dtype is not None else dtype
-  path = pathlib.Path(source)
+  path = storage.path(source)
   if not path.exists():
     raise weights.CheckpointError(f"{source}: no such file or directory")
   if is_kdjax_checkpoint(path):
     model = restore_model(path, dtype=dtype, mesh=mesh, rules=rules, remat=remat)
     return model, model.config
+  path = storage.local_copy(path)  # HF folders and GGUF files are read by name (memory maps)
   src = weights.open_source(path)
   config = weights.config_from_source(src, name=path.stem if path.suffix == ".gguf" else path.name)
   kwargs: dict[str, Any] = dict(mesh=mesh, rules=rules, dtype=dtype, param_dtype=param_dtype, remat=remat,
@@ -137,16 +132,17 @@ def load_model(source: str | os.PathLike, *, dtype="float32", param_dtype=None, 
 def load_tokenizer(source: str | os.PathLike):
   """The transformers tokenizer (with its chat template) belonging to `source`."""
   from transformers import AutoTokenizer
-  path = pathlib.Path(source)
+  path = storage.path(source)
   if path.suffix == ".gguf":
+    path = storage.local_copy(path)
     return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   if is_kdjax_checkpoint(path):
     meta = read_metadata(path)
     if (path / "tokenizer").exists():
-      return AutoTokenizer.from_pretrained(str(path / "tokenizer"))
+      return AutoTokenizer.from_pretrained(str(storage.local_copy(path / "tokenizer")))
     if meta.get("source"):
       return load_tokenizer(meta["source"])
     raise weights.CheckpointError(f"{path}: checkpoint has no tokenizer and no recorded source")
   if path.is_dir():
-    return AutoTokenizer.from_pretrained(str(path))
+    return AutoTokenizer.from_pretrained(str(storage.local_copy(path)))
   raise weights.CheckpointError(f"{source}: no tokenizer found (expected a .gguf, an HF or a kdjax directory)")

@@ -17,6 +17,8 @@ import time
 
 from absl import app, flags
 
+from kdjax import storage
+
 _SOURCE = flags.DEFINE_string("source", None, "HF directory, .gguf file, kdjax checkpoint, or 'smollm2'.")
 _OUTPUT = flags.DEFINE_string("output", None, "Folder for the kdjax checkpoint.")
 _EXPORT_HF = flags.DEFINE_string("export_hf", None, "Also write an HF safetensors directory here.")
@@ -28,7 +30,7 @@ def resolve_source(source: str) -> pathlib.Path:
   if source == "smollm2":
     from kdjax import fetch
     return fetch.smollm2_gguf()
-  return pathlib.Path(source)
+  return storage.path(source)
 
 
 def conversion_record(source: str, *, dtype: str, quantize: bool) -> dict:
@@ -54,7 +56,7 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
     print(f"kdjax.convert: {output} is already a finished checkpoint; nothing to do")
     if not export_hf:
       return
-    path = pathlib.Path(output)
+    path = storage.path(output)
   start = time.time()
   src_params = None
   if not checkpoint.is_kdjax_checkpoint(path):
@@ -72,7 +74,7 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
       tokenizer = checkpoint.load_tokenizer(path)
     except Exception as e:  # a weights-only directory is still convertible; say why the tokenizer is absent
       print(f"kdjax.convert: no tokenizer saved ({e.__class__.__name__}: {e})", file=sys.stderr)
-    checkpoint.save_model(model, output, tokenizer=tokenizer, extra={"source": str(path.absolute())})
+    checkpoint.save_model(model, output, tokenizer=tokenizer, extra={"source": str(storage.path(path, absolute=True))})
     print(f"kdjax.convert: wrote {output} ({config.num_params / 1e6:.1f}M parameters, "
           f"{time.time() - start:.1f}s)")
   if export_hf:

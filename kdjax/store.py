@@ -13,9 +13,9 @@ name (delete it; the generate stage rewrites it) instead of failing deep inside 
 
 Work is split in fixed units: shard i always holds positions [i*S, (i+1)*S), so a shard is
 either complete or absent, reruns write byte-identical shards, and process p of n writes
-the shards with i % n == p. Every file is written to `<name>.tmp` in the same folder, fsynced
-and renamed over `<name>`, so a kill leaves at worst a stale `.tmp`, which readers never look
-at and the next writer overwrites.
+the shards with i % n == p. Every file is committed through `kdjax.storage` (locally: written to
+`<name>.tmp`, fsynced and renamed over `<name>`; on gs://: one upload), so a kill leaves at worst a
+stale `.tmp`, which readers never look at and the next writer overwrites.
 
 A shard is one uncompressed `.npz` (written with fixed zip timestamps, hence reproducible):
 
@@ -47,6 +47,8 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, BinaryIO, Callable
 
 import numpy as np
+
+from kdjax import storage
 
 FORMAT_NAME = "kdjax-teacher-store"
 FORMAT_VERSION = 1
@@ -184,33 +186,14 @@ def _decode_ids(stored: np.ndarray, count: int, id_format: str) -> np.ndarray:
 # ----------------------------------------------------------------------------- files
 
 
-def _fsync_dir(folder: pathlib.Path) -> None:
-  try:
-    fd = os.open(folder, os.O_RDONLY)
-  except OSError:
-    return  # some filesystems cannot open folders; the rename itself is still atomic
-  try:
-    os.fsync(fd)
-  except OSError:
-    pass
-  finally:
-    os.close(fd)
-
-
 def _atomic_write(path: pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
-  # A fixed temp name: a kill leaves one stale file that the rerun simply overwrites.
-  temp = path.with_name(path.name + ".tmp")
-  with open(temp, "wb") as f:
+  with storage.atomic_writer(path, "wb") as f:
     write(f)
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(temp, path)
-  _fsync_dir(path.parent)
 
 
 def _write_json(path: pathlib.Path, value: Any) -> None:
   data = (json.dumps(value, indent=1, sort_keys=True) + "\n").encode()
-  _atomic_write(path, lambda f: f.write(data))
+  storage.write_bytes(path, data)
 
 
 def _write_npz(f: BinaryIO, arrays: Mapping[str, np.ndarray]) -> None:
@@ -240,7 +223,7 @@ def _corrupt_message(path: pathlib.Path, detail: str) -> str:
 
 def _file_sha256(path: pathlib.Path) -> str:
   digest = hashlib.sha256()
-  with open(path, "rb") as f:
+  with storage.path(path).open("rb") as f:
     for block in iter(lambda: f.read(1 << 22), b""):
       digest.update(block)
   return digest.hexdigest()
@@ -259,12 +242,12 @@ def _shard_stats(path: pathlib.Path, expected_sha256: str | None = None) -> dict
   """A shard's manifest entry, read back from disk; its checksum is checked when one was recorded."""
   digest = verify_shard(path, expected_sha256)
   try:
-    with np.load(path, allow_pickle=False) as shard:
+    with np.load(storage.readable(path), allow_pickle=False) as shard:
       offsets = shard["response_offsets"]
   except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
     raise StoreError(_corrupt_message(path, str(err))) from None
   return {"file": path.name, "examples": int(len(offsets) - 1), "tokens": int(offsets[-1]),
-          "bytes": path.stat().st_size, "sha256": digest}
+          "bytes": storage.size(path), "sha256": digest}
 
 
 def recorded_checksums(folder: pathlib.Path) -> dict[int, str]:
@@ -319,7 +302,7 @@ class StoreWriter:
       raise StoreError(f"need num_examples >= 0 and shard_size >= 1, got {num_examples}, {shard_size}")
     if not 0 <= process_index < process_count:
       raise StoreError(f"process_index {process_index} not in [0, {process_count})")
-    self.path = pathlib.Path(path)
+    self.path = storage.path(path)
     self.spec = spec
     self.num_examples = num_examples
     self.shard_size = shard_size
@@ -327,7 +310,7 @@ class StoreWriter:
     self.process_count = process_count
     self.num_shards = math.ceil(num_examples / shard_size)
     self._header = _header(spec, num_examples, shard_size)
-    self.path.mkdir(parents=True, exist_ok=True)
+    storage.makedirs(self.path)
     self._check_existing_manifests()
     recorded = recorded_checksums(self.path)
     self._written = {i: _shard_stats(self._shard_path(i), recorded.get(i)) for i in self.own_shards()
@@ -506,7 +489,7 @@ class StoreReader(Sequence):
   """
 
   def __init__(self, path: str | os.PathLike, *, allow_partial: bool = False, cached_shards: int = 4):
-    self.path = pathlib.Path(path)
+    self.path = storage.path(path)
     manifests = _existing_manifests(self.path) if self.path.is_dir() else []
     if not manifests:
       raise StoreError(f"{self.path} is not a teacher store (no manifest)")
@@ -535,12 +518,12 @@ class StoreReader(Sequence):
       path_i = self.path / shard_name(i)
       verify_shard(path_i, recorded.get(i))  # before training on it: a damaged shard is one line, not a traceback
       try:
-        with np.load(path_i, allow_pickle=False) as shard:
+        with np.load(storage.readable(path_i), allow_pickle=False) as shard:
           num_tokens = int(shard["response_offsets"][-1])
           columns = json.loads(shard["metadata"].tobytes().decode())
       except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:
         raise StoreError(_corrupt_message(path_i, str(err))) from None
-      self._shard_bytes[i], self._shard_tokens[i] = path_i.stat().st_size, num_tokens
+      self._shard_bytes[i], self._shard_tokens[i] = storage.size(path_i), num_tokens
       start = i * self.shard_size
       for e in range(len(columns["question_id"])):
         self._metadata.append({name: columns[name][e] for name in _META_FIELDS})
@@ -573,7 +556,7 @@ class StoreReader(Sequence):
     id_format = self.spec.id_format
     path = self.path / shard_name(shard_index)
     try:
-      with np.load(path, allow_pickle=False) as shard:
+      with np.load(storage.readable(path), allow_pickle=False) as shard:
         arrays = {name: shard[name] for name in shard.files if name != "metadata"}
     except (OSError, ValueError, KeyError, zipfile.BadZipFile) as err:  # damaged after it was opened
       raise StoreError(_corrupt_message(path, str(err))) from None

@@ -38,7 +38,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kdjax import data, generation, priming, store
+from kdjax import data, generation, priming, storage, store
 from kdjax.evaluation import extract
 from kdjax.generation import SamplingConfig
 from kdjax.models.llama.model import Llama
@@ -146,9 +146,7 @@ def student_prompt_ids(tokenizer: Any, question: dict) -> list[int]:
 
 
 def _write_json_atomic(path: pathlib.Path, value: dict) -> None:
-  temp = path.with_name(path.name + ".tmp")
-  temp.write_text(json.dumps(value, indent=1, sort_keys=True) + "\n")
-  os.replace(temp, path)
+  storage.write_json(path, value, indent=1, sort_keys=True)
 
 
 def _check_job_file(store_dir: pathlib.Path, job: TeacherJob) -> None:
@@ -311,7 +309,7 @@ def generate_store(
   distributed = jax.process_count() > 1
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  store_dir = pathlib.Path(store_dir)
+  store_dir = storage.path(store_dir)
 
   spec = store.StoreSpec(
       teacher_model=teacher_model_id, strategy=strategy, vocab_size=model.config.vocab_size, k=k,

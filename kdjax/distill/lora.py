@@ -18,7 +18,6 @@ import json
 import math
 import os
 import pathlib
-import tempfile
 from typing import Any
 
 import jax
@@ -27,7 +26,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding
 
-from kdjax import parallel
+from kdjax import parallel, storage
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama import weights as weights_lib
 
@@ -304,36 +303,18 @@ def peft_config(model: model_lib.Llama, *, base_model_name_or_path: str | None =
   }
 
 
-def _atomic_write(path: pathlib.Path, write) -> None:
-  """Calls `write(tmp_path)` then renames onto `path`, so readers never see a half-written file."""
-  fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-  os.close(fd)
-  try:
-    write(tmp)
-    os.replace(tmp, path)
-  except BaseException:
-    if os.path.exists(tmp):
-      os.remove(tmp)
-    raise
-
-
 def export_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
                 base_model_name_or_path: str | None = None) -> pathlib.Path:
   """Writes `model`'s adapters as a PEFT LoRA adapter directory (`PeftModel.from_pretrained` loads it).
 
   The weights are written before the config, so a directory with an `adapter_config.json` is complete.
   """
-  from safetensors.numpy import save_file
+  from safetensors.numpy import save
   config = peft_config(model, base_model_name_or_path=base_model_name_or_path)
   tensors = peft_tensors(model)
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
-  _atomic_write(directory / ADAPTER_WEIGHTS, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-
-  def write_config(tmp: str) -> None:
-    with open(tmp, "w") as f:
-      json.dump(config, f, indent=2)
-  _atomic_write(directory / ADAPTER_CONFIG, write_config)
+  directory = storage.makedirs(directory)
+  storage.write_bytes(directory / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
+  storage.write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))
   return directory
 
 
@@ -343,8 +324,8 @@ def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
 
   Supports plain LoRA on the seven Llama projections with one rank and alpha for all of them.
   """
-  from safetensors.numpy import load_file
-  directory = pathlib.Path(directory)
+  from safetensors.numpy import load
+  directory = storage.path(directory)
   config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
   if not config_path.exists() or not weights_path.exists():
     raise LoraError(f"{directory}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
@@ -361,7 +342,7 @@ def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
     raise LoraError(f"{directory}: target_modules {targets} include modules kdjax does not adapt")
   cfg = LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout", 0.0)),
                    targets=tuple(t for t in _FROM_HF if t in targets))  # kdjax order
-  tensors = load_file(str(weights_path))
+  tensors = load(weights_path.read_bytes())
   # PEFT versions differ in whether the adapter name appears in saved keys; accept ".lora_A.default.weight".
   tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
   factors = {}  # read and check everything before the model is touched

@@ -15,6 +15,8 @@ import jax
 import numpy as np
 from flax import nnx
 
+from kdjax import storage
+
 METRICS_FILE = "metrics.jsonl"
 UPDATE_NORMS_FILE = "update_norms.json"
 
@@ -78,11 +80,11 @@ def select_adapter(model: nnx.Module, result: TrainResult) -> TrainResult:
   values = list(per_module.values())
   norms = {"per_module": per_module, "mean": float(np.mean(values)), "max": float(np.max(values)), "step": step}
   if jax.process_index() == 0:
-    (result.workdir / UPDATE_NORMS_FILE).write_text(json.dumps(norms, indent=1) + "\n")
+    storage.write_json(result.workdir / UPDATE_NORMS_FILE, norms, indent=1)
     metrics = result.workdir / METRICS_FILE
     # One such line per workdir: a re-run (e.g. after a failed export) replaces it.
     kept = [line for line in (metrics.read_text().splitlines() if metrics.exists() else [])
             if '"update_norm_mean"' not in line]
     kept.append(json.dumps({"step": step, "update_norm_mean": norms["mean"], "update_norm_max": norms["max"]}))
-    metrics.write_text("".join(line + "\n" for line in kept))
+    storage.write_text(metrics, "".join(line + "\n" for line in kept))
   return dataclasses.replace(result, selected_step=step, update_norms=norms)

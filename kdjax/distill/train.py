@@ -37,7 +37,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kdjax import parallel
+from kdjax import parallel, storage
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
 from kdjax.distill.results import METRICS_FILE, TrainResult
@@ -358,7 +358,7 @@ class _Checkpoints:
 
 def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
   """Loads the best-validation LoRA state of a finished (or running) `train` into `model`; returns its meta."""
-  manager = ocp.CheckpointManager(pathlib.Path(workdir) / "best",
+  manager = ocp.CheckpointManager(storage.path(workdir, absolute=True) / "best",
                                   options=ocp.CheckpointManagerOptions(read_only=True))
   step = manager.latest_step()
   if step is None:
@@ -389,8 +389,8 @@ class _MetricsLog:
       # A killed run may have logged steps past its last checkpoint (or half a line); the resumed run logs
       # those steps again.
       kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-      self.path.write_text("".join(line + "\n" for line in kept))
-    self.file = open(self.path, "a") if primary else None
+      storage.write_text(self.path, "".join(line + "\n" for line in kept))
+    self.file = storage.appender(self.path) if primary else None
     self.writer = None
     if cfg.tensorboard and primary:
       from tensorboardX import SummaryWriter  # imports torch when present: only when asked for
@@ -490,8 +490,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   `val_data` should be a held-out slice of GSM8K *train* (never test); its loss picks the best checkpoint.
   With `mesh`, parameters are sharded by their logical axes and the batch over ("data", "fsdp").
   """
-  workdir = pathlib.Path(workdir).absolute()  # orbax refuses relative paths
-  workdir.mkdir(parents=True, exist_ok=True)
+  workdir = storage.makedirs(storage.path(workdir, absolute=True))  # orbax refuses relative paths
   if not train_data:
     raise TrainError("train_data is empty")
   _check_data("train_data", train_data, loss_cfg)

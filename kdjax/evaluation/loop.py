@@ -33,6 +33,7 @@ from typing import Any
 
 from kdjax import generation
 from kdjax import priming
+from kdjax import storage
 from kdjax.evaluation import exemplars
 from kdjax.evaluation import extract
 from kdjax.evaluation import reference_nll
@@ -179,28 +180,20 @@ def read_samples(path: pathlib.Path, *, repair: bool = False) -> list[dict]:
     position += len(line) + 1
     good_end = min(position, len(data))
   if repair and good_end < len(data):
-    with path.open("r+b") as f:
-      f.truncate(good_end)
-      f.flush()
-      os.fsync(f.fileno())
+    storage.truncate(path, good_end)
   return records
 
 
+def _record_line(record: Mapping) -> str:
+  return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
+
+
 def _append_records(path: pathlib.Path, records: Sequence[dict]) -> None:
-  with path.open("a", encoding="utf-8") as f:
-    for record in records:
-      f.write(json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
+  storage.append_text(path, "".join(_record_line(record) for record in records))
 
 
 def _atomic_write_json(path: pathlib.Path, content: dict) -> None:
-  tmp = path.with_name(path.name + ".tmp")
-  with tmp.open("w", encoding="utf-8") as f:
-    f.write(json.dumps(content, indent=2, allow_nan=False) + "\n")
-    f.flush()
-    os.fsync(f.fileno())
-  os.replace(tmp, path)
+  storage.write_json(path, content, indent=2, allow_nan=False)
 
 
 def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig) -> None:
@@ -224,10 +217,7 @@ def _add_missing_reference_nll(samples_path: pathlib.Path, done: dict, wanted_id
   for question_id, (nll, tokens) in ref_nll_of(missing).items():
     done[question_id] = {**done[question_id], "ref_nll": nll, "ref_tokens": tokens}
   records = [done.get(r["id"], r) for r in read_samples(samples_path)]
-  tmp = samples_path.with_name(samples_path.name + ".tmp")
-  tmp.unlink(missing_ok=True)
-  _append_records(tmp, records)
-  os.replace(tmp, samples_path)
+  storage.write_text(samples_path, "".join(_record_line(record) for record in records))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -304,10 +294,9 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
   selected questions is returned as is.
   """
-  out_dir = pathlib.Path(out_dir)
+  out_dir = storage.makedirs(out_dir)
   selected = select_questions(questions, cfg)
   wanted_ids = [q["id"] for q in selected]
-  out_dir.mkdir(parents=True, exist_ok=True)
   _check_settings(out_dir, cfg)
   samples_path, summary_path = out_dir / SAMPLES_FILE, out_dir / SUMMARY_FILE
 

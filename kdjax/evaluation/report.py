@@ -14,6 +14,7 @@ import json
 import pathlib
 from typing import Any, Mapping, Optional, Sequence
 
+from kdjax import storage
 from kdjax.evaluation import extract
 from kdjax.evaluation import paper_numbers as paper_numbers_lib
 from kdjax.evaluation import report_render
@@ -37,7 +38,7 @@ class SamplesFormatError(ValueError):
 
 
 def _samples_path(path: pathlib.Path) -> pathlib.Path:
-  path = pathlib.Path(path)
+  path = storage.path(path)
   return path / "samples.jsonl" if path.is_dir() else path
 
 
@@ -60,7 +61,7 @@ def read_jsonl_objects(path: pathlib.Path, error: type[Exception] = ValueError) 
 
 def load_samples(path: str | pathlib.Path) -> list[dict]:
   """Records of a `samples.jsonl` file (or of the one inside folder `path`)."""
-  path = _samples_path(pathlib.Path(path))
+  path = _samples_path(path)
   if not path.is_file():
     raise SamplesFormatError(f"samples file not found: {path}")
   samples = read_jsonl_objects(path, SamplesFormatError)
@@ -246,8 +247,7 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   if paper_numbers is None:
     paper_numbers = paper_numbers_lib.PAPER_GSM8K_ACCURACY
   _check_paper_numbers(paper_numbers)
-  out_dir = pathlib.Path(out_dir)
-  out_dir.mkdir(parents=True, exist_ok=True)
+  out_dir = storage.makedirs(out_dir)
   rules = [rule] + [r for r in SHOWN_RULES if r != rule]
 
   samples = {name: load_samples(path) for name, path in arms.items()}
@@ -263,7 +263,7 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
     summary = summarise_arm(samples[name], rule, confidence)
     summary["by_rule"] = {r: summarise_arm(samples[name], r, confidence) for r in rules}
     summary["paper_accuracy"] = paper_numbers.get(name)
-    summary["samples_path"] = str(_samples_path(pathlib.Path(path)))
+    summary["samples_path"] = str(_samples_path(storage.path(path)))
     summary["eval_settings"] = settings[name]
     if summaries[name] is not None:
       summary["eval_summary"] = summaries[name]
@@ -326,6 +326,6 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
 
   report["plots"] = report_render.write_plots(report, out_dir)
   # allow_nan=False: the file must stay strict JSON for other tools.
-  (out_dir / "report.json").write_text(json.dumps(report, indent=2, allow_nan=False) + "\n", encoding="utf-8")
-  (out_dir / "report.md").write_text(report_render.markdown(report, bootstrap_resamples, seed), encoding="utf-8")
+  storage.write_json(out_dir / "report.json", report, indent=2, allow_nan=False)
+  storage.write_text(out_dir / "report.md", report_render.markdown(report, bootstrap_resamples, seed))
   return report

@@ -5,6 +5,8 @@ from __future__ import annotations
 import pathlib
 from typing import Optional
 
+from kdjax import storage
+
 ACCURACY_PLOT = "accuracy.png"
 LENGTH_PLOT = "output_length.png"
 
@@ -174,7 +176,7 @@ def _plot_accuracy(report: dict, path: pathlib.Path) -> None:
   axes.set_ylabel(f"GSM8K accuracy ({report['rule']} rule)")
   axes.legend(loc="upper left")
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
+  storage.save_figure(figure, path, format="png", dpi=120)
 
 
 def _plot_lengths(report: dict, path: pathlib.Path) -> None:
@@ -190,7 +192,7 @@ def _plot_lengths(report: dict, path: pathlib.Path) -> None:
   axes.set_xticks(positions, names, rotation=30, ha="right")
   axes.set_ylabel("mean output tokens")
   figure.tight_layout()
-  figure.savefig(path, format="png", dpi=120)
+  storage.save_figure(figure, path, format="png", dpi=120)
 
 
 def write_plots(report: dict, out_dir: pathlib.Path) -> list[str]:

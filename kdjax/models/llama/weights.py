@@ -22,6 +22,7 @@ from flax import nnx
 
 from kdjax import parallel
 from kdjax import quantization
+from kdjax import storage
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
@@ -127,7 +128,7 @@ def _safetensors_data_end(path: pathlib.Path) -> int:
 
 
 def open_source(path: str | os.PathLike) -> TensorSource:
-  path = pathlib.Path(path)
+  path = storage.local_copy(path)  # memory-mapped: a gs:// source is read from a local copy
   if path.suffix == ".gguf":
     if not path.exists():
       raise CheckpointError(f"{path}: no such file")
@@ -293,9 +294,8 @@ def hf_tensors(model: model_lib.Llama) -> Iterator[tuple[str, np.ndarray]]:
 def export_hf(model: model_lib.Llama, directory: str | os.PathLike, *, max_shard_bytes: int = 2 << 30,
               dtype=np.float32) -> pathlib.Path:
   """Writes `model` as a Hugging Face directory (config.json + safetensors shards + index)."""
-  from safetensors.numpy import save_file
-  directory = pathlib.Path(directory)
-  directory.mkdir(parents=True, exist_ok=True)
+  from safetensors.numpy import save
+  directory = storage.makedirs(directory)
   shards: list[dict[str, np.ndarray]] = [{}]
   size = 0
   for name, array in hf_tensors(model):
@@ -308,15 +308,13 @@ def export_hf(model: model_lib.Llama, directory: str | os.PathLike, *, max_shard
   weight_map = {}
   for i, shard in enumerate(shards):
     file = "model.safetensors" if len(shards) == 1 else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-    tmp = directory / (file + ".tmp")
-    save_file(shard, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, directory / file)
+    storage.write_bytes(directory / file, save(shard, metadata={"format": "pt"}))
     weight_map.update({name: file for name in shard})
   if len(shards) > 1:
     index = {"metadata": {"total_size": sum(a.nbytes for s in shards for a in s.values())},
              "weight_map": weight_map}
-    (directory / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
-  (directory / "config.json").write_text(json.dumps(model.config.to_hf_dict(), indent=2))
+    storage.write_text(directory / "model.safetensors.index.json", json.dumps(index, indent=2))
+  storage.write_text(directory / "config.json", json.dumps(model.config.to_hf_dict(), indent=2))
   return directory
 
 

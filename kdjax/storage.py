@@ -1,0 +1,349 @@
+"""Every file kdjax reads or writes, on local disk or in a `gs://` bucket, with one commit rule.
+
+`path(p)` turns a string into the path object kdjax works with: a local path stays a `pathlib.Path` (the plain,
+fast path: no extra copies, no extra layers), a URL such as `gs://bucket/run` becomes an `etils.epath.Path`
+(backed by fsspec/gcsfs). Both have `/`, `.name`, `.parent`, `exists()`, `is_file()`, `glob()`, `read_text()`
+and `read_bytes()`, so readers use them as they are. Orbax and tensorstore take either kind for arrays.
+
+Writes go through this module, and a reader never sees a half-written result:
+  local disk  the content goes to `<name>.tmp` in the same folder, is fsynced, renamed over `<name>`
+              (`os.replace`, atomic on POSIX), and the folder is fsynced. A kill leaves at worst a stale
+              `<name>.tmp`, which readers never look at and the next write of `<name>` overwrites.
+  gs://       object stores have no rename, but one object upload is atomic: the object appears, with its whole
+              content, only when the upload completes. So the content is built completely in memory and
+              uploaded once under its final name; an exception before that uploads nothing. A folder-sized
+              result (a checkpoint, an adapter, a teacher store) is committed the same way on both kinds of
+              storage: its marker object (`kdjax_model.json`, `adapter_config.json`, `manifest.json`, Orbax's
+              `commit_success.txt`) is written last, and readers treat a folder without it as unfinished.
+Appends (`samples.jsonl`, `metrics.jsonl`) are a durable `open("a")` + fsync locally; on gs:// the object is
+rewritten whole (read, add, upload), which is atomic too, so a line is either complete or absent.
+
+Emulator: `STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT` is the one variable a user sets (as for Google's own
+clients). On import this module derives the rest from it: `TENSORSTORE_GCS_HTTP_URL` and
+`GOOGLE_AUTH_TOKEN_FOR_TESTING` for tensorstore (Orbax's arrays), anonymous gcsfs credentials, and gcsfs's plain
+HTTP client instead of its experimental one, which first probes a gRPC endpoint and waits ~60 s per call against
+an emulator.
+
+Libraries that only take local file names (transformers tokenizers, GGUF memory maps) get a local copy of a
+remote file or folder through `local_copy`, kept in a private scratch folder that is removed at exit
+(`KDJAX_SCRATCH` picks its parent; default: the system temp folder); `staged_dir` gives them a local folder whose
+files are uploaded when they are done.
+"""
+
+from __future__ import annotations
+
+import atexit
+import contextlib
+import io
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+from typing import Any, Iterator, Union
+
+EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
+REMOTE_SCHEMES = ("gs://",)
+
+Path = Union[pathlib.Path, Any]  # a pathlib.Path or an etils.epath.Path
+
+
+def configure_emulator(environ=os.environ) -> bool:
+  """Derives tensorstore's and gcsfs's emulator settings from STORAGE_EMULATOR_HOST; True when it is set."""
+  host = environ.get(EMULATOR_VARIABLE, "").rstrip("/")
+  if not host:
+    return False
+  if not host.startswith(("http://", "https://")):
+    host = f"http://{host}"
+  environ.setdefault("TENSORSTORE_GCS_HTTP_URL", host)
+  environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "kdjax-emulator")  # tensorstore: skip real credentials
+  environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")  # read by `import gcsfs`: no gRPC probe
+  import fsspec
+  # Registered by class path, so it holds even if gcsfs was imported before this module.
+  for protocol in ("gs", "gcs"):
+    fsspec.register_implementation(protocol, "gcsfs.core.GCSFileSystem", clobber=True)
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("token", "anon")
+  return True
+
+
+_listings_configured: list[bool] = []
+
+
+def _configure_listings() -> None:
+  """Before the first gs:// filesystem is made (local runs never import fsspec here)."""
+  if _listings_configured:
+    return
+  # Several processes write one folder: a cached listing would hide the other processes' objects.
+  import fsspec
+  for protocol in ("gs", "gcs"):
+    fsspec.config.conf.setdefault(protocol, {}).setdefault("use_listings_cache", False)
+  _listings_configured.append(True)
+
+
+configure_emulator()
+
+
+# ------------------------------------------------------------------------------------------ paths
+
+
+def is_remote(p: str | os.PathLike | Any) -> bool:
+  """True for a URL kdjax writes through fsspec (gs://), False for a local path."""
+  return str(p).startswith(REMOTE_SCHEMES)
+
+
+def path(p: str | os.PathLike | Any, *, absolute: bool = False) -> Path:
+  """`p` as a path object: pathlib.Path for a local path (made absolute if asked), epath.Path for gs://."""
+  if is_remote(p):
+    _configure_listings()
+    from etils import epath
+    return p if isinstance(p, epath.Path) else epath.Path(str(p))
+  local = pathlib.Path(p)
+  return local.absolute() if absolute else local
+
+
+def _fs_and_key(p) -> tuple[Any, str]:
+  _configure_listings()
+  import fsspec
+  return fsspec.core.url_to_fs(str(p))
+
+
+_buckets_seen: set[str] = set()
+
+
+def makedirs(p) -> Path:
+  """Creates the folder `p` (and parents) locally; on gs:// folders are name prefixes and need nothing, but the
+  bucket must exist (FileNotFoundError with one line otherwise, before any work)."""
+  p = path(p)
+  if not is_remote(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+  fs, key = _fs_and_key(p)
+  bucket = key.split("/", 1)[0]
+  if bucket not in _buckets_seen:
+    if not fs.exists(bucket):
+      raise FileNotFoundError(f"bucket gs://{bucket} not found (or not readable with these credentials)")
+    _buckets_seen.add(bucket)
+  return p
+
+
+def size(p) -> int:
+  """The size of the file or object `p` in bytes."""
+  if is_remote(p):
+    fs, key = _fs_and_key(p)
+    return int(fs.size(key))
+  return os.stat(p).st_size
+
+
+def remove_tree(p) -> None:
+  """Removes the folder `p` and everything under it; nothing if it does not exist."""
+  p = path(p)
+  if is_remote(p):
+    fs, key = _fs_and_key(p)
+    if fs.exists(key):
+      fs.rm(key, recursive=True)
+  elif p.is_symlink() or p.is_file():
+    p.unlink()
+  elif p.exists():
+    shutil.rmtree(p)
+
+
+def readable(p):
+  """What `np.load` or `zipfile` should open: the local path itself, or the object's bytes in memory."""
+  return io.BytesIO(path(p).read_bytes()) if is_remote(p) else p
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def _fsync_dir(folder: pathlib.Path) -> None:
+  try:
+    fd = os.open(folder, os.O_RDONLY)
+  except OSError:
+    return  # some filesystems cannot open folders; the rename itself is still atomic
+  try:
+    os.fsync(fd)
+  except OSError:
+    pass
+  finally:
+    os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_writer(p, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[io.IOBase]:
+  """A file to write `p` through: committed (see the module docstring) only if the block finishes."""
+  if mode not in ("wb", "w"):
+    raise ValueError(f"atomic_writer mode must be 'wb' or 'w', got {mode!r}")
+  p = path(p)
+  if is_remote(p):
+    buffer = io.BytesIO()
+    stream = buffer if mode == "wb" else io.TextIOWrapper(buffer, encoding=encoding, newline="")
+    yield stream
+    stream.flush()
+    _upload(p, buffer.getvalue())
+    return
+  temp = p.with_name(p.name + ".tmp")  # a fixed name: a kill leaves one stale file the next write replaces
+  try:
+    with open(temp, mode, **({} if mode == "wb" else {"encoding": encoding})) as f:
+      yield f
+      f.flush()
+      os.fsync(f.fileno())
+  except BaseException:
+    temp.unlink(missing_ok=True)
+    raise
+  os.replace(temp, p)
+  _fsync_dir(p.parent)
+
+
+def _upload(p, data: bytes) -> None:
+  fs, key = _fs_and_key(p)
+  fs.pipe_file(key, data)  # one request, one object generation: all of `data` or nothing
+
+
+def write_bytes(p, data: bytes) -> Path:
+  """Commits `data` as the whole content of `p`."""
+  p = path(p)
+  if is_remote(p):
+    _upload(p, bytes(data))
+  else:
+    with atomic_writer(p, "wb") as f:
+      f.write(data)
+  return p
+
+
+def write_text(p, text: str, *, encoding: str = "utf-8") -> Path:
+  return write_bytes(p, text.encode(encoding))
+
+
+def write_json(p, value: Any, **dumps_kwargs) -> Path:
+  """Commits `json.dumps(value, **dumps_kwargs)` plus a final newline as `p`."""
+  return write_text(p, json.dumps(value, **dumps_kwargs) + "\n")
+
+
+def append_text(p, text: str, *, encoding: str = "utf-8") -> None:
+  """Adds `text` at the end of `p` (created if absent), durably: complete lines or nothing on gs://."""
+  p = path(p)
+  if is_remote(p):
+    existing = p.read_bytes() if p.exists() else b""
+    _upload(p, existing + text.encode(encoding))
+    return
+  with open(p, "a", encoding=encoding) as f:
+    f.write(text)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+class _RemoteAppender:
+  """A text log on gs://: `flush()` uploads the whole object (read once, then kept in memory)."""
+
+  def __init__(self, p):
+    self.path = path(p)
+    self.data = bytearray(self.path.read_bytes() if self.path.exists() else b"")
+    self.uploaded = len(self.data)
+
+  def write(self, text: str) -> None:
+    self.data += text.encode("utf-8")
+
+  def flush(self) -> None:
+    if len(self.data) != self.uploaded:
+      _upload(self.path, bytes(self.data))
+      self.uploaded = len(self.data)
+
+  def close(self) -> None:
+    self.flush()
+
+
+def appender(p):
+  """A text file to add lines to over time (write, flush, close): `open(p, "a")` locally; on gs:// each flush
+  replaces the object with everything written so far."""
+  return _RemoteAppender(p) if is_remote(p) else open(p, "a", encoding="utf-8")
+
+
+def truncate(p, length: int) -> None:
+  """Cuts `p` to its first `length` bytes (drops a torn last line)."""
+  p = path(p)
+  if is_remote(p):
+    _upload(p, p.read_bytes()[:length])
+    return
+  with open(p, "r+b") as f:
+    f.truncate(length)
+    f.flush()
+    os.fsync(f.fileno())
+
+
+def save_figure(figure, p, **savefig_kwargs) -> Path:
+  """Renders a matplotlib figure and commits it as `p`."""
+  buffer = io.BytesIO()
+  figure.savefig(buffer, **savefig_kwargs)
+  return write_bytes(p, buffer.getvalue())
+
+
+def link_dir(link, target) -> None:
+  """Makes the folder `link` show the folder `target` (a sibling): a relative symlink locally, a server-side
+  copy of every object on gs:// (object stores have no links)."""
+  link, target = path(link), path(target)
+  if is_remote(link):
+    fs, key = _fs_and_key(target)
+    _, link_key = _fs_and_key(link)
+    depth = key.rstrip("/").count("/") + 1
+    # Objects in subfolders first, the folder's own files (its commit markers) last.
+    for source in sorted(fs.find(key), key=lambda name: (name.count("/") == depth, name)):
+      fs.copy(source, link_key + source[len(key):])
+    return
+  link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
+
+
+# ------------------------------------------------------------------------------------------ local copies
+
+
+_scratch: list[pathlib.Path] = []
+
+
+def scratch_dir() -> pathlib.Path:
+  """This process's private local folder for copies of remote files; removed when the process exits."""
+  if not _scratch:
+    parent = os.environ.get("KDJAX_SCRATCH") or None
+    if parent:
+      os.makedirs(parent, exist_ok=True)
+    folder = pathlib.Path(tempfile.mkdtemp(prefix="kdjax-scratch-", dir=parent))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    _scratch.append(folder)
+  return _scratch[0]
+
+
+_copies: dict[str, pathlib.Path] = {}
+
+
+def local_copy(p) -> pathlib.Path:
+  """A local path holding `p` (a file or a folder): `p` itself when local, else a copy downloaded once."""
+  if not is_remote(p):
+    return pathlib.Path(p)
+  url = str(p).rstrip("/")
+  if url not in _copies:
+    fs, key = _fs_and_key(url)
+    target = scratch_dir() / f"copy-{len(_copies)}" / pathlib.PurePosixPath(key).name
+    target.parent.mkdir(parents=True)
+    if fs.isdir(key):
+      for source in fs.find(key):
+        destination = target / source[len(key):].lstrip("/")
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(source, str(destination))
+    else:
+      fs.get_file(key, str(target))
+    _copies[url] = target
+  return _copies[url]
+
+
+@contextlib.contextmanager
+def staged_dir(p) -> Iterator[pathlib.Path]:
+  """A local folder for a library that writes files by name (`save_pretrained`); on gs:// its files are uploaded
+  to `p` when the block finishes, locally it is `p` itself."""
+  if not is_remote(p):
+    yield makedirs(p)
+    return
+  stage = pathlib.Path(tempfile.mkdtemp(prefix="stage-", dir=scratch_dir()))
+  try:
+    yield stage
+    for file in sorted(f for f in stage.rglob("*") if f.is_file()):
+      write_bytes(path(p) / file.relative_to(stage).as_posix(), file.read_bytes())
+  finally:
+    shutil.rmtree(stage, ignore_errors=True)
