@@ -28,18 +28,10 @@ def cache_dir() -> pathlib.Path:
   return storage.path(root)  # a local folder or a gs:// URL
 
 
-def _sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with storage.path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 20), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def smollm2_gguf() -> pathlib.Path:
   """Returns the path of the SmolLM2-135M-Instruct GGUF, downloading it once."""
   target = cache_dir() / "smollm2-135m-instruct" / SMOLLM2_GGUF_NAME
-  if target.exists() and _sha256(target) == SMOLLM2_GGUF_SHA256:
+  if target.exists() and storage.sha256(target) == SMOLLM2_GGUF_SHA256:
     return target
   storage.makedirs(target.parent)
   with tempfile.TemporaryDirectory() as tmp:

@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -132,6 +133,15 @@ def size(p) -> int:
     fs, key = _fs_and_key(p)
     return int(fs.size(key))
   return os.stat(p).st_size
+
+
+def sha256(p) -> str:
+  """The hex sha256 of the file or object `p`, read in 4 MiB blocks."""
+  digest = hashlib.sha256()
+  with path(p).open("rb") as f:
+    for block in iter(lambda: f.read(1 << 22), b""):
+      digest.update(block)
+  return digest.hexdigest()
 
 
 def remove_tree(p) -> None:

@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-import hashlib
 import json
 import math
 import os
@@ -221,17 +220,9 @@ def _corrupt_message(path: pathlib.Path, detail: str) -> str:
           f"exactly that shard")
 
 
-def _file_sha256(path: pathlib.Path) -> str:
-  digest = hashlib.sha256()
-  with storage.path(path).open("rb") as f:
-    for block in iter(lambda: f.read(1 << 22), b""):
-      digest.update(block)
-  return digest.hexdigest()
-
-
 def verify_shard(path: pathlib.Path, expected_sha256: str | None) -> str:
   """The sha256 of shard `path`; raises StoreError naming the shard when it differs from the recorded one."""
-  digest = _file_sha256(path)
+  digest = storage.sha256(path)
   if expected_sha256 is not None and digest != expected_sha256:
     raise StoreError(_corrupt_message(path, f"sha256 {digest[:16]}... differs from the {expected_sha256[:16]}... "
                                             f"its manifest recorded when it was written"))
