@@ -149,3 +149,50 @@ def host_slice(n: int, process_index: int | None = None, process_count: int | No
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   return np.arange(process_index, n, process_count)
+
+
+def is_writer() -> bool:
+  """True on the one process that writes a run's shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+def sync(name: str) -> None:
+  """Waits until every process has reached the point called `name` (nothing on one process).
+
+  After a stage's writer commits a file, a sync makes it safe for the other processes to read it."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(name)
+
+
+def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
+  """A mesh of this process's own devices: for stages where each process works on its own share of the
+  questions with a complete model (eval, analyze, the teacher), so no step waits on another host."""
+  return make_mesh(shape, devices=jax.local_devices())
+
+
+def gather_rows(rows: np.ndarray) -> list[np.ndarray]:
+  """Every process's `rows` ([n_p, ...], n_p may differ by process; the trailing shape may not), in process
+  order; on one process just `[rows]`. A collective: every process must call it."""
+  rows = np.asarray(rows)
+  if jax.process_count() == 1:
+    return [rows]
+  from jax.experimental import multihost_utils
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int64))).reshape(-1)
+  padded = np.zeros((int(counts.max()),) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  stacked = np.asarray(multihost_utils.process_allgather(padded))
+  return [stacked[p, :int(n)] for p, n in enumerate(counts)]
+
+
+def interleave_shares(shares: Sequence[Sequence[Any]]) -> list[Any]:
+  """Undoes `host_slice`: the items of every process's strided share back in their original order."""
+  total = sum(len(s) for s in shares)
+  out: list[Any] = [None] * total
+  count = len(shares)
+  for process, share in enumerate(shares):
+    expected = len(range(process, total, count))
+    if len(share) != expected:
+      raise ValueError(f"process {process} holds {len(share)} items; its strided share of {total} is {expected}")
+    out[process::count] = list(share)
+  return out
