@@ -316,7 +316,9 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
   for role in _roles(c):
     target, expected = wd.model(role), records.model(role)
     self_distillation = role == "teacher" and provenance.matches(expected, records.model("student"))
+    parallel.sync(f"kdjax.convert:{role}:before-link")  # every process sees the folder before process 0 links
     linked = target.exists() or (isinstance(target, pathlib.Path) and target.is_symlink())
+    parallel.sync(f"kdjax.convert:{role}:link-checked")
     if self_distillation and not linked:  # one conversion serves both roles (a link; a copy on gs://)
       if _writer():
         storage.link_dir(target, wd.model("student"))
@@ -576,9 +578,10 @@ def preflight(c, wd: Workdir, records: Records) -> None:
 def run(c: ml_collections.ConfigDict) -> None:
   """Checks the config, then runs the stages. Every run leaves run_records/<id>.json with its outcome;
   config.json is replaced only when a run succeeds, so it always shows the config of the last good run."""
-  validate(c)
+  # Before validate: jax.distributed must start before anything touches a device (validate's settings objects do).
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
+  validate(c)
   wd = Workdir(storage.makedirs(storage.path(c.workdir, absolute=True)))  # orbax needs absolute paths
   config = json.loads(c.to_json_best_effort())
   now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")

@@ -340,12 +340,16 @@ def claim(folder: str | os.PathLike, name: str, expected: Mapping, *, writer: bo
   """Takes `folder` for output made as `expected` says; True when it was already so (reuse or resume).
 
   `name` is the folder as messages show it (relative to the work folder). Only the `writer` (process 0) writes.
+  On several processes every one calls it: all decide on the folder as it was before anyone wrote, and return
+  after the record is written.
   """
-  if check_claimable(folder, name, expected):
-    return True
-  if writer:
+  from kdjax import parallel
+  reusable = check_claimable(folder, name, expected)
+  parallel.sync(f"kdjax.provenance:{name}:checked")
+  if not reusable and writer:
     write(folder, expected)
-  return False
+  parallel.sync(f"kdjax.provenance:{name}:claimed")
+  return reusable
 
 
 def require(folder: str | os.PathLike, name: str, expected: Mapping, stage: str) -> None:
