@@ -30,11 +30,11 @@ import pytest
 from kdjax import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-# The demo, shrunk: 8 + 2 questions answered with 16 tokens, 4 steps per epoch, 4 test questions.
+# The demo, shrunk: 8 + 2 questions answered with 16 tokens, 4 train steps, 4 test questions.
 OVERRIDES = ["--config.data.num_train_questions=8", "--config.data.num_validation=2",
              "--config.teacher.max_new_tokens=16", "--config.eval.num_questions=4", "--config.eval.max_new_tokens=16",
              "--config.eval.batch_size=4", "--config.train.max_len=256", "--config.train.batch_size=2",
-             "--config.train.num_epochs=2", "--config.train.eval_every=4"]
+             "--config.train.num_epochs=1", "--config.train.eval_every=2"]
 TIMEOUT_S = 1500
 
 

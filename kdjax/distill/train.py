@@ -529,7 +529,9 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
 
   checkpoints = _Checkpoints(workdir, cfg)
   step, best_val, best_step, final_val = 0, None, None, None
-  restored = checkpoints.restore_latest({"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)})
+  # The key's data is placed like the rest: on several processes Orbax saves only arrays of the global mesh.
+  key_data = lambda: place(jax.random.key_data(key))
+  restored = checkpoints.restore_latest({"lora": lora, "opt_state": opt_state, "rng": key_data()})
   if restored is not None:
     state, meta = restored
     lora, opt_state = state["lora"], state["opt_state"]
@@ -569,7 +571,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
         log.flush()  # the log is complete up to every checkpoint a restart may resume from
         meta = {"step": step, "data": iterator.state(), "best_val_loss": best_val, "best_step": best_step,
                 "val": final_val, "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg)}
-        checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)}, meta)
+        checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": key_data()}, meta)
   finally:
     log.close()
     checkpoints.close()
