@@ -156,13 +156,29 @@ def is_writer() -> bool:
   return jax.process_index() == 0
 
 
+_syncs: list[str] = []
+SYNC_TIMEOUT_VARIABLE = "KDJAX_SYNC_TIMEOUT_S"
+
+
 def sync(name: str) -> None:
   """Waits until every process has reached the point called `name` (nothing on one process).
 
-  After a stage's writer commits a file, a sync makes it safe for the other processes to read it."""
-  if jax.process_count() > 1:
+  After a stage's writer commits a file, a sync makes it safe for the other processes to read it. It is a barrier
+  of jax.distributed's coordination service, not a device collective: processes may arrive hours apart (one
+  generates while another has finished its share; `KDJAX_SYNC_TIMEOUT_S`, default 24 h), where a collective's
+  first use times out after 30 s. Every process calls the same syncs in the same order."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  _syncs.append(name)
+  barrier = f"{name}#{len(_syncs)}"  # unique per call: a name may come up again (a stage per arm)
+  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
+  client = distributed.global_state.client
+  if client is None:  # started some other way: fall back to a device collective
     from jax.experimental import multihost_utils
-    multihost_utils.sync_global_devices(name)
+    multihost_utils.sync_global_devices(barrier)
+    return
+  client.wait_at_barrier(barrier, min(timeout_ms, 2**31 - 1))
 
 
 def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
@@ -178,6 +194,7 @@ def gather_rows(rows: np.ndarray) -> list[np.ndarray]:
   if jax.process_count() == 1:
     return [rows]
   from jax.experimental import multihost_utils
+  sync("kdjax.gather_rows")  # all arrive together: a collective's first use waits only 30 s for the others
   counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int64))).reshape(-1)
   padded = np.zeros((int(counts.max()),) + rows.shape[1:], rows.dtype)
   padded[:len(rows)] = rows

@@ -85,8 +85,13 @@ class Pod:
 
   def finish(self, procs: list[subprocess.Popen], run: str) -> None:
     try:
-      for proc in procs:
-        proc.wait(timeout=TIMEOUT_S)
+      deadline, failed_at = time.time() + TIMEOUT_S, None
+      while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if failed_at is None and any(p.poll() not in (None, 0) for p in procs):
+          failed_at = time.time()  # its peer now hangs at the next sync: give it a minute to fail on its own
+        if failed_at is not None and time.time() > failed_at + 60:
+          break
+        time.sleep(0.5)
     finally:
       for proc in procs:
         if proc.poll() is None:

@@ -325,11 +325,15 @@ class _Checkpoints:
   """The rolling checkpoints (full training state) and the best-by-validation LoRA state."""
 
   def __init__(self, workdir: pathlib.Path, cfg: TrainConfig):
+    # Each manager its own barrier names: on several processes both may save one step at once, and Orbax's
+    # default barrier keys (by step) would then collide.
+    barriers = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
     self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True))
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True,
+        multiprocessing_options=barriers("kdjax-latest")))
     self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
-        enable_async_checkpointing=cfg.async_checkpointing, create=True))
+        enable_async_checkpointing=cfg.async_checkpointing, create=True, multiprocessing_options=barriers("kdjax-best")))
 
   def save(self, step: int, tree: dict, meta: dict) -> None:
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
