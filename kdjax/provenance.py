@@ -118,8 +118,8 @@ def file_identity(path: str | os.PathLike) -> dict:
 
 def _files(folder: pathlib.Path, skip: Iterable[str] = ()) -> list[pathlib.Path]:
   skip = set(skip)
-  return sorted(p for p in folder.glob("**/*") if p.is_file() and p.name not in skip
-                and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+  return [p for p in storage.files_under(folder) if p.name not in skip
+          and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def source_identity(path: str | os.PathLike) -> dict:
