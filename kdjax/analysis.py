@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from kdjax import generation
+from kdjax import parallel
 from kdjax import priming
 from kdjax import storage
 
@@ -307,6 +308,19 @@ def _prompts(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping],
   return [p + a.tokens for p, a in zip(prompts, answers)]
 
 
+def _gather_questions(collected: dict, prompt_lengths: list[int]) -> tuple[dict, list[int]]:
+  """Every process's per-question rows (and prompt lengths) in question order; a collective: every process
+  calls it, in the same order."""
+  def merged(rows):
+    return np.stack(parallel.interleave_shares(parallel.gather_rows(np.asarray(rows, np.float64))))
+  per_question = {name: {m: merged(v) for m, v in metrics.items()}
+                  for name, metrics in collected["per_question"].items()}
+  distance = None if collected["map_distance"] is None else merged(collected["map_distance"])
+  lengths = parallel.interleave_shares(parallel.gather_rows(np.asarray(prompt_lengths, np.int64)))
+  return ({"per_question": per_question, "map_distance": distance, "first_maps": collected["first_maps"]},
+          [int(n) for n in lengths])
+
+
 def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], out_dir: str | os.PathLike, *,
             num_questions: int = 16, threshold: float = 0.1, heads: Sequence[tuple[int, int]] | None = None,
             answer_from: str | None = None, max_new_tokens: int = 256, batch_size: int = 2,
@@ -323,18 +337,31 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
   if not questions:
     raise AnalysisError("no questions given")
   chosen = list(questions[:num_questions])
-  out_dir = storage.makedirs(out_dir)
-  prompts = _prompts(models, tokenizer, chosen, answer_from, max_new_tokens, batch_size)
+  writer = jax.process_index() == 0
+  if writer:
+    out_dir = storage.makedirs(out_dir)
+  some_model = next(iter(models.values()))
+  num_layers, num_heads = some_model.config.num_layers, some_model.config.num_heads
+  # Each process runs its strided share of the questions (process 0 always holds the first, whose maps are
+  # drawn); the per-question rows are then gathered in question order, and process 0 alone writes.
+  mine = [chosen[i] for i in parallel.host_slice(len(chosen))]
+  prompts = _prompts(models, tokenizer, mine, answer_from, max_new_tokens, batch_size) if mine else []
   pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
-  collected = collect(models, prompts, threshold=threshold, batch_size=batch_size, pad_id=pad_id)
+  if prompts:
+    collected = collect(models, prompts, threshold=threshold, batch_size=batch_size, pad_id=pad_id)
+  else:
+    empty = np.zeros((0, num_layers, num_heads))
+    collected = {"per_question": {name: {m: empty for m in METRICS} for name in models},
+                 "map_distance": empty if len(models) > 1 else None, "first_maps": {}}
+  prompt_lengths = [len(p) for p in prompts]
+  if jax.process_count() > 1:
+    collected, prompt_lengths = _gather_questions(collected, prompt_lengths)
   summaries = {name: aggregate(per_q) for name, per_q in collected["per_question"].items()}
   map_distance = None
   if collected["map_distance"] is not None:
     map_distance = np.mean(collected["map_distance"], axis=0)
   located = locate_heads(summaries, top=top, map_distance=map_distance) if len(models) > 1 else []
 
-  some_model = next(iter(models.values()))
-  num_layers, num_heads = some_model.config.num_layers, some_model.config.num_heads
   if heads is None:
     if located:
       heads = [(h["layer"], h["head"]) for h in located[:4]]
@@ -346,19 +373,13 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
   if bad:
     raise AnalysisError(f"heads {bad} are outside {num_layers} layers x {num_heads} heads")
 
-  plots = [METRICS_PLOT, HEAD_MAPS_PLOT]
-  plot_metrics({name: s["per_layer"] for name, s in summaries.items()}, out_dir / METRICS_PLOT, threshold)
-  plot_head_maps(collected["first_maps"], heads, out_dir / HEAD_MAPS_PLOT)
-  if map_distance is not None:
-    plot_distance(map_distance, out_dir / DISTANCE_PLOT)
-    plots.append(DISTANCE_PLOT)
-
+  plots = [METRICS_PLOT, HEAD_MAPS_PLOT] + ([DISTANCE_PLOT] if map_distance is not None else [])
   result = {
       "num_questions": len(chosen),
       "question_ids": [q.get("id") for q in chosen],
       "threshold": threshold,
       "input": "prompt" if answer_from is None else f"prompt + greedy answer of {answer_from}",
-      "prompt_tokens": [len(p) for p in prompts],
+      "prompt_tokens": prompt_lengths,
       "models": {name: {"per_layer": {m: _json_array(v) for m, v in s["per_layer"].items()},
                         "per_head": {m: _json_array(v) for m, v in s["per_head"].items()}}
                  for name, s in summaries.items()},
@@ -367,5 +388,11 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
       "plotted_heads": [list(h) for h in heads],
       "plots": plots,
   }
+  if not writer:
+    return result
+  plot_metrics({name: s["per_layer"] for name, s in summaries.items()}, out_dir / METRICS_PLOT, threshold)
+  plot_head_maps(collected["first_maps"], heads, out_dir / HEAD_MAPS_PLOT)
+  if map_distance is not None:
+    plot_distance(map_distance, out_dir / DISTANCE_PLOT)
   storage.write_json(out_dir / ANALYSIS_FILE, result, indent=1, allow_nan=False)
   return result

@@ -46,8 +46,9 @@ def save_model(model: model_lib.Llama, directory: str | os.PathLike, *, tokenize
   directory = storage.path(directory, absolute=True)
   if (directory / METADATA_FILE).exists():
     raise FileExistsError(f"{directory} already holds a kdjax checkpoint")
-  if (directory / "params").exists():  # left by an interrupted conversion: start that part again
+  if (directory / "params").exists() and jax.process_index() == 0:  # left by an interrupted conversion
     storage.remove_tree(directory / "params")
+  parallel.sync("kdjax.checkpoint:cleared")  # no process starts writing before the old part is gone
   storage.makedirs(directory)
   state = nnx.state(model)
   with ocp.StandardCheckpointer() as checkpointer:

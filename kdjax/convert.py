@@ -41,8 +41,11 @@ def conversion_record(source: str, *, dtype: str, quantize: bool) -> dict:
 
 
 def convert(source: str, output: str | None, export_hf: str | None = None, dtype: str = "float32",
-            quantize: bool = False, record: dict | None = None) -> None:
-  """Converts `source` into `output` (and/or exports HF safetensors); `record`: its provenance, if already made."""
+            quantize: bool = False, record: dict | None = None, mesh=None) -> None:
+  """Converts `source` into `output` (and/or exports HF safetensors); `record`: its provenance, if already made.
+
+  `mesh`: where the tensors are read to (default: one local device). On several processes give a mesh of every
+  process's devices: Orbax then writes each array shard once, from the one process that holds it."""
   from tqdm import tqdm
 
   from kdjax import checkpoint, provenance
@@ -65,7 +68,7 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
     src_params = weights.model_params(config)
     weights.check_source(src, config, src_params)  # fail with one line before the progress bar starts
   bar = tqdm(total=len(src_params) if src_params else None, desc="convert", unit="tensor")
-  model, config = checkpoint.load_model(path, dtype=dtype, quantize=quantize,
+  model, config = checkpoint.load_model(path, dtype=dtype, quantize=quantize, mesh=mesh,
                                         progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
   bar.close()
   if output and not checkpoint.is_kdjax_checkpoint(output):

@@ -149,3 +149,67 @@ def host_slice(n: int, process_index: int | None = None, process_count: int | No
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   return np.arange(process_index, n, process_count)
+
+
+def is_writer() -> bool:
+  """True on the one process that writes a run's shared files (process 0)."""
+  return jax.process_index() == 0
+
+
+_syncs: list[str] = []
+SYNC_TIMEOUT_VARIABLE = "KDJAX_SYNC_TIMEOUT_S"
+
+
+def sync(name: str) -> None:
+  """Waits until every process has reached the point called `name` (nothing on one process).
+
+  After a stage's writer commits a file, a sync makes it safe for the other processes to read it. It is a barrier
+  of jax.distributed's coordination service, not a device collective: processes may arrive hours apart (one
+  generates while another has finished its share; `KDJAX_SYNC_TIMEOUT_S`, default 24 h), where a collective's
+  first use times out after 30 s. Every process calls the same syncs in the same order."""
+  if jax.process_count() == 1:
+    return
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  _syncs.append(name)
+  barrier = f"{name}#{len(_syncs)}"  # unique per call: a name may come up again (a stage per arm)
+  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
+  client = distributed.global_state.client
+  if client is None:  # started some other way: fall back to a device collective
+    from jax.experimental import multihost_utils
+    multihost_utils.sync_global_devices(barrier)
+    return
+  client.wait_at_barrier(barrier, min(timeout_ms, 2**31 - 1))
+
+
+def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
+  """A mesh of this process's own devices: for stages where each process works on its own share of the
+  questions with a complete model (eval, analyze, the teacher), so no step waits on another host."""
+  return make_mesh(shape, devices=jax.local_devices())
+
+
+def gather_rows(rows: np.ndarray) -> list[np.ndarray]:
+  """Every process's `rows` ([n_p, ...], n_p may differ by process; the trailing shape may not), in process
+  order; on one process just `[rows]`. A collective: every process must call it."""
+  rows = np.asarray(rows)
+  if jax.process_count() == 1:
+    return [rows]
+  from jax.experimental import multihost_utils
+  sync("kdjax.gather_rows")  # all arrive together: a collective's first use waits only 30 s for the others
+  counts = np.asarray(multihost_utils.process_allgather(np.asarray([len(rows)], np.int64))).reshape(-1)
+  padded = np.zeros((int(counts.max()),) + rows.shape[1:], rows.dtype)
+  padded[:len(rows)] = rows
+  stacked = np.asarray(multihost_utils.process_allgather(padded))
+  return [stacked[p, :int(n)] for p, n in enumerate(counts)]
+
+
+def interleave_shares(shares: Sequence[Sequence[Any]]) -> list[Any]:
+  """Undoes `host_slice`: the items of every process's strided share back in their original order."""
+  total = sum(len(s) for s in shares)
+  out: list[Any] = [None] * total
+  count = len(shares)
+  for process, share in enumerate(shares):
+    expected = len(range(process, total, count))
+    if len(share) != expected:
+      raise ValueError(f"process {process} holds {len(share)} items; its strided share of {total} is {expected}")
+    out[process::count] = list(share)
+  return out

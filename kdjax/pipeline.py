@@ -13,6 +13,12 @@ Work folder layout (`--config.workdir`):
   config.json                     the config of the last run that succeeded
   run_records/<time>-<pid>.json   every run's config and outcome ("running", "ok" or its error line)
 
+On several processes (a pod, `jax.distributed`) every process runs every stage. Each object has one writer:
+convert and train write through Orbax (each array shard by the one process that holds it), generate and eval
+split their questions over the processes (each writes its own shards or part, process 0 merges), analyze gathers
+its per-question rows to process 0; process 0 alone writes the records, adapters, reports, plots and links. All
+processes meet at the end of each stage, so none reads what another has not finished writing.
+
 Stages talk to each other only through these files. Each output folder holds provenance.json, the record of what
 produced it (kdjax/provenance.py): a stage skips finished work and resumes unfinished work only when the record
 equals what this run would write, and otherwise refuses with one line before any work.
@@ -170,9 +176,12 @@ def _check_data(c, stages: set[str], modes: set[str]) -> None:
 
 # ------------------------------------------------------------------------------------------ shared loading
 
-def make_mesh(c: ml_collections.ConfigDict):
+def make_mesh(c: ml_collections.ConfigDict, *, per_process: bool = False):
+  """The mesh of every device, or with `per_process` (stages whose processes work on their own questions with a
+  complete model each: generate, eval, analyze) of this process's devices; the same on one process."""
+  shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
   try:
-    return parallel.make_mesh({"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor})
+    return parallel.local_mesh(shape) if per_process else parallel.make_mesh(shape)
   except ValueError as e:
     raise ConfigError(f"mesh: {e}") from None
 
@@ -272,7 +281,7 @@ class Records:
 
 
 def _writer() -> bool:
-  return jax.process_index() == 0
+  return parallel.is_writer()
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -307,9 +316,12 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
   for role in _roles(c):
     target, expected = wd.model(role), records.model(role)
     self_distillation = role == "teacher" and provenance.matches(expected, records.model("student"))
+    parallel.sync(f"kdjax.convert:{role}:before-link")  # every process sees the folder before process 0 links
     linked = target.exists() or (isinstance(target, pathlib.Path) and target.is_symlink())
+    parallel.sync(f"kdjax.convert:{role}:link-checked")
     if self_distillation and not linked:  # one conversion serves both roles (a link; a copy on gs://)
-      storage.link_dir(target, wd.model("student"))
+      if _writer():
+        storage.link_dir(target, wd.model("student"))
       log(f"convert: teacher is the student's checkpoint ({wd.name(target)} -> {wd.model('student').name})")
       continue
     if provenance.claim(target, wd.name(target), expected, writer=_writer()) and \
@@ -318,7 +330,9 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
       continue
     quantize, dtype = _convert_settings(c, role)
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
-    convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected)
+    # On the mesh of every device: each array shard has one holder, and Orbax has only it write the shard.
+    convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected,
+                    mesh=make_mesh(c))
 
 
 def _require_model(wd: Workdir, records: Records, role: str) -> None:
@@ -346,7 +360,7 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
       else:
         provenance.check_claimable(folder, wd.name(folder), expected)
   train_q, val_q = train_and_validation(c)
-  mesh = make_mesh(c)
+  mesh = make_mesh(c, per_process=True)  # each process generates its shards with a complete teacher
   model, tokenizer = load_role(c, wd, "teacher", mesh)
   student_tokenizer = checkpoint.load_tokenizer(wd.model("student"))
   for strategy in strategies:
@@ -433,7 +447,7 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
     result = train.train(model, train_data, val_data or None, train.train_config(c), _loss_config(c, spec["mode"]),
                          train_dir, mesh=mesh)
     result = results.select_adapter(model, result)  # best validation step, or the final one without validation
-    lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)
+    lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)  # process 0 writes
     log(f"train: {arm}: {result.summary()}; adapter -> {wd.name(adapter)}")
 
 
@@ -465,7 +479,7 @@ def _eval_config(c):
 
 def stage_eval(c, wd: Workdir, records: Records) -> None:
   from kdjax.evaluation import loop
-  mesh = make_mesh(c)
+  mesh = make_mesh(c, per_process=True)  # each process evaluates its share of the questions (loop.evaluate)
   test_q = questions(c, c.eval.split)
   for arm in config_lib.arm_names(c):
     out = wd.arm(arm) / "eval"
@@ -499,10 +513,11 @@ def stage_report(c, wd: Workdir, records: Records) -> None:
     if arm in this_run:
       provenance.require(wd.arm(arm) / "eval", wd.name(wd.arm(arm) / "eval"), records.eval(arm), "eval")
   evals = {a: wd.arm(a) / "eval" for a in names}
-  if _writer():
-    provenance.write(wd.root / "report", provenance.make_record(
-        "report", settings=provenance.settings(c, ["report"]),
-        inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in evals.items()}))
+  if not _writer():  # the report is small and written once
+    return
+  provenance.write(wd.root / "report", provenance.make_record(
+      "report", settings=provenance.settings(c, ["report"]),
+      inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in evals.items()}))
   strategies = sorted({config_lib.ARMS[a]["strategy"] for a in names if config_lib.ARMS[a]["mode"] == "kd"})
   report.build_report(evals, wd.root / "report", rule=c.report.rule,
                       paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
@@ -510,14 +525,13 @@ def stage_report(c, wd: Workdir, records: Records) -> None:
                       update_norms={a: wd.arm(a) / "train" / "update_norms.json" for a in names},
                       bootstrap_resamples=c.report.bootstrap_resamples, seed=c.seed)
   log(f"report: {wd.root / 'report' / 'report.md'}")
-  if jax.process_index() == 0:
-    print((wd.root / "report" / "report.md").read_text())
+  print((wd.root / "report" / "report.md").read_text())
 
 
 def stage_analyze(c, wd: Workdir, records: Records) -> None:
   """Always recomputed; its record names the models and adapters it read."""
   from kdjax import analysis
-  mesh = make_mesh(c)
+  mesh = make_mesh(c, per_process=True)  # each process runs its share of the questions (analysis.analyze)
   models, tokenizer, inputs = {}, None, {}
   for arm in config_lib.arm_names(c):
     models[arm], tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
@@ -564,9 +578,10 @@ def preflight(c, wd: Workdir, records: Records) -> None:
 def run(c: ml_collections.ConfigDict) -> None:
   """Checks the config, then runs the stages. Every run leaves run_records/<id>.json with its outcome;
   config.json is replaced only when a run succeeds, so it always shows the config of the last good run."""
-  validate(c)
+  # Before validate: jax.distributed must start before anything touches a device (validate's settings objects do).
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
+  validate(c)
   wd = Workdir(storage.makedirs(storage.path(c.workdir, absolute=True)))  # orbax needs absolute paths
   config = json.loads(c.to_json_best_effort())
   now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
@@ -581,6 +596,7 @@ def run(c: ml_collections.ConfigDict) -> None:
       start = time.time()
       log(f"stage {stage}: start")
       STAGE_FUNCTIONS[stage](c, wd, records)
+      parallel.sync(f"kdjax.stage:{stage}:done")  # what process 0 wrote is complete before anyone reads it
       log(f"stage {stage}: done in {time.time() - start:.1f}s")
   except BaseException as e:
     if _writer():

@@ -475,7 +475,10 @@ def print_table(plan: Plan, file: TextIO | None = None) -> None:
 
 
 def write_plan_json(plan: Plan, path: str | os.PathLike) -> pathlib.Path:
-  """Writes the plan as JSON atomically (a temporary file in the same folder, then a rename)."""
+  """Writes the plan as JSON atomically (a temporary file in the same folder, then a rename); on a pod only
+  process 0 writes (every process plans the same)."""
   path = storage.path(path)
+  if jax.process_index() != 0:
+    return path
   storage.makedirs(path.parent)
   return storage.write_text(path, plan.to_json())

@@ -118,8 +118,8 @@ def file_identity(path: str | os.PathLike) -> dict:
 
 def _files(folder: pathlib.Path, skip: Iterable[str] = ()) -> list[pathlib.Path]:
   skip = set(skip)
-  return sorted(p for p in folder.glob("**/*") if p.is_file() and p.name not in skip
-                and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+  return [p for p in storage.files_under(folder) if p.name not in skip
+          and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
 def source_identity(path: str | os.PathLike) -> dict:
@@ -340,12 +340,16 @@ def claim(folder: str | os.PathLike, name: str, expected: Mapping, *, writer: bo
   """Takes `folder` for output made as `expected` says; True when it was already so (reuse or resume).
 
   `name` is the folder as messages show it (relative to the work folder). Only the `writer` (process 0) writes.
+  On several processes every one calls it: all decide on the folder as it was before anyone wrote, and return
+  after the record is written.
   """
-  if check_claimable(folder, name, expected):
-    return True
-  if writer:
+  from kdjax import parallel
+  reusable = check_claimable(folder, name, expected)
+  parallel.sync(f"kdjax.provenance:{name}:checked")
+  if not reusable and writer:
     write(folder, expected)
-  return False
+  parallel.sync(f"kdjax.provenance:{name}:claimed")
+  return reusable
 
 
 def require(folder: str | os.PathLike, name: str, expected: Mapping, stage: str) -> None:

@@ -157,6 +157,16 @@ def remove_tree(p) -> None:
     shutil.rmtree(p)
 
 
+def files_under(folder) -> list[Path]:
+  """Every file below `folder`, at any depth, sorted (on gs:// one listing, not a glob per folder level)."""
+  folder = path(folder)
+  if not is_remote(folder):
+    return sorted(p for p in folder.glob("**/*") if p.is_file())
+  fs, key = _fs_and_key(folder)
+  scheme = str(folder).split("://", 1)[0] + "://"
+  return sorted(path(scheme + name) for name in fs.find(key))
+
+
 def readable(p):
   """What `np.load` or `zipfile` should open: the local path itself, or the object's bytes in memory."""
   return io.BytesIO(path(p).read_bytes()) if is_remote(p) else p

@@ -246,8 +246,8 @@ def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job:
 
 
 def _barrier(name: str) -> None:
-  from jax.experimental import multihost_utils
-  multihost_utils.sync_global_devices(name)
+  from kdjax import parallel
+  parallel.sync(name)
 
 
 def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, **run: Any) -> dict:

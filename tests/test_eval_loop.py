@@ -116,6 +116,36 @@ def test_resume_redoes_only_the_missing_questions(smollm2, questions, finished, 
   assert again["accuracy"] == summary["accuracy"] and again["n"] == 4
 
 
+def test_two_processes_split_the_questions_and_merge_one_samples_file(smollm2, questions, finished, monkeypatch,
+                                                                      tmp_path):
+  """Processes 0 and 1 of 2, run one after another (no jax.distributed): each generates its strided share into
+  its own part; process 0 refuses to merge while a part is missing, then merges into the samples.jsonl one
+  process writes: the same records, in the same order (the per-question timing aside)."""
+  out_dir, summary = finished
+  folder = tmp_path / "two"
+  spy = GenerateSpy(monkeypatch)
+  with pytest.raises(loop.EvalError, match=r"no process evaluated questions \[1, 3\]"):
+    loop.evaluate(*smollm2, questions, CFG, folder, arm="base", progress=False, process_index=0, process_count=2)
+  assert sorted(spy.example_ids) == [0, 2] and not (folder / loop.SAMPLES_FILE).exists()
+  assert loop.evaluate(*smollm2, questions, CFG, folder, arm="base", progress=False, process_index=1,
+                       process_count=2) is None
+  assert sorted(spy.example_ids) == [0, 1, 2, 3]
+  assert sorted(p.name for p in folder.iterdir()) == [loop.CONFIG_FILE, loop.part_name(0, 2), loop.part_name(1, 2)]
+  merged = loop.evaluate(*smollm2, questions, CFG, folder, arm="base", progress=False, process_index=0,
+                         process_count=2)
+  assert sorted(spy.example_ids) == [0, 1, 2, 3]  # the merge generated nothing again
+  assert sorted(p.name for p in folder.iterdir()) == [loop.CONFIG_FILE, loop.SAMPLES_FILE, loop.SUMMARY_FILE]
+  one, two = report.load_samples(out_dir), report.load_samples(folder)
+  assert [s["id"] for s in two] == [s["id"] for s in one]
+  for a, b in zip(one, two):
+    assert b["ref_nll"] == pytest.approx(a["ref_nll"], abs=1e-6)
+    assert {k: v for k, v in b.items() if k not in ("seconds", "ref_nll")} == \
+        {k: v for k, v in a.items() if k not in ("seconds", "ref_nll")}
+  timing = ("seconds", "tokens_per_second", "run_seconds", "ref_nll_mean")
+  assert {k: v for k, v in merged.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
+  assert merged["ref_nll_mean"] == pytest.approx(summary["ref_nll_mean"], abs=1e-6)
+
+
 def test_report_builds_from_two_folders(finished, tmp_path):
   out_dir, summary = finished
   other = tmp_path / "copy"

@@ -55,6 +55,25 @@ def test_host_slice_partitions_examples():
   assert sorted(np.concatenate(shares).tolist()) == list(range(10))
 
 
+def test_interleave_shares_undoes_the_strided_split():
+  items = [f"q{i}" for i in range(11)]
+  for count in (1, 2, 3, 5, 11, 13):
+    shares = [[items[i] for i in parallel.host_slice(len(items), p, count)] for p in range(count)]
+    assert parallel.interleave_shares(shares) == items, count
+  # Hand-made: 5 items over 2 processes are [0, 2, 4] and [1, 3].
+  assert parallel.interleave_shares([["a", "c", "e"], ["b", "d"]]) == ["a", "b", "c", "d", "e"]
+  with pytest.raises(ValueError, match="process 0 holds 2 items; its strided share of 5 is 3"):
+    parallel.interleave_shares([["a", "c"], ["b", "d", "x"]])
+
+
+def test_gather_rows_and_sync_on_one_process():
+  rows = np.arange(6.0).reshape(3, 2)
+  gathered = parallel.gather_rows(rows)
+  assert len(gathered) == 1 and np.array_equal(gathered[0], rows)
+  parallel.sync("kdjax.test:one-process")  # nothing to wait for
+  assert parallel.is_writer()
+
+
 SCRIPT = textwrap.dedent("""
     import os, sys, numpy as np, torch, transformers, jax, jax.numpy as jnp
     sys.path.insert(0, {tests!r})

@@ -329,3 +329,17 @@ def test_preempted_training_in_a_bucket_resumes_bit_identical(gcs_emulator, tmp_
   logged = [json.loads(line)["step"] for line in (storage.path(url) / "metrics.jsonl").read_text().splitlines()
             if '"kd"' in line]
   assert logged == list(range(1, int(steps) + 1))
+
+
+def test_a_folder_in_a_bucket_has_the_content_digest_of_its_local_twin(gcs_emulator, tmp_path):
+  """Provenance digests an adapter folder by every file at any depth: on gs:// one listing (epath's glob refuses
+  `**`), giving the same digest as the same files on local disk."""
+  from kdjax import provenance
+  bucket = gcs_emulator.create_bucket("kdjax-digest")
+  for name in ["a.json", "sub/b.bin", "sub/deeper/c.txt", provenance.RECORD_FILE]:
+    (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+    (tmp_path / name).write_text(name)
+    storage.write_text(f"gs://{bucket}/f/{name}", name)
+  assert [str(p) for p in storage.files_under(f"gs://{bucket}/f")] == [
+      f"gs://{bucket}/f/{name}" for name in ["a.json", provenance.RECORD_FILE, "sub/b.bin", "sub/deeper/c.txt"]]
+  assert provenance.folder_content(f"gs://{bucket}/f") == provenance.folder_content(tmp_path)

@@ -204,11 +204,11 @@ def relative_update_norms(model: model_lib.Llama) -> dict[str, float]:
   return out
 
 
-def _to_host(x: jax.Array) -> np.ndarray:
+def _to_host(x: jax.Array, dtype=np.float64) -> np.ndarray:
   if not x.is_fully_addressable:  # a multi-host mesh: every process gets the whole (small) array
     from jax.experimental import multihost_utils
     x = multihost_utils.process_allgather(x, tiled=True)
-  return np.asarray(jax.device_get(x), np.float64)
+  return np.asarray(jax.device_get(x), dtype)
 
 
 @functools.partial(jax.jit, static_argnums=4)
@@ -258,11 +258,13 @@ def _hf_module_path(name: str, layer: int) -> str:
 
 
 def peft_tensors(model: model_lib.Llama) -> dict[str, np.ndarray]:
-  """Every LoRA factor in PEFT's saved layout: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r]."""
+  """Every LoRA factor in PEFT's saved layout: `...q_proj.lora_A.weight` [r, in], `...lora_B.weight` [out, r].
+
+  Factors spread over several processes are gathered: a collective, so every process calls it."""
   out = {}
   for name in lora_targets(model):
-    a = np.asarray(jax.device_get(getattr(model.layers, f"{name}_lora_a")[...]), np.float32)
-    b = np.asarray(jax.device_get(getattr(model.layers, f"{name}_lora_b")[...]), np.float32)
+    a = _to_host(getattr(model.layers, f"{name}_lora_a")[...], np.float32)
+    b = _to_host(getattr(model.layers, f"{name}_lora_b")[...], np.float32)
     layers, rank = a.shape[0], a.shape[-1]
     a_hf = a.reshape(layers, -1, rank).transpose(0, 2, 1)  # [L, r, in_flat]
     b_hf = b.reshape(layers, rank, -1).transpose(0, 2, 1)  # [L, out_flat, r]
@@ -307,11 +309,15 @@ def export_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
                 base_model_name_or_path: str | None = None) -> pathlib.Path:
   """Writes `model`'s adapters as a PEFT LoRA adapter directory (`PeftModel.from_pretrained` loads it).
 
-  The weights are written before the config, so a directory with an `adapter_config.json` is complete.
+  The weights are written before the config, so a directory with an `adapter_config.json` is complete. On several
+  processes every one calls it (the factors are gathered) and process 0 alone writes.
   """
   from safetensors.numpy import save
   config = peft_config(model, base_model_name_or_path=base_model_name_or_path)
   tensors = peft_tensors(model)
+  directory = storage.path(directory)
+  if jax.process_index() != 0:
+    return directory
   directory = storage.makedirs(directory)
   storage.write_bytes(directory / ADAPTER_WEIGHTS, save(tensors, metadata={"format": "pt"}))
   storage.write_text(directory / ADAPTER_CONFIG, json.dumps(config, indent=2))

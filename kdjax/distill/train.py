@@ -325,11 +325,15 @@ class _Checkpoints:
   """The rolling checkpoints (full training state) and the best-by-validation LoRA state."""
 
   def __init__(self, workdir: pathlib.Path, cfg: TrainConfig):
+    # Each manager its own barrier names: on several processes both may save one step at once, and Orbax's
+    # default barrier keys (by step) would then collide.
+    barriers = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
     self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True))
+        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True,
+        multiprocessing_options=barriers("kdjax-latest")))
     self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
         max_to_keep=1, best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
-        enable_async_checkpointing=cfg.async_checkpointing, create=True))
+        enable_async_checkpointing=cfg.async_checkpointing, create=True, multiprocessing_options=barriers("kdjax-best")))
 
   def save(self, step: int, tree: dict, meta: dict) -> None:
     self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
@@ -529,7 +533,9 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
 
   checkpoints = _Checkpoints(workdir, cfg)
   step, best_val, best_step, final_val = 0, None, None, None
-  restored = checkpoints.restore_latest({"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)})
+  # The key's data is placed like the rest: on several processes Orbax saves only arrays of the global mesh.
+  key_data = lambda: place(jax.random.key_data(key))
+  restored = checkpoints.restore_latest({"lora": lora, "opt_state": opt_state, "rng": key_data()})
   if restored is not None:
     state, meta = restored
     lora, opt_state = state["lora"], state["opt_state"]
@@ -569,7 +575,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
         log.flush()  # the log is complete up to every checkpoint a restart may resume from
         meta = {"step": step, "data": iterator.state(), "best_val_loss": best_val, "best_step": best_step,
                 "val": final_val, "config": dataclasses.asdict(cfg), "loss_config": dataclasses.asdict(loss_cfg)}
-        checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": jax.random.key_data(key)}, meta)
+        checkpoints.save(step, {"lora": lora, "opt_state": opt_state, "rng": key_data()}, meta)
   finally:
     log.close()
     checkpoints.close()

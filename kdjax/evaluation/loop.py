@@ -9,6 +9,12 @@ An evaluation folder holds
                     lengths and speed (written atomically at the end)
 `kdjax.evaluation.report.build_report` reads these folders.
 
+On several processes (a pod) each process evaluates its strided share of the selected questions (question i
+goes to process i % count) and appends to its own part, `samples-<p>-of-<count>.jsonl`, so no two processes
+write one object and a preempted process resumes its part after its last complete line. When every part is
+complete (a barrier), process 0 merges them into samples.jsonl, in the order one process writes it (prompt
+length, then id), writes summary.json and deletes the parts; the others wait for that and read the summary.
+
 Scoring under the math_verify rule uses a worker started with multiprocessing's "spawn", which re-imports the
 caller's main module: scripts that call `evaluate` must keep their work under `if __name__ == "__main__":`.
 
@@ -32,6 +38,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kdjax import generation
+from kdjax import parallel
 from kdjax import priming
 from kdjax import storage
 from kdjax.evaluation import exemplars
@@ -43,6 +50,7 @@ PROMPT_FORMATS = ("zero_shot_cot", "eight_shot_cot")
 SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "eval_config.json"
+PART_PATTERN = "samples-*-of-*.jsonl"
 SAMPLE_FIELDS = ("id", "question", "prompt", "output", "num_output_tokens", "hit_token_limit", "finish_reason",
                  "gold", "answers", "correct", "seconds", "ref_nll", "ref_tokens")
 
@@ -184,6 +192,11 @@ def read_samples(path: pathlib.Path, *, repair: bool = False) -> list[dict]:
   return records
 
 
+def part_name(process_index: int, process_count: int) -> str:
+  """The samples file process `process_index` of `process_count` appends to before the merge."""
+  return f"samples-{process_index}-of-{process_count}.jsonl"
+
+
 def _record_line(record: Mapping) -> str:
   return json.dumps(record, ensure_ascii=False, allow_nan=False) + "\n"
 
@@ -196,15 +209,16 @@ def _atomic_write_json(path: pathlib.Path, content: dict) -> None:
   storage.write_json(path, content, indent=2, allow_nan=False)
 
 
-def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig) -> None:
-  """Writes the folder's settings on first use; refuses a folder made with other output settings."""
+def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig, *, write: bool = True) -> None:
+  """Writes the folder's settings on first use (if `write`: process 0); refuses a folder made with other output
+  settings."""
   path = out_dir / CONFIG_FILE
   wanted = cfg.output_settings()
   if path.exists():
     stored = json.loads(path.read_text(encoding="utf-8"))
     if stored != wanted:
       raise EvalConfigMismatchError(f"{out_dir} holds outputs made with {stored}, not {wanted}; use another folder")
-  else:
+  elif write:
     _atomic_write_json(path, wanted)
 
 
@@ -286,24 +300,35 @@ class _Progress:
 # ----------------------------------------------------------------------------- the loop
 
 def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, out_dir: str | os.PathLike, *,
-             arm: str, progress: bool = True) -> dict:
+             arm: str, progress: bool = True, process_index: int | None = None,
+             process_count: int | None = None) -> dict | None:
   """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
 
   `questions` are records with `id`, `question`, `answer` (the reference solution, scored by its NLL) and `gold`
   (else parsed from `answer`), as from `data.load_gsm8k`. Each generated batch also gets its reference NLL
-  (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in `out_dir/samples.jsonl` are not redone; a folder whose summary covers all
-  selected questions is returned as is.
+  (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in
+  `out_dir/samples.jsonl` (or a part) are not redone; a folder whose summary covers all selected questions is
+  returned as is. Process `process_index` of `process_count` (default: jax's) evaluates its share and, under
+  `jax.distributed`, meets the others for the merge (module docstring); a process other than 0 returns None
+  when no merged summary exists yet (processes run one after another, without jax.distributed).
   """
+  import jax  # pylint: disable=import-outside-toplevel
+  process_index = jax.process_index() if process_index is None else process_index
+  process_count = jax.process_count() if process_count is None else process_count
+  if not 0 <= process_index < process_count:
+    raise EvalError(f"process_index {process_index} not in [0, {process_count})")
   out_dir = storage.makedirs(out_dir)
   selected = select_questions(questions, cfg)
   wanted_ids = [q["id"] for q in selected]
-  _check_settings(out_dir, cfg)
+  _check_settings(out_dir, cfg, write=process_index == 0)
   samples_path, summary_path = out_dir / SAMPLES_FILE, out_dir / SUMMARY_FILE
+  own_path = samples_path if process_count == 1 else out_dir / part_name(process_index, process_count)
 
-  records = read_samples(samples_path, repair=True)
   done = {}
-  for record in records:
-    done.setdefault(record["id"], record)
+  for path in dict.fromkeys([samples_path, own_path, *sorted(out_dir.glob(PART_PATTERN))]):
+    # Only this process's own file may be cut back; another's may be growing under its writer.
+    for record in read_samples(path, repair=path == own_path):
+      done.setdefault(record["id"], record)
   if summary_path.exists() and set(wanted_ids) <= set(done):
     summary = json.loads(summary_path.read_text(encoding="utf-8"))
     if summary.get("n") == len(selected) and summary.get("arm") == arm and "ref_nll_mean" in summary:
@@ -312,7 +337,8 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   if lacking:
     raise EvalError(f"questions {lacking[:5]} have no reference solution 'answer' (needed for the reference NLL)")
 
-  todo = [q for q in selected if q["id"] not in done]
+  share = [selected[i] for i in parallel.host_slice(len(selected), process_index, process_count)]
+  todo = [q for q in share if q["id"] not in done]
   stop_ids = priming.stop_token_ids(tokenizer)
   pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
   prompts = {q["id"]: priming.encode_chat(tokenizer, prompt_messages(q["question"], cfg.prompt_format))
@@ -327,9 +353,10 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
                                        length=ref_length)
 
   # Similar prompt lengths share a batch, so little compute goes to padding; ids keep the records apart.
-  todo.sort(key=lambda q: (len(prompts[q["id"]]), q["id"]))
+  order_key = lambda q: (len(prompts[q["id"]]), q["id"])
+  todo.sort(key=order_key)
   sampling = cfg.sampling()
-  bar = _Progress(progress, len(selected), len(selected) - len(todo), arm)
+  bar = _Progress(progress, len(share), len(share) - len(todo), arm)
   run_start = time.perf_counter()
   try:
     for first in range(0, len(todo), cfg.batch_size):
@@ -338,7 +365,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
       generations = generation.generate(
           model, [prompts[q["id"]] for q in batch], sampling, stop_ids=stop_ids, pad_id=pad_id,
           example_ids=[int(q["id"]) for q in batch], batch_size=cfg.batch_size)
-      share = (time.perf_counter() - batch_start) / len(batch)
+      share_seconds = (time.perf_counter() - batch_start) / len(batch)
       ref = ref_nll_of([q["id"] for q in batch])
       new_records = []
       for q, gen in zip(batch, generations):
@@ -352,19 +379,51 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
             "prompt": tokenizer.decode(prompts[q["id"]], skip_special_tokens=False),
             "output": output, "num_output_tokens": len(gen.tokens),
             "hit_token_limit": gen.finish_reason == "length", "finish_reason": gen.finish_reason,
-            "gold": gold, "answers": answers, "correct": correct, "seconds": share,
+            "gold": gold, "answers": answers, "correct": correct, "seconds": share_seconds,
             "ref_nll": ref[q["id"]][0], "ref_tokens": ref[q["id"]][1]})
-      _append_records(samples_path, new_records)
+      _append_records(own_path, new_records)
       for record in new_records:
         done[record["id"]] = record
       bar.update(len(batch), sum(r["num_output_tokens"] for r in new_records))
   finally:
     bar.close()
-  _add_missing_reference_nll(samples_path, done, wanted_ids, ref_nll_of)
 
+  parts = process_count > 1 or any(True for _ in out_dir.glob(PART_PATTERN))
+  if not parts:
+    _add_missing_reference_nll(samples_path, done, wanted_ids, ref_nll_of)
+  else:
+    parallel.sync(f"kdjax.eval:{arm}:parts-written")  # every part is complete before process 0 reads them
+    if process_index != 0:
+      parallel.sync(f"kdjax.eval:{arm}:merged")
+      return json.loads(summary_path.read_text(encoding="utf-8")) if summary_path.exists() else None
+    done = _merge_parts(out_dir, [q for q in sorted(selected, key=order_key)], ref_nll_of)
   summary = summarise([done[i] for i in wanted_ids], cfg, arm=arm, run_seconds=time.perf_counter() - run_start)
   _atomic_write_json(summary_path, summary)
+  if parts:
+    for path in sorted(out_dir.glob(PART_PATTERN)):  # after the commit of samples.jsonl: nothing is lost
+      storage.remove_tree(path)
+    parallel.sync(f"kdjax.eval:{arm}:merged")
   return summary
+
+
+def _merge_parts(out_dir, ordered: Sequence[Mapping], ref_nll_of) -> dict:
+  """Process 0: samples.jsonl and every part become one samples.jsonl holding each of the `ordered` questions
+  once, in that order; returns {id: record}. The parts stay until the summary is written too."""
+  samples_path = out_dir / SAMPLES_FILE
+  done = {}
+  for path in [samples_path] + sorted(out_dir.glob(PART_PATTERN)):
+    for record in read_samples(path):
+      done.setdefault(record["id"], record)
+  missing = [q["id"] for q in ordered if q["id"] not in done]
+  if missing:
+    raise EvalError(f"{out_dir}: no process evaluated questions {missing[:5]} ({len(missing)} missing); "
+                    "run the eval stage again on every process")
+  without_nll = [q["id"] for q in ordered if "ref_nll" not in done[q["id"]]]
+  if without_nll:  # records written before the reference NLL existed
+    for question_id, (nll, tokens) in ref_nll_of(without_nll).items():
+      done[question_id] = {**done[question_id], "ref_nll": nll, "ref_tokens": tokens}
+  storage.write_text(samples_path, "".join(_record_line(done[q["id"]]) for q in ordered))
+  return done
 
 
 def format_summary(summary: Mapping) -> str:

@@ -173,7 +173,7 @@ def agreement_with_control(arm: Sequence[Mapping], control: Sequence[Mapping], r
 
 def read_update_norms(path: pathlib.Path) -> Optional[dict]:
   """{"mean", "max", "num_modules"} of a train stage's `update_norms.json`, or None when it is absent."""
-  content = _read_json_file(pathlib.Path(path))
+  content = _read_json_file(storage.path(path))
   if content is None:
     return None
   try:
@@ -252,7 +252,7 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
 
   samples = {name: load_samples(path) for name, path in arms.items()}
   correct_by_id = {name: _correct_by_id(s, rule, name) for name, s in samples.items()}
-  summaries = {name: _read_json_file(_samples_path(pathlib.Path(path)).parent / "summary.json")
+  summaries = {name: _read_json_file(_samples_path(storage.path(path)).parent / "summary.json")
                for name, path in arms.items()}
   settings = {name: eval_settings(summary) for name, summary in summaries.items()}
   compared = _main_group(settings, controls)
@@ -306,11 +306,11 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
         report["agreement"].append({"arm": name, **agreement_with_control(
             samples[name], samples[AGREEMENT_CONTROL], rule)})
   for name, path in (update_norms or {}).items():
-    norms = read_update_norms(pathlib.Path(path))
+    norms = read_update_norms(storage.path(path))
     if norms is not None:
       report["update_norms"][name] = norms
   for strategy, path in (stores or {}).items():
-    report["stores"][strategy] = summarise_store(pathlib.Path(path), rule, confidence)
+    report["stores"][strategy] = summarise_store(storage.path(path), rule, confidence)
 
   missing_controls = [c for c in controls if c not in compared]
   if missing_controls:
