@@ -12,8 +12,8 @@ rotary position, step count and sampling key, and three verbs act on it:
 
 The host (`run`) refills finished slots from the queue. Each slot's cache holds exactly its own tokens, without
 padding, in a window of W positions shared by all slots; W is the live lengths rounded up to `window_bucket`
-and follows them (grown when a slot fills it, shrunk when long rows leave), so attention reads what is live,
-not the longest possible context.
+and follows them (grown by a bucket when a slot fills it, shrunk at a refill when long rows have left), so
+attention reads what is live, not the longest possible context.
 
 Layer layout. On CPU the layers are unrolled and each layer's weights and cache are separate arrays: XLA:CPU
 copies every `dynamic-slice` of a scanned layer stack (all weights and the layer's cache, every step), which
@@ -258,10 +258,11 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   lengths = np.zeros(num_slots, np.int64)  # host copy of slots.lengths as of the last block
   start, tokens_done, examples_done = time.perf_counter(), 0, 0
 
-  def fit_window(needed: int) -> None:
+  def fit_window(needed: int, shrink: bool) -> None:
+    """Grows (or, when refilling, shrinks) the window to `needed` positions rounded up to the bucket."""
     nonlocal slots, window
     wanted = round_up(needed, window_bucket)
-    if wanted != window:
+    if wanted > window or (shrink and wanted < window):
       slots, window = resize_window(slots, window=wanted), wanted
 
   while queue or any(h is not None for h in held):
@@ -276,7 +277,7 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
         ids[row, :len(prompts[i])] = prompts[i]
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
-      fit_window(max(live + [length]) + 1)
+      fit_window(max(live + [length]) + 1, shrink=True)
       cache, logits = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(real),
                               KVCache.init(model.config, c, length, model.dtype))
       slots = insert(slots, jnp.asarray(where, jnp.int32), cache, logits, jnp.asarray(real),
@@ -287,7 +288,7 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
     exit_when = int(done.sum()) + 1 if queue else num_slots
     while True:
       if not done.all():
-        fit_window(int(max(lengths[s] for s in range(num_slots) if not done[s])) + 1)
+        fit_window(int(max(lengths[s] for s in range(num_slots) if not done[s])) + 1, shrink=False)
         slots = decode_block(graphdef, state, layers, slots, jnp.int32(exit_when), values, opts=opts)
       done, lengths = jax.device_get((slots.done, slots.lengths))
       lengths = lengths.astype(np.int64)
