@@ -153,35 +153,62 @@ def insert(slots: Slots, where: jax.Array, cache: KVCache, logits: jax.Array, le
       recorded=tuple(buf.at[where, 0].set(r) for buf, r in zip(slots.recorded, recorded)))
 
 
+def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+                write_at: jax.Array, valid: jax.Array, positions: jax.Array, inv_freq: jax.Array, config,
+                dtype, lora_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoder layer for one token per slot [S, 1, D]: (x, k_cache, v_cache) with this token written.
+
+  The math of `model.decoder_layer`, ordered for slots: the token's key and value go into the cache at each
+  slot's own position first, and attention then reads the cache alone (`valid` includes the new position).
+  Writing before reading lets XLA update the loop-carried cache in place; reading first (as decoder_layer's
+  cache-plus-current form does) makes it copy every layer's cache on every step.
+  """
+  b = x.shape[0]
+  n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+  rows = jnp.arange(b)
+  h = model_lib.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  q = model_lib.apply_rope(model_lib.project(h, p, "wq", dtype, lora_scale), positions, inv_freq)
+  k = model_lib.apply_rope(model_lib.project(h, p, "wk", dtype, lora_scale), positions, inv_freq)
+  v = model_lib.project(h, p, "wv", dtype, lora_scale)
+  k_cache = k_cache.at[rows, :, write_at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+  v_cache = v_cache.at[rows, :, write_at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+  q = q.reshape(b, n_kv, groups, head_dim)  # query head g * groups + m shares kv head g
+  scores = jnp.einsum("bgmk,bgtk->bgmt", q, k_cache.astype(dtype),
+                      preferred_element_type=jnp.float32) * head_dim ** -0.5
+  scores = jnp.where(valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), v_cache.astype(dtype))
+  x = x + model_lib.project(attn.reshape(b, 1, config.num_heads, head_dim), p, "wo", dtype, lora_scale)
+  h = model_lib.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  gate = model_lib.project(h, p, "w_gate", dtype, lora_scale)
+  up = model_lib.project(h, p, "w_up", dtype, lora_scale)
+  x = x + model_lib.project(jax.nn.silu(gate) * up, p, "w_down", dtype, lora_scale)
+  return x, k_cache, v_cache
+
+
 def _decode_step(model: Llama, layers, slots: Slots, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
   """One token for every live slot: feed `last` at position `lengths`, write its keys and values, choose next."""
   config, dtype = model.config, model.dtype
   num_slots, window = slots.lengths.shape[0], slots.k[0].shape[-2]
   live = ~slots.done
   rows = jnp.arange(num_slots)
-  write_at = jnp.where(live, slots.lengths, window)  # finished slots write nowhere (dropped)
-  valid = jnp.arange(window)[None, :] < slots.lengths[:, None]
-  positions = slots.lengths[:, None]
-  inv_freq = jnp.asarray(model_lib.rope_inv_freq(config))
-  layer = functools.partial(model_lib.decoder_layer, config=config, positions=positions, inv_freq=inv_freq,
-                            mask=jnp.ones((num_slots, 1, 1), bool), dtype=dtype, lora_scale=model.lora_scale)
+  layer = functools.partial(
+      _slot_layer, write_at=jnp.where(live, slots.lengths, window),  # finished slots write nowhere (dropped)
+      valid=jnp.arange(window)[None, :] <= slots.lengths[:, None], positions=slots.lengths[:, None],
+      inv_freq=jnp.asarray(model_lib.rope_inv_freq(config)), config=config, dtype=dtype,
+      lora_scale=model.lora_scale)
   x = jnp.take(model.embed[...], slots.last[:, None], axis=0).astype(dtype)
-  if layers is not None:  # unrolled: per-layer arrays, written in place
+  if layers is not None:  # unrolled: per-layer arrays, updated in place
     k, v = list(slots.k), list(slots.v)
     for i, p in enumerate(layers):
-      x, (new_k, new_v), _ = layer(p, x, cached=(k[i], v[i], valid))
-      k[i] = k[i].at[rows, :, write_at].set(new_k[:, :, 0].astype(k[i].dtype), mode="drop")
-      v[i] = v[i].at[rows, :, write_at].set(new_v[:, :, 0].astype(v[i].dtype), mode="drop")
+      x, k[i], v[i] = layer(p, x, k[i], v[i])
     k, v = tuple(k), tuple(v)
   else:
     def body(x, xs):
-      p, k_layer, v_layer = xs
-      x, new_kv, _ = layer(p, x, cached=(k_layer, v_layer, valid))
-      return x, new_kv
-    x, (new_k, new_v) = jax.lax.scan(body, x, (model.layers.arrays(), slots.k[0], slots.v[0]))
-    # new_k [L, S, kv_heads, 1, head_dim] -> [S, L, kv_heads, head_dim], the order of the scatter's window
-    k = (slots.k[0].at[:, rows, :, write_at].set(new_k[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop"),)
-    v = (slots.v[0].at[:, rows, :, write_at].set(new_v[:, :, :, 0].transpose(1, 0, 2, 3), mode="drop"),)
+      x, k_layer, v_layer = layer(*xs[:1], x, *xs[1:])
+      return x, (k_layer, v_layer)
+    x, (k_all, v_all) = jax.lax.scan(body, x, (model.layers.arrays(), slots.k[0], slots.v[0]))
+    k, v = (k_all,), (v_all,)
   hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
   logits = generation.last_logits(model, hidden)
   chosen, recorded = _choose_and_measure(logits, slots.keys, slots.steps, sampling, opts)
