@@ -117,31 +117,49 @@ def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions,
 # ----------------------------------------------------------------------------- the three verbs
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, lengths: jax.Array,
-            empty: KVCache) -> tuple[KVCache, jax.Array]:
-  """Prompts right-padded into `ids` [C, P] (real lengths [C]): (their cache, logits [C, V] of each last token).
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, lengths: jax.Array,
+            empty: KVCache | None) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array]:
+  """Prompts right-padded into `ids` [C, P] (real lengths [C]): (keys, values, logits [C, V] of each last token).
 
   Right padding keeps every prompt at positions 0..len-1 and, attention being causal, out of the padding's way.
-  `empty` (KVCache.init for [C, P]) comes in as an argument: built inside the jit it would be a constant that
-  XLA spends minutes folding.
+  Unrolled (`layers` given): keys and values per layer [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
+  `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
+  spends minutes folding), keys and values as one stacked array each.
   """
   model = nnx.merge(graphdef, state)
-  out = model.forward(ids, cache=empty, cache_is_empty=True, return_logits=False)
-  last_hidden = jnp.take_along_axis(out.hidden, (lengths - 1)[:, None, None], axis=1)
-  return out.cache, generation.last_logits(model, last_hidden)
+  if layers is None:
+    out = model.forward(ids, cache=empty, cache_is_empty=True, return_logits=False)
+    k, v, hidden = (out.cache.k,), (out.cache.v,), out.hidden
+  else:
+    config, (c, p) = model.config, ids.shape
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (c, p, p))
+    positions = jnp.broadcast_to(jnp.arange(p)[None, :], (c, p))
+    inv_freq = jnp.asarray(model_lib.rope_inv_freq(config))
+    x = jnp.take(model.embed[...], ids, axis=0).astype(model.dtype)
+    k, v = [], []
+    for weights in layers:
+      x, (layer_k, layer_v), _ = model_lib.decoder_layer(
+          weights, x, config=config, positions=positions, inv_freq=inv_freq, mask=causal, cached=None,
+          dtype=model.dtype, lora_scale=model.lora_scale)
+      k.append(layer_k)
+      v.append(layer_v)
+    k, v = tuple(k), tuple(v)
+    hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
+  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+  return k, v, generation.last_logits(model, last_hidden)
 
 
 @functools.partial(jax.jit, static_argnames=("opts",), donate_argnames=("slots",))
-def insert(slots: Slots, where: jax.Array, cache: KVCache, logits: jax.Array, lengths: jax.Array,
-           example_ids: jax.Array, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
-  """Puts prefilled prompts into slots `where` [C] and chooses their first tokens (step 0) from `logits`."""
-  c, p = cache.k.shape[1], cache.k.shape[3]
+def insert(slots: Slots, where: jax.Array, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], logits: jax.Array,
+           lengths: jax.Array, example_ids: jax.Array, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
+  """Puts prefilled prompts (`prefill`'s keys and values) into slots `where` [C]; chooses their first tokens."""
+  c, p = logits.shape[0], k[0].shape[-2]
   if slots.k[0].ndim == 4:  # unrolled: one array per layer
-    k = tuple(layer.at[where, :, :p].set(cache.k[i]) for i, layer in enumerate(slots.k))
-    v = tuple(layer.at[where, :, :p].set(cache.v[i]) for i, layer in enumerate(slots.v))
+    k = tuple(layer.at[where, :, :p].set(new) for layer, new in zip(slots.k, k))
+    v = tuple(layer.at[where, :, :p].set(new) for layer, new in zip(slots.v, v))
   else:
-    k = (slots.k[0].at[:, where, :, :p].set(cache.k),)
-    v = (slots.v[0].at[:, where, :, :p].set(cache.v),)
+    k = (slots.k[0].at[:, where, :, :p].set(k[0]),)
+    v = (slots.v[0].at[:, where, :, :p].set(v[0]),)
   keys = _row_keys(sampling.seed, example_ids)
   chosen, recorded = _choose_and_measure(logits, keys, jnp.zeros((c,), jnp.int32), sampling, opts)
   hit_stop = _is_stop(chosen, sampling.stop_ids)
@@ -260,9 +278,13 @@ def _chunk_size(free: int, waiting: int, limit: int) -> int:
 
 def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[int], sampling: SamplingConfig, *,
         stop_ids: Sequence[int], pad_id: int, num_slots: int, topk_logprobs: int, length_bucket: int,
-        progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 8,
+        progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 1,
         unrolled: bool | None = None) -> list[Generation]:
-  """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`)."""
+  """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`).
+
+  Free slots take prompts `prefill_chunk` at a time (1, as JetStream does: one prefill program per prompt
+  length bucket); `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
+  """
   unrolled = unrolled_layers_default() if unrolled is None else unrolled
   n = sampling.max_new_tokens
   opts = _DecodeOptions(max_new_tokens=n, greedy=sampling.greedy, top_k=sampling.top_k,
@@ -305,9 +327,9 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=True)
-      cache, logits = prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(real),
-                              KVCache.init(model.config, c, length, model.dtype))
-      slots = insert(slots, jnp.asarray(where, jnp.int32), cache, logits, jnp.asarray(real),
+      empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
+      k, v, logits = prefill(graphdef, state, layers, jnp.asarray(ids), jnp.asarray(real), empty)
+      slots = insert(slots, jnp.asarray(where, jnp.int32), k, v, logits, jnp.asarray(real),
                      jnp.asarray([example_ids[i] for i in members], jnp.int32), values, opts=opts)
       for s, i, length_i in zip(where, members, real):
         held[s], lengths[s], prompt_len[s] = i, length_i, length_i

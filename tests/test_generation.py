@@ -85,10 +85,10 @@ def test_engine_greedy_equals_full_forward_loop_for_any_slot_count(tiny, unrolle
   stops = sorted({free[0][2], free[3][5]})
   expected = reference_greedy(tiny, prompts, NEW, stops)
   assert len({len(r) for r in expected}) >= 3, "rows should stop at different steps"
-  for slots in (1, 3, 4):  # one slot at a time; refills of 1 and 2; a chunk of 4 then 2 more
+  for slots in (1, 3, 4):  # one slot at a time; prefills of 2 + 1 prompts, then refills; of 4, then of 2
     outs = engine.run(tiny, prompts, list(range(len(prompts))), SamplingConfig(max_new_tokens=NEW),
                       stop_ids=stops, pad_id=PAD, num_slots=slots, topk_logprobs=0, length_bucket=8,
-                      unrolled=unrolled)
+                      prefill_chunk=slots, unrolled=unrolled)
     assert [o.tokens for o in outs] == expected, f"{slots} slots"
     assert [o.finish_reason for o in outs] == ["stop" if r[-1] in stops else "length" for r in expected]
 
