@@ -288,3 +288,38 @@ def test_smollm2_greedy_and_logits_match_transformers(smollm2):
     with torch.no_grad():
       hf_logits = hf_model(torch.tensor([seq])).logits[0].numpy()
     assert np.max(np.abs(logits - hf_logits)) < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_engine_with_refills_equals_transformers_row_by_row(smollm2, gsm8k_dir):
+  """Issue 13 acceptance 1: ragged GSM8K prompts through 2 slots (so rows are refilled mid-decode), rows stopping
+  at different steps, greedy tokens equal to HF `generate` run on each prompt alone (no padding at all)."""
+  import torch
+  from kdjax import data, priming
+  model, tokenizer, hf_model, _, stop_ids = smollm2
+  questions = [row["question"] for row in data.load_gsm8k(gsm8k_dir, "test")[3:8]]
+  prompts = [priming.encode_chat(tokenizer, priming.student_messages(q)) for q in questions]
+  assert len({len(p) for p in prompts}) == len(prompts)  # ragged
+  new = 48
+
+  def hf_alone(stops):
+    out = []
+    for prompt in prompts:
+      with torch.no_grad():
+        tokens = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(torch.tensor([prompt])),
+                                   do_sample=False, max_new_tokens=new, eos_token_id=stops,
+                                   pad_token_id=tokenizer.pad_token_id)
+      out.append(tokens[0, len(prompt):].tolist())
+    return out
+
+  free = hf_alone(stop_ids)
+  # Extra stop tokens: a token new to row 0 from step 9 on, and to row 1 from step 30 on: rows end at different steps.
+  extra = [next(t for i, t in enumerate(free[row]) if i >= step and t not in free[row][:i])
+           for row, step in ((0, 9), (1, 30))]
+  stops = list(stop_ids) + extra
+  expected = hf_alone(stops)
+  assert len({len(e) for e in expected}) >= 3, [len(e) for e in expected]
+  outs = generate(model, prompts, SamplingConfig(max_new_tokens=new), stop_ids=stops,
+                  pad_id=tokenizer.pad_token_id, batch_size=2)
+  assert [o.tokens for o in outs] == expected
+  assert [o.finish_reason for o in outs] == ["stop" if e[-1] in stops else "length" for e in expected]
