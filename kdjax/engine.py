@@ -278,12 +278,13 @@ def _chunk_size(free: int, waiting: int, limit: int) -> int:
 
 def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[int], sampling: SamplingConfig, *,
         stop_ids: Sequence[int], pad_id: int, num_slots: int, topk_logprobs: int, length_bucket: int,
-        progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 1,
+        progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 4,
         unrolled: bool | None = None) -> list[Generation]:
   """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`).
 
-  Free slots take prompts `prefill_chunk` at a time (1, as JetStream does: one prefill program per prompt
-  length bucket); `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
+  Free slots take prompts up to `prefill_chunk` at a time, in chunks of a power of two (a refill is usually one
+  prompt, as in JetStream; on CPU four 150-token prompts prefill ~12% faster per prompt together than alone);
+  `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
   """
   unrolled = unrolled_layers_default() if unrolled is None else unrolled
   n = sampling.max_new_tokens
