@@ -172,14 +172,15 @@ def insert(slots: Slots, where: jax.Array, k: tuple[jax.Array, ...], v: tuple[ja
 
 
 def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
-                write_at: jax.Array, valid: jax.Array, positions: jax.Array, inv_freq: jax.Array, config,
-                dtype, lora_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                layer: jax.Array | None, write_at: jax.Array, valid: jax.Array, positions: jax.Array,
+                inv_freq: jax.Array, config, dtype, lora_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decoder layer for one token per slot [S, 1, D]: (x, k_cache, v_cache) with this token written.
 
   The math of `model.decoder_layer`, ordered for slots: the token's key and value go into the cache at each
   slot's own position first, and attention then reads the cache alone (`valid` includes the new position).
   Writing before reading lets XLA update the loop-carried cache in place; reading first (as decoder_layer's
-  cache-plus-current form does) makes it copy every layer's cache on every step.
+  cache-plus-current form does) makes it copy every layer's cache on every step. The caches are this layer's
+  [S, kv_heads, W, head_dim], or with `layer` (scanned layout) every layer's, stacked, carried through the scan.
   """
   b = x.shape[0]
   n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
@@ -188,14 +189,16 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   q = model_lib.apply_rope(model_lib.project(h, p, "wq", dtype, lora_scale), positions, inv_freq)
   k = model_lib.apply_rope(model_lib.project(h, p, "wk", dtype, lora_scale), positions, inv_freq)
   v = model_lib.project(h, p, "wv", dtype, lora_scale)
-  k_cache = k_cache.at[rows, :, write_at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
-  v_cache = v_cache.at[rows, :, write_at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+  at = (rows, slice(None), write_at) if layer is None else (layer, rows, slice(None), write_at)
+  k_cache = k_cache.at[at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+  v_cache = v_cache.at[at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+  keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
   q = q.reshape(b, n_kv, groups, head_dim)  # query head g * groups + m shares kv head g
-  scores = jnp.einsum("bgmk,bgtk->bgmt", q, k_cache.astype(dtype),
+  scores = jnp.einsum("bgmk,bgtk->bgmt", q, keys.astype(dtype),
                       preferred_element_type=jnp.float32) * head_dim ** -0.5
   scores = jnp.where(valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), v_cache.astype(dtype))
+  attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), values.astype(dtype))
   x = x + model_lib.project(attn.reshape(b, 1, config.num_heads, head_dim), p, "wo", dtype, lora_scale)
   h = model_lib.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = model_lib.project(h, p, "w_gate", dtype, lora_scale)
@@ -219,13 +222,14 @@ def _decode_step(model: Llama, layers, slots: Slots, sampling: _Sampling, opts: 
   if layers is not None:  # unrolled: per-layer arrays, updated in place
     k, v = list(slots.k), list(slots.v)
     for i, p in enumerate(layers):
-      x, k[i], v[i] = layer(p, x, k[i], v[i])
+      x, k[i], v[i] = layer(p, x, k[i], v[i], layer=None)
     k, v = tuple(k), tuple(v)
-  else:
-    def body(x, xs):
-      x, k_layer, v_layer = layer(*xs[:1], x, *xs[1:])
-      return x, (k_layer, v_layer)
-    x, (k_all, v_all) = jax.lax.scan(body, x, (model.layers.arrays(), slots.k[0], slots.v[0]))
+  else:  # scanned: the stacked caches ride in the carry, so each step writes one token per layer in place
+    def body(carry, xs):
+      p, index = xs
+      return layer(p, *carry, layer=index), None
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, slots.k[0], slots.v[0]),
+                                        (model.layers.arrays(), jnp.arange(config.num_layers)))
     k, v = (k_all,), (v_all,)
   hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
   logits = generation.last_logits(model, hidden)
