@@ -181,6 +181,8 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   Writing before reading lets XLA update the loop-carried cache in place; reading first (as decoder_layer's
   cache-plus-current form does) makes it copy every layer's cache on every step. The caches are this layer's
   [S, kv_heads, W, head_dim], or with `layer` (scanned layout) every layer's, stacked, carried through the scan.
+  The unrolled (CPU) layout computes attention as multiply-reduce: XLA:CPU runs the batched dot of S * kv_heads
+  tiny [groups, head_dim] x [head_dim, W] products on one thread, the fusions on all (1.5x faster at W=768).
   """
   b = x.shape[0]
   n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
@@ -194,11 +196,16 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   v_cache = v_cache.at[at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
   keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
   q = q.reshape(b, n_kv, groups, head_dim)  # query head g * groups + m shares kv head g
-  scores = jnp.einsum("bgmk,bgtk->bgmt", q, keys.astype(dtype),
-                      preferred_element_type=jnp.float32) * head_dim ** -0.5
-  scores = jnp.where(valid[:, None, None, :], scores, jnp.finfo(jnp.float32).min)
+  if layer is None:  # CPU: multiply-reduce fusions, which XLA:CPU spreads over its threads
+    scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), axis=-1)
+  else:  # accelerators: batched matrix products
+    scores = jnp.einsum("bgmk,bgtk->bgmt", q, keys.astype(dtype), preferred_element_type=jnp.float32)
+  scores = jnp.where(valid[:, None, None, :], scores * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
   probs = jax.nn.softmax(scores, axis=-1)
-  attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), values.astype(dtype))
+  if layer is None:
+    attn = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)
+  else:
+    attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), values.astype(dtype))
   x = x + model_lib.project(attn.reshape(b, 1, config.num_heads, head_dim), p, "wo", dtype, lora_scale)
   h = model_lib.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
   gate = model_lib.project(h, p, "w_gate", dtype, lora_scale)
