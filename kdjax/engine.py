@@ -312,7 +312,6 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   # Shortest prompts first: a chunk's prompts then share a length bucket.
   queue = collections.deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
   held: list[int | None] = [None] * num_slots  # the prompt in each slot
-  prompt_len = np.zeros(num_slots, np.int64)
   results: list[Generation | None] = [None] * len(prompts)
   window = round_up(len(prompts[queue[0]]) + 1, window_bucket)
   slots = empty_slots(model, num_slots, window, opts, unrolled)
@@ -344,7 +343,7 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       slots = insert(slots, jnp.asarray(where, jnp.int32), k, v, logits, jnp.asarray(real),
                      jnp.asarray([example_ids[i] for i in members], jnp.int32), values, opts=opts)
       for s, i, length_i in zip(where, members, real):
-        held[s], lengths[s], prompt_len[s] = i, length_i, length_i
+        held[s], lengths[s] = i, length_i
     done = np.asarray(slots.done)
     exit_when = int(done.sum()) + 1 if queue else num_slots
     while True:
@@ -358,16 +357,24 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
     finished = [s for s in range(num_slots) if held[s] is not None and done[s]]
     if not finished:
       continue
-    tokens, steps, stopped, recorded = jax.device_get((slots.tokens, slots.steps, slots.stopped, slots.recorded))
-    for s in finished:
-      count = int(steps[s])
-      results[held[s]] = _generation(tokens[s, :count], bool(stopped[s]), [r[s, :count] for r in recorded])
+    # Only the finished rows leave the device (padded to a power of two, so few gathers compile).
+    picked = finished + finished[:1] * ((1 << (len(finished) - 1).bit_length()) - len(finished))
+    tokens, steps, stopped, recorded = jax.device_get(_take_rows(
+        (slots.tokens, slots.steps, slots.stopped, slots.recorded), jnp.asarray(picked, jnp.int32)))
+    for row, s in enumerate(finished):
+      count = int(steps[row])
+      results[held[s]] = _generation(tokens[row, :count], bool(stopped[row]), [r[row, :count] for r in recorded])
       tokens_done += count
       examples_done += 1
       held[s] = None
     if progress is not None:
       progress(tokens_done, time.perf_counter() - start, examples_done, len(prompts))
   return results  # type: ignore[return-value]
+
+
+@jax.jit
+def _take_rows(arrays, rows: jax.Array):
+  return jax.tree.map(lambda a: a[rows], arrays)
 
 
 def _generation(tokens: np.ndarray, stopped: bool, recorded: list[np.ndarray]) -> Generation:
