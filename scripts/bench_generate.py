@@ -108,13 +108,14 @@ def hf_generate_static(hf_model, prompts: list[list[int]], rows: int, new_tokens
 
 
 def useful_floor(config, prompt_lengths: list[int], useful: list[int], rows: int):
-  """roofline Floor of the useful work: each prompt prefilled alone (last logits), then every useful token but
-  the first (which comes from the prefill) decoded in steps of `rows` rows against its own context."""
+  """roofline Floor of the useful work, built like roofline.decode_floor: the unpadded prompts prefilled as one
+  product (last logits only), then every useful token but the first (which comes from the prefill) decoded in
+  steps of `rows` rows against its own context."""
   import roofline
   floor = roofline.Floor()
-  for length in prompt_lengths:
-    roofline.add_forward(floor, config, length, roofline.causal_pairs(length), 0)
-    floor.gemm(1, config.hidden_size, config.vocab_size)
+  pairs = sum(roofline.causal_pairs(length) for length in prompt_lengths)
+  roofline.add_forward(floor, config, sum(prompt_lengths), pairs, 0)
+  floor.gemm(len(prompt_lengths), config.hidden_size, config.vocab_size)
   decoded = sum(n - 1 for n in useful)
   steps = decoded / rows
   for k, n in roofline._layer_products(config):
