@@ -1,8 +1,7 @@
-"""Batched autoregressive generation with a KV cache, shared by the teacher and evaluation.
+"""Autoregressive generation, shared by the teacher and evaluation: settings, sampling, top-k log-probs, `generate`.
 
-Prompts are grouped by length into batches, left-padded to a bucketed length (so only a few shapes compile),
-prefilled in one jitted call, and decoded by a single jitted `jax.lax.while_loop` that stops as soon as every
-row is done. Model parameters enter the compiled functions as arguments (`nnx.split`), never as constants.
+`generate` runs on the continuous-batching engine of `kdjax.engine` (decode slots refilled as rows finish).
+Model parameters enter the compiled functions as arguments (`nnx.split`), never as constants.
 
 Sampling is reproducible per example: row i draws its token at step t with
 `fold_in(fold_in(PRNGKey(seed), example_id_i), t)`, so results do not depend on batch size or composition.
@@ -11,17 +10,14 @@ Sampling is reproducible per example: row i draws its token at step t with
 from __future__ import annotations
 
 import dataclasses
-import functools
-import time
 from collections.abc import Callable, Sequence
 from typing import Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
-from kdjax.models.llama.model import KVCache, Llama
+from kdjax.models.llama.model import Llama
 
 FinishReason = Literal["stop", "length"]
 # progress(tokens generated so far, seconds elapsed, examples done, examples in total)
@@ -78,16 +74,6 @@ class _DecodeOptions(NamedTuple):
   topk_logprobs: int
   pad_id: int
   tail_temperatures: tuple[float, ...] = ()
-
-
-class _DecodeResult(NamedTuple):
-  tokens: jax.Array         # [B, N] int32, pad after a row is done
-  lengths: jax.Array        # [B] int32: response tokens per row
-  stopped: jax.Array        # [B] bool: ended by a stop token
-  topk_ids: jax.Array       # [B, N, k] int32 (k may be 0)
-  topk_logprobs: jax.Array  # [B, N, k] float32
-  tail_mass: jax.Array      # [B, N] float32 (N=0 when k=0)
-  tail_log_mass: jax.Array  # [B, N, len(tail_temperatures)] float32
 
 
 # ----------------------------------------------------------------------------- pure pieces
@@ -181,89 +167,7 @@ def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, to
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)
 
 
-# ----------------------------------------------------------------------------- compiled functions
-
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("cache",))
-def _prefill(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array, mask: jax.Array,
-             cache: KVCache) -> tuple[KVCache, jax.Array]:
-  """Runs the left-padded prompts through the model: (cache holding them, logits [B, V] of the last slot).
-
-  The empty cache comes in as an argument: built inside the jit it would be a constant, and XLA would spend
-  minutes constant-folding attention over it.
-  """
-  model = nnx.merge(graphdef, state)
-  out = model.forward(ids, attention_mask=mask, cache=cache, cache_is_empty=True, return_logits=False)
-  return out.cache, last_logits(model, out.hidden)
-
-
-def _step(model: Llama, cache: KVCache, tokens: jax.Array) -> tuple[jax.Array, KVCache]:
-  """Feeds one token per row [B]: (logits [B, V] for the next one, updated cache)."""
-  out = model.forward(tokens[:, None], attention_mask=jnp.ones((tokens.shape[0], 1), bool), cache=cache,
-                      return_logits=False)
-  return last_logits(model, out.hidden), out.cache
-
-
-_step_jit = jax.jit(lambda graphdef, state, cache, tokens: _step(nnx.merge(graphdef, state), cache, tokens),
-                    static_argnums=0)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "opts"))
-def _decode(graphdef: nnx.GraphDef, state: nnx.State, cache: KVCache, first_logits: jax.Array,
-            example_ids: jax.Array, seed: jax.Array, temperature: jax.Array, top_p: jax.Array,
-            stop_ids: jax.Array, opts: _DecodeOptions) -> _DecodeResult:
-  """The whole decode loop: chooses token t from the logits of step t-1, stops when every row is done."""
-  model = nnx.merge(graphdef, state)
-  b, n, k = first_logits.shape[0], opts.max_new_tokens, opts.topk_logprobs
-  base_key = jax.random.PRNGKey(seed)
-  row_keys = jax.vmap(lambda i: jax.random.fold_in(base_key, i))(example_ids)
-
-  def record(result: _DecodeResult, done: jax.Array, logits: jax.Array, step: jax.Array):
-    keys = jax.vmap(lambda key: jax.random.fold_in(key, step))(row_keys)
-    chosen = choose_tokens(logits, keys, temperature, top_p, opts)
-    active = ~done
-    chosen = jnp.where(active, chosen, opts.pad_id)
-    hit_stop = active & jnp.any(chosen[:, None] == stop_ids[None, :], axis=-1)
-    tokens = jax.lax.dynamic_update_index_in_dim(result.tokens, chosen, step, axis=1)
-    result = result._replace(tokens=tokens, lengths=result.lengths + active.astype(jnp.int32),
-                             stopped=result.stopped | hit_stop)
-    if k:
-      ids, logprobs, tail, tail_log_mass = topk_logprobs(logits, k, opts.tail_temperatures)
-      result = result._replace(
-          topk_ids=jax.lax.dynamic_update_index_in_dim(result.topk_ids, ids, step, axis=1),
-          topk_logprobs=jax.lax.dynamic_update_index_in_dim(result.topk_logprobs, logprobs, step, axis=1),
-          tail_mass=jax.lax.dynamic_update_index_in_dim(result.tail_mass, tail, step, axis=1),
-          tail_log_mass=jax.lax.dynamic_update_index_in_dim(result.tail_log_mass, tail_log_mass, step, axis=1))
-    return result, done | hit_stop, chosen
-
-  empty = _DecodeResult(
-      tokens=jnp.full((b, n), opts.pad_id, jnp.int32), lengths=jnp.zeros((b,), jnp.int32),
-      stopped=jnp.zeros((b,), bool), topk_ids=jnp.zeros((b, n, k), jnp.int32),
-      topk_logprobs=jnp.zeros((b, n, k), jnp.float32), tail_mass=jnp.zeros((b, n if k else 0), jnp.float32),
-      tail_log_mass=jnp.zeros((b, n if k else 0, len(opts.tail_temperatures) if k else 0), jnp.float32))
-  result, done, last = record(empty, jnp.zeros((b,), bool), first_logits, jnp.int32(0))
-
-  def keep_going(carry):
-    _, _, done, _, step = carry
-    return (step < n) & ~jnp.all(done)
-
-  def one_token(carry):
-    result, cache, done, last, step = carry
-    logits, cache = _step(model, cache, last)
-    result, done, last = record(result, done, logits, step)
-    return result, cache, done, last, step + 1
-
-  result, *_ = jax.lax.while_loop(keep_going, one_token, (result, cache, done, last, jnp.int32(1)))
-  return result
-
-
 # ----------------------------------------------------------------------------- driver
-
-def _batch_rows(n: int, batch_size: int) -> int:
-  """Rows of a batch holding `n` prompts: `batch_size`, or the next power of two for a short last batch."""
-  if n >= batch_size:
-    return batch_size
-  return min(batch_size, 1 << (n - 1).bit_length())
-
 
 def _check_inputs(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[int] | None,
                   stop_ids: Sequence[int], pad_id: int, batch_size: int, topk: int) -> list[int]:
@@ -301,50 +205,19 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   `example_ids` (default: the prompt indices) seed each row's sampling key. With `topk_logprobs=k`, each
   Generation carries the top-k log-probs (temperature 1) of the distribution behind every response token,
   its tail mass, and the log of the tail mass at each of `tail_temperatures` (see `topk_logprobs`).
-  `progress(tokens, elapsed_s, examples_done, examples_total)` is called after every batch.
-  Prompt lengths round up to a multiple of `length_bucket`, so few prompt shapes compile.
+  `batch_size` is the number of decode slots (`kdjax.engine`): prompts are prefilled into slots as others
+  finish. `progress(tokens, elapsed_s, examples_done, examples_total)` is called whenever examples finish.
+  Prompt lengths round up to a multiple of `length_bucket`, so few prefill shapes compile.
   """
   if length_bucket < 1:
     raise GenerationError(f"length_bucket must be >= 1, got {length_bucket}")
   ids_of_example = _check_inputs(model, prompts, example_ids, stop_ids, pad_id, batch_size, topk_logprobs)
-  results: list[Generation | None] = [None] * len(prompts)
   if not prompts:
     return []
-  graphdef, state = nnx.split(model)
-  opts = _DecodeOptions(max_new_tokens=sampling.max_new_tokens, greedy=sampling.greedy, top_k=sampling.top_k,
-                        use_top_p=sampling.top_p < 1.0, topk_logprobs=topk_logprobs, pad_id=pad_id,
-                        tail_temperatures=tuple(float(t) for t in tail_temperatures))
-  # Padded with -1 (never a token) to a multiple of 8, so the number of stop ids rarely forces a recompile.
-  stop_array = np.full(round_up(max(len(stop_ids), 1), 8), -1, np.int32)
-  stop_array[:len(stop_ids)] = list(stop_ids)
-  # Similar lengths share a batch, so little compute goes to padding; results return to the caller's order.
-  order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-  start, tokens_done = time.perf_counter(), 0
-  for first in range(0, len(order), batch_size):
-    members = order[first:first + batch_size]
-    rows = _batch_rows(len(members), batch_size)
-    # Filler rows repeat the first prompt; their outputs are dropped.
-    batch_prompts = [prompts[i] for i in members] + [prompts[members[0]]] * (rows - len(members))
-    batch_examples = [ids_of_example[i] for i in members] + [0] * (rows - len(members))
-    length = round_up(max(len(p) for p in batch_prompts), length_bucket)
-    ids, mask = left_pad(batch_prompts, length, pad_id)
-    empty = KVCache.init(model.config, rows, length + sampling.max_new_tokens, model.dtype)
-    cache, logits = _prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), empty)
-    out = _decode(graphdef, state, cache, logits, jnp.asarray(batch_examples, jnp.int32),
-                  jnp.uint32(sampling.seed), jnp.float32(sampling.temperature), jnp.float32(sampling.top_p),
-                  jnp.asarray(stop_array), opts=opts)
-    out = jax.device_get(out)
-    for row, index in enumerate(members):
-      n = int(out.lengths[row])
-      gen = Generation(tokens=out.tokens[row, :n].tolist(),
-                       finish_reason="stop" if out.stopped[row] else "length")
-      if topk_logprobs:
-        gen.topk_ids = np.asarray(out.topk_ids[row, :n], np.int32)
-        gen.topk_logprobs = np.asarray(out.topk_logprobs[row, :n], np.float32)
-        gen.tail_mass = np.asarray(out.tail_mass[row, :n], np.float32)
-        gen.tail_log_mass = np.asarray(out.tail_log_mass[row, :n], np.float32)
-      results[index] = gen
-      tokens_done += n
-    if progress is not None:
-      progress(tokens_done, time.perf_counter() - start, first + len(members), len(prompts))
-  return results  # type: ignore[return-value]
+  from kdjax import engine  # the engine builds on this module's pieces
+  # A few prompts need no more slots than the next power of two above their number (fewer shapes compile).
+  num_slots = min(batch_size, 1 << (len(prompts) - 1).bit_length())
+  return engine.run(model, prompts, ids_of_example, sampling, stop_ids=stop_ids, pad_id=pad_id,
+                    num_slots=num_slots, topk_logprobs=topk_logprobs,
+                    tail_temperatures=tuple(float(x) for x in tail_temperatures), length_bucket=length_bucket,
+                    progress=progress)

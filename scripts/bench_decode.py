@@ -2,8 +2,9 @@
 
 Both decode the same GSM8K chat prompts greedily, batched, for exactly `--new-tokens` tokens (stop tokens are
 ignored by kdjax and suppressed by HF's min_new_tokens, so every row produces the full count). kdjax is timed
-after a warm-up run that compiles; the compile time is reported separately. Last, the speed-up ceiling that
-this CPU's fp32 GEMM rates allow over HF's time (scripts/roofline.py). Host memory as in bench_train.py (--malloc).
+after a warm-up run that compiles; the compile time is reported separately. Then kdjax's time against the
+compute floor of the workload, and the speed-up ceiling that this CPU's fp32 GEMM rates allow over HF's time
+(scripts/roofline.py). Host memory as in bench_train.py (--malloc).
 
   JAX_PLATFORMS=cpu python scripts/bench_decode.py [--batch-size 16] [--new-tokens 128]
 """
@@ -44,6 +45,7 @@ def main() -> None:
   if args.malloc == "keep":  # before either framework starts its threads
     from kdjax import hostmem
     hostmem.keep_freed_memory()
+  import bench_generate
   import kdjax
   from kdjax import data, fetch, generation, priming
 
@@ -53,6 +55,7 @@ def main() -> None:
   questions = [row["question"] for row in data.load_gsm8k(args.gsm8k, "test")[:args.batch_size]]
   prompts = [priming.encode_chat(tokenizer, priming.student_messages(q)) for q in questions]
   total_tokens = args.batch_size * args.new_tokens
+  print(f"CPU: {bench_generate.cpu_model()}")
   print(f"{args.batch_size} prompts of {min(map(len, prompts))}-{max(map(len, prompts))} tokens, "
         f"{args.new_tokens} new tokens each, greedy, fp32, {jax.devices()[0].platform}, "
         f"{os.cpu_count()} cpu(s)")
@@ -71,6 +74,11 @@ def main() -> None:
   kdjax_tps = total_tokens / kdjax_s
   print(f"kdjax: {kdjax_s:.2f} s, {kdjax_tps:.1f} tokens/s (prefill included); "
         f"compile ~{warmup_s - kdjax_s:.1f} s (warm-up {warmup_s:.1f} s minus a timed run)")
+  floor = None
+  if jax.devices()[0].platform == "cpu":  # the compute floor is measured from this CPU's GEMM rates
+    import roofline
+    floor = roofline.decode_floor(model.config, list(map(len, prompts)), args.new_tokens)
+    print(f"kdjax runs at {floor.seconds() / kdjax_s:.0%} of the compute floor ({floor.seconds():.2f} s)")
   if args.skip_hf:
     return
 
@@ -106,11 +114,8 @@ def main() -> None:
   print(f"HF generate: {hf_s:.2f} s, {hf_tps:.1f} tokens/s (torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads)")
   print(f"speed-up kdjax / HF: {kdjax_tps / hf_tps:.2f}x")
-  if jax.devices()[0].platform != "cpu":
-    return  # the compute floor below is measured from this CPU's GEMM rates
-  import roofline
-  print(roofline.ceiling_line("decode", hf_s, roofline.decode_floor(model.config, list(map(len, prompts)),
-                                                                    args.new_tokens), 3.0))
+  if floor is not None:
+    print(roofline.ceiling_line("decode", hf_s, floor, 3.0))
 
 
 if __name__ == "__main__":

@@ -11,7 +11,6 @@ import pytest
 from flax import nnx
 
 from kdjax import generation
-from kdjax.models.llama.model import KVCache
 from kdjax.generation import GenerationError, SamplingConfig, generate
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
@@ -61,27 +60,54 @@ def greedy_free(model: model_lib.Llama) -> list[list[int]]:
                                      pad_id=PAD)]
 
 
-# ----------------------------------------------------------------------------- cache vs full forward
+# ----------------------------------------------------------------------------- engine vs full forward
 
-def test_cached_decoding_equals_full_forward_for_ragged_left_padded_batch(tiny):
-  """Issue acceptance: prefill + cached steps give the full-sequence logits at every step (fp32, 1e-5)."""
-  rng = np.random.default_rng(0)
-  continuations = rng.integers(1, tiny.config.vocab_size, size=(len(RAGGED_PROMPTS), NEW)).astype(np.int32)
-  ids, mask = generation.left_pad(RAGGED_PROMPTS, 64, PAD)
-  assert ids.shape == (4, 64) and mask.sum(axis=1).tolist() == [3, 11, 7, 1]
-  assert (ids[~mask] == PAD).all() and mask[:, -1].all()  # padding on the left
-  graphdef, state = nnx.split(tiny)
-  empty = KVCache.init(tiny.config, len(RAGGED_PROMPTS), 64 + NEW)
-  cache, logits = generation._prefill(graphdef, state, jnp.asarray(ids), jnp.asarray(mask), empty)
-  per_step = [np.asarray(logits)]
-  for t in range(NEW - 1):
-    logits, cache = generation._step_jit(graphdef, state, cache, jnp.asarray(continuations[:, t]))
-    per_step.append(np.asarray(logits))
-  references = full_logits(tiny, [p + c.tolist() for p, c in zip(RAGGED_PROMPTS, continuations)])
-  for row, (prompt, reference) in enumerate(zip(RAGGED_PROMPTS, references)):
-    for t in range(NEW):
-      np.testing.assert_allclose(per_step[t][row], reference[len(prompt) - 1 + t], atol=1e-5, rtol=0,
-                                 err_msg=f"row {row} step {t}")
+def reference_greedy(model: model_lib.Llama, prompts: list[list[int]], new: int, stop_ids=()) -> list[list[int]]:
+  """Greedy responses from a plain loop of full forwards (no cache, no slots): argmax, append, repeat."""
+  responses = [[] for _ in prompts]
+  for _ in range(new):
+    running = [i for i, r in enumerate(responses) if len(r) < new and not (r and r[-1] in stop_ids)]
+    if not running:
+      break
+    logits = full_logits(model, [prompts[i] + responses[i] for i in running])
+    for i, rows in zip(running, logits):
+      responses[i].append(int(rows[-1].argmax()))
+  return responses
+
+
+@pytest.mark.parametrize("unrolled", [True, False], ids=["unrolled", "scanned"])
+def test_engine_greedy_equals_full_forward_loop_for_any_slot_count(tiny, unrolled):
+  """Ragged prompts, rows stopping at different steps, slots refilled mid-decode: the full-forward greedy loop."""
+  from kdjax import engine
+  prompts = RAGGED_PROMPTS + [[7, 7, 7, 7], [250, 3]]
+  free = reference_greedy(tiny, prompts, NEW)
+  # Stop tokens that end some rows early, each at a different step, and leave others to run to the limit.
+  stops = sorted({free[0][2], free[3][5]})
+  expected = reference_greedy(tiny, prompts, NEW, stops)
+  assert len({len(r) for r in expected}) >= 3, "rows should stop at different steps"
+  for slots in (1, 3, 4):  # one slot at a time; prefills of 2 + 1 prompts, then refills; of 4, then of 2
+    outs = engine.run(tiny, prompts, list(range(len(prompts))), SamplingConfig(max_new_tokens=NEW),
+                      stop_ids=stops, pad_id=PAD, num_slots=slots, topk_logprobs=0, length_bucket=8,
+                      prefill_chunk=slots, unrolled=unrolled)
+    assert [o.tokens for o in outs] == expected, f"{slots} slots"
+    assert [o.finish_reason for o in outs] == ["stop" if r[-1] in stops else "length" for r in expected]
+
+
+def test_engine_window_grows_and_shrinks_with_live_lengths(tiny):
+  """One slot, windows of 4 positions: a row grows the window as it decodes; the next, shorter, shrinks it."""
+  from kdjax import engine
+  sizes = []
+  real_resize = engine.resize_window
+  prompts = [[6], [4, 5], [7, 8]]
+  engine.resize_window = lambda slots, window: (sizes.append(window), real_resize(slots, window=window))[1]
+  try:
+    outs = engine.run(tiny, prompts, [0, 1, 2], SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+                      num_slots=1, topk_logprobs=0, length_bucket=4, window_bucket=4)
+  finally:
+    engine.resize_window = real_resize
+  assert [o.tokens for o in outs] == reference_greedy(tiny, prompts, NEW)
+  # [6]: prompt bucket 4 + 1 -> 8, done at length 8. [4, 5] fills 8 while live -> 12. [7, 8]: back to 8, then 12.
+  assert sizes == [8, 12, 8, 12]
 
 
 def test_decode_loop_logprobs_equal_full_forward(tiny):
@@ -161,9 +187,10 @@ def test_sampling_is_independent_of_batch_size_and_order(tiny):
 
   calls = []
   whole = run(prompts, example_ids, 4, progress=lambda *args: calls.append(args))
-  # Batches of 4 and 2 prompts: (tokens so far, elapsed, examples done, examples in total).
+  # 4 slots run 4 prompts to the limit together, then the last 2: (tokens so far, elapsed, examples done, total).
   assert [(c[0], c[2], c[3]) for c in calls] == [(4 * NEW, 4, 6), (6 * NEW, 6, 6)] and calls[1][1] >= 0
   assert run(prompts, example_ids, 2) == whole
+  assert run(prompts, example_ids, 1) == whole
   order = [4, 0, 5, 2, 3, 1]
   assert run([prompts[i] for i in order], [example_ids[i] for i in order], 4) == [whole[i] for i in order]
   # The draws really come from the seed and the example id.
@@ -265,3 +292,38 @@ def test_smollm2_greedy_and_logits_match_transformers(smollm2):
     with torch.no_grad():
       hf_logits = hf_model(torch.tensor([seq])).logits[0].numpy()
     assert np.max(np.abs(logits - hf_logits)) < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_engine_with_refills_equals_transformers_row_by_row(smollm2, gsm8k_dir):
+  """Issue 13 acceptance 1: ragged GSM8K prompts through 2 slots (so rows are refilled mid-decode), rows stopping
+  at different steps, greedy tokens equal to HF `generate` run on each prompt alone (no padding at all)."""
+  import torch
+  from kdjax import data, priming
+  model, tokenizer, hf_model, _, stop_ids = smollm2
+  questions = [row["question"] for row in data.load_gsm8k(gsm8k_dir, "test")[3:8]]
+  prompts = [priming.encode_chat(tokenizer, priming.student_messages(q)) for q in questions]
+  assert len({len(p) for p in prompts}) == len(prompts)  # ragged
+  new = 48
+
+  def hf_alone(stops):
+    out = []
+    for prompt in prompts:
+      with torch.no_grad():
+        tokens = hf_model.generate(torch.tensor([prompt]), attention_mask=torch.ones_like(torch.tensor([prompt])),
+                                   do_sample=False, max_new_tokens=new, eos_token_id=stops,
+                                   pad_token_id=tokenizer.pad_token_id)
+      out.append(tokens[0, len(prompt):].tolist())
+    return out
+
+  free = hf_alone(stop_ids)
+  # Extra stop tokens: a token new to row 0 from step 9 on, and to row 1 from step 30 on: rows end at different steps.
+  extra = [next(t for i, t in enumerate(free[row]) if i >= step and t not in free[row][:i])
+           for row, step in ((0, 9), (1, 30))]
+  stops = list(stop_ids) + extra
+  expected = hf_alone(stops)
+  assert len({len(e) for e in expected}) >= 3, [len(e) for e in expected]
+  outs = generate(model, prompts, SamplingConfig(max_new_tokens=new), stop_ids=stops,
+                  pad_id=tokenizer.pad_token_id, batch_size=2)
+  assert [o.tokens for o in outs] == expected
+  assert [o.finish_reason for o in outs] == ["stop" if e[-1] in stops else "length" for e in expected]

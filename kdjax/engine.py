@@ -1,0 +1,391 @@
+"""The decode engine behind `generation.generate`: continuous batching over a fixed set of decode slots.
+
+As in JetStream and vLLM, the engine holds one decode state of S slots, each with its own cache length,
+rotary position, step count and sampling key, and three verbs act on it:
+
+- `prefill`: runs a chunk of prompts (right-padded to a length bucket) through the model and returns their keys,
+  values and last-token logits;
+- `insert`: writes a prefilled chunk into free slots and chooses each row's first token from its logits;
+- `decode_block`: one jitted `while_loop` of decode steps over all slots, each step feeding every live slot its
+  last token at its own position. It returns to the host only when a slot finishes while prompts wait, when
+  every slot is done, or when a slot's cache window is full, so the host does not sit between tokens.
+
+The host (`run`) refills finished slots from the queue. Each slot's cache holds exactly its own tokens, without
+padding, in a window of W positions shared by all slots; W is the live lengths rounded up to `window_bucket`
+and follows them (grown by a bucket when a slot fills it, shrunk at a refill when long rows have left), so
+attention reads what is live, not the longest possible context.
+
+Layer layout. On CPU the layers are unrolled and each layer's weights and cache are separate arrays: XLA:CPU
+copies every `dynamic-slice` of a scanned layer stack (all weights and the layer's cache, every step), which
+costs more than the decode itself. Elsewhere the stacked layers run under `lax.scan`, where the slices fuse
+into their consumers and the weights are not duplicated.
+
+Sampling is as before: the token of example e at response step t draws with
+`fold_in(fold_in(PRNGKey(seed), e), t)`, so outputs do not depend on the number of slots or on scheduling.
+"""
+
+from __future__ import annotations
+
+import collections
+import functools
+import time
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from kdjax import generation
+from kdjax.generation import Generation, ProgressCallback, SamplingConfig, _DecodeOptions, round_up
+from kdjax.models.llama import model as model_lib
+from kdjax.models.llama.model import KVCache, Llama
+
+
+class Slots(NamedTuple):
+  """The decode state: S slots, each a row of every array."""
+  k: tuple[jax.Array, ...]   # unrolled: one [S, kv_heads, W, head_dim] per layer; scanned: one [L, S, ...]
+  v: tuple[jax.Array, ...]
+  lengths: jax.Array         # [S] int32: tokens in the slot's cache = rotary position of the token fed next
+  last: jax.Array            # [S] int32: the token fed at the next step
+  steps: jax.Array           # [S] int32: response tokens chosen so far
+  done: jax.Array            # [S] bool: finished, or empty
+  stopped: jax.Array         # [S] bool: ended by a stop token
+  keys: jax.Array            # [S, 2] uint32: fold_in(PRNGKey(seed), example id)
+  tokens: jax.Array          # [S, N] int32
+  recorded: tuple[jax.Array, ...]  # outputs of generation.topk_logprobs per step: each [S, N, ...] (empty: k=0)
+
+
+class _Sampling(NamedTuple):
+  """The sampling settings that enter the compiled programs as values."""
+  seed: jax.Array
+  temperature: jax.Array
+  top_p: jax.Array
+  stop_ids: jax.Array
+
+
+def unrolled_layers_default() -> bool:
+  return jax.default_backend() == "cpu"
+
+
+def layer_params(model: Llama, unrolled: bool):
+  """The decode step's layer weights: one dict per layer when unrolled, else None (the stacked arrays are used)."""
+  if not unrolled:
+    return None
+  stacked = model.layers.arrays()
+  return tuple({name: array[layer] for name, array in stacked.items()} for layer in range(model.config.num_layers))
+
+
+def _row_keys(seed: jax.Array, example_ids: jax.Array) -> jax.Array:
+  base = jax.random.PRNGKey(seed)
+  return jax.vmap(lambda e: jax.random.fold_in(base, e))(example_ids)
+
+
+def _choose_and_measure(logits: jax.Array, keys: jax.Array, steps: jax.Array, sampling: _Sampling,
+                        opts: _DecodeOptions) -> tuple[jax.Array, tuple[jax.Array, ...]]:
+  """Each row's next token (key folded with its step) and what the store keeps about the distribution."""
+  step_keys = jax.vmap(jax.random.fold_in)(keys, steps)
+  chosen = generation.choose_tokens(logits, step_keys, sampling.temperature, sampling.top_p, opts)
+  recorded = (tuple(generation.topk_logprobs(logits, opts.topk_logprobs, opts.tail_temperatures))
+              if opts.topk_logprobs else ())
+  return chosen, recorded
+
+
+def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
+  return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool) -> Slots:
+  config, n = model.config, opts.max_new_tokens
+  shape = (num_slots, config.num_kv_heads, window, config.head_dim)
+  layers = config.num_layers if unrolled else 1
+  shape = shape if unrolled else (config.num_layers,) + shape
+  recorded = ()
+  if opts.topk_logprobs:  # the shapes of generation.topk_logprobs's outputs, with a step axis
+    probe = jax.eval_shape(lambda x: generation.topk_logprobs(x, opts.topk_logprobs, opts.tail_temperatures),
+                           jax.ShapeDtypeStruct((num_slots, config.vocab_size), jnp.float32))
+    recorded = tuple(jnp.zeros((num_slots, n) + p.shape[1:], p.dtype) for p in probe)
+  return Slots(
+      k=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
+      v=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
+      lengths=jnp.zeros((num_slots,), jnp.int32), last=jnp.zeros((num_slots,), jnp.int32),
+      steps=jnp.zeros((num_slots,), jnp.int32), done=jnp.ones((num_slots,), bool),
+      stopped=jnp.zeros((num_slots,), bool), keys=jnp.zeros((num_slots, 2), jnp.uint32),
+      tokens=jnp.full((num_slots, n), opts.pad_id, jnp.int32), recorded=recorded)
+
+
+# ----------------------------------------------------------------------------- the three verbs
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, lengths: jax.Array,
+            empty: KVCache | None) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array]:
+  """Prompts right-padded into `ids` [C, P] (real lengths [C]): (keys, values, logits [C, V] of each last token).
+
+  Right padding keeps every prompt at positions 0..len-1 and, attention being causal, out of the padding's way.
+  Unrolled (`layers` given): keys and values per layer [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
+  `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
+  spends minutes folding), keys and values as one stacked array each.
+  """
+  model = nnx.merge(graphdef, state)
+  if layers is None:
+    out = model.forward(ids, cache=empty, cache_is_empty=True, return_logits=False)
+    k, v, hidden = (out.cache.k,), (out.cache.v,), out.hidden
+  else:
+    config, (c, p) = model.config, ids.shape
+    causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (c, p, p))
+    positions = jnp.broadcast_to(jnp.arange(p)[None, :], (c, p))
+    inv_freq = jnp.asarray(model_lib.rope_inv_freq(config))
+    x = jnp.take(model.embed[...], ids, axis=0).astype(model.dtype)
+    k, v = [], []
+    for weights in layers:
+      x, (layer_k, layer_v), _ = model_lib.decoder_layer(
+          weights, x, config=config, positions=positions, inv_freq=inv_freq, mask=causal, cached=None,
+          dtype=model.dtype, lora_scale=model.lora_scale)
+      k.append(layer_k)
+      v.append(layer_v)
+    k, v = tuple(k), tuple(v)
+    hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
+  last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
+  return k, v, generation.last_logits(model, last_hidden)
+
+
+@functools.partial(jax.jit, static_argnames=("opts",), donate_argnames=("slots",))
+def insert(slots: Slots, where: jax.Array, k: tuple[jax.Array, ...], v: tuple[jax.Array, ...], logits: jax.Array,
+           lengths: jax.Array, example_ids: jax.Array, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
+  """Puts prefilled prompts (`prefill`'s keys and values) into slots `where` [C]; chooses their first tokens."""
+  c, p = logits.shape[0], k[0].shape[-2]
+  if slots.k[0].ndim == 4:  # unrolled: one array per layer
+    k = tuple(layer.at[where, :, :p].set(new) for layer, new in zip(slots.k, k))
+    v = tuple(layer.at[where, :, :p].set(new) for layer, new in zip(slots.v, v))
+  else:
+    k = (slots.k[0].at[:, where, :, :p].set(k[0]),)
+    v = (slots.v[0].at[:, where, :, :p].set(v[0]),)
+  keys = _row_keys(sampling.seed, example_ids)
+  chosen, recorded = _choose_and_measure(logits, keys, jnp.zeros((c,), jnp.int32), sampling, opts)
+  hit_stop = _is_stop(chosen, sampling.stop_ids)
+  return Slots(
+      k=k, v=v, lengths=slots.lengths.at[where].set(lengths), last=slots.last.at[where].set(chosen),
+      steps=slots.steps.at[where].set(1), done=slots.done.at[where].set(hit_stop | (opts.max_new_tokens <= 1)),
+      stopped=slots.stopped.at[where].set(hit_stop), keys=slots.keys.at[where].set(keys),
+      tokens=slots.tokens.at[where, 0].set(chosen),
+      recorded=tuple(buf.at[where, 0].set(r) for buf, r in zip(slots.recorded, recorded)))
+
+
+def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
+                layer: jax.Array | None, write_at: jax.Array, valid: jax.Array, positions: jax.Array,
+                inv_freq: jax.Array, config, dtype, lora_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """One decoder layer for one token per slot [S, 1, D]: (x, k_cache, v_cache) with this token written.
+
+  The math of `model.decoder_layer`, ordered for slots: the token's key and value go into the cache at each
+  slot's own position first, and attention then reads the cache alone (`valid` includes the new position).
+  Writing before reading lets XLA update the loop-carried cache in place; reading first (as decoder_layer's
+  cache-plus-current form does) makes it copy every layer's cache on every step. The caches are this layer's
+  [S, kv_heads, W, head_dim], or with `layer` (scanned layout) every layer's, stacked, carried through the scan.
+  The unrolled (CPU) layout computes attention as multiply-reduce: XLA:CPU runs the batched dot of S * kv_heads
+  tiny [groups, head_dim] x [head_dim, W] products on one thread, the fusions on all (1.5x faster at W=768).
+  """
+  b = x.shape[0]
+  n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
+  rows = jnp.arange(b)
+  h = model_lib.rms_norm(x, p["attn_norm"], config.rms_norm_eps)
+  q = model_lib.apply_rope(model_lib.project(h, p, "wq", dtype, lora_scale), positions, inv_freq)
+  k = model_lib.apply_rope(model_lib.project(h, p, "wk", dtype, lora_scale), positions, inv_freq)
+  v = model_lib.project(h, p, "wv", dtype, lora_scale)
+  at = (rows, slice(None), write_at) if layer is None else (layer, rows, slice(None), write_at)
+  k_cache = k_cache.at[at].set(k[:, 0].astype(k_cache.dtype), mode="drop")
+  v_cache = v_cache.at[at].set(v[:, 0].astype(v_cache.dtype), mode="drop")
+  keys, values = (k_cache, v_cache) if layer is None else (k_cache[layer], v_cache[layer])
+  q = q.reshape(b, n_kv, groups, head_dim)  # query head g * groups + m shares kv head g
+  if layer is None:  # CPU: multiply-reduce fusions, which XLA:CPU spreads over its threads
+    scores = jnp.sum(q[:, :, :, None, :].astype(jnp.float32) * keys[:, :, None].astype(jnp.float32), axis=-1)
+  else:  # accelerators: batched matrix products
+    scores = jnp.einsum("bgmk,bgtk->bgmt", q, keys.astype(dtype), preferred_element_type=jnp.float32)
+  scores = jnp.where(valid[:, None, None, :], scores * head_dim ** -0.5, jnp.finfo(jnp.float32).min)
+  probs = jax.nn.softmax(scores, axis=-1)
+  if layer is None:
+    attn = jnp.sum(probs[..., None] * values[:, :, None].astype(jnp.float32), axis=-2).astype(dtype)
+  else:
+    attn = jnp.einsum("bgmt,bgtk->bgmk", probs.astype(dtype), values.astype(dtype))
+  x = x + model_lib.project(attn.reshape(b, 1, config.num_heads, head_dim), p, "wo", dtype, lora_scale)
+  h = model_lib.rms_norm(x, p["mlp_norm"], config.rms_norm_eps)
+  gate = model_lib.project(h, p, "w_gate", dtype, lora_scale)
+  up = model_lib.project(h, p, "w_up", dtype, lora_scale)
+  x = x + model_lib.project(jax.nn.silu(gate) * up, p, "w_down", dtype, lora_scale)
+  return x, k_cache, v_cache
+
+
+def _decode_step(model: Llama, layers, slots: Slots, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
+  """One token for every live slot: feed `last` at position `lengths`, write its keys and values, choose next."""
+  config, dtype = model.config, model.dtype
+  num_slots, window = slots.lengths.shape[0], slots.k[0].shape[-2]
+  live = ~slots.done
+  rows = jnp.arange(num_slots)
+  layer = functools.partial(
+      _slot_layer, write_at=jnp.where(live, slots.lengths, window),  # finished slots write nowhere (dropped)
+      valid=jnp.arange(window)[None, :] <= slots.lengths[:, None], positions=slots.lengths[:, None],
+      inv_freq=jnp.asarray(model_lib.rope_inv_freq(config)), config=config, dtype=dtype,
+      lora_scale=model.lora_scale)
+  x = jnp.take(model.embed[...], slots.last[:, None], axis=0).astype(dtype)
+  if layers is not None:  # unrolled: per-layer arrays, updated in place
+    k, v = list(slots.k), list(slots.v)
+    for i, p in enumerate(layers):
+      x, k[i], v[i] = layer(p, x, k[i], v[i], layer=None)
+    k, v = tuple(k), tuple(v)
+  else:  # scanned: the stacked caches ride in the carry, so each step writes one token per layer in place
+    def body(carry, xs):
+      p, index = xs
+      return layer(p, *carry, layer=index), None
+    (x, k_all, v_all), _ = jax.lax.scan(body, (x, slots.k[0], slots.v[0]),
+                                        (model.layers.arrays(), jnp.arange(config.num_layers)))
+    k, v = (k_all,), (v_all,)
+  hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
+  logits = generation.last_logits(model, hidden)
+  chosen, recorded = _choose_and_measure(logits, slots.keys, slots.steps, sampling, opts)
+  chosen = jnp.where(live, chosen, opts.pad_id)
+  record_at = jnp.where(live, slots.steps, opts.max_new_tokens)  # dropped for finished slots
+  hit_stop = live & _is_stop(chosen, sampling.stop_ids)
+  steps = slots.steps + live.astype(jnp.int32)
+  return Slots(
+      k=k, v=v, lengths=slots.lengths + live.astype(jnp.int32), last=chosen, steps=steps,
+      done=slots.done | hit_stop | (steps >= opts.max_new_tokens), stopped=slots.stopped | hit_stop,
+      keys=slots.keys, tokens=slots.tokens.at[rows, record_at].set(chosen, mode="drop"),
+      recorded=tuple(buf.at[rows, record_at].set(r, mode="drop") for buf, r in zip(slots.recorded, recorded)))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "opts"), donate_argnames=("slots",))
+def decode_block(graphdef: nnx.GraphDef, state: nnx.State, layers, slots: Slots, exit_when_done: jax.Array,
+                 sampling: _Sampling, opts: _DecodeOptions) -> Slots:
+  """Decode steps until `exit_when_done` slots are done, every slot is done, or a live slot's window is full."""
+  model = nnx.merge(graphdef, state)
+  window = slots.k[0].shape[-2]
+
+  def keep_going(slots: Slots):
+    room = jnp.all(slots.done | (slots.lengths < window))
+    return (jnp.sum(slots.done) < exit_when_done) & ~jnp.all(slots.done) & room
+
+  return jax.lax.while_loop(keep_going, lambda s: _decode_step(model, layers, s, sampling, opts), slots)
+
+
+@functools.partial(jax.jit, static_argnames=("window",), donate_argnames=("slots",))
+def resize_window(slots: Slots, window: int) -> Slots:
+  """The same slots in a window of `window` positions (every slot's tokens must fit)."""
+  def fit(a):
+    have = a.shape[-2]
+    if window <= have:
+      return jax.lax.slice_in_dim(a, 0, window, axis=a.ndim - 2)
+    pad = [(0, 0)] * a.ndim
+    pad[-2] = (0, window - have)
+    return jnp.pad(a, pad)
+  return slots._replace(k=tuple(map(fit, slots.k)), v=tuple(map(fit, slots.v)))
+
+
+# ----------------------------------------------------------------------------- the host loop
+
+def _chunk_size(free: int, waiting: int, limit: int) -> int:
+  """Prompts prefilled together: the largest power of two within the free slots, the queue and the limit."""
+  n = min(free, waiting, limit)
+  return 1 << (n.bit_length() - 1)
+
+
+def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[int], sampling: SamplingConfig, *,
+        stop_ids: Sequence[int], pad_id: int, num_slots: int, topk_logprobs: int, length_bucket: int,
+        tail_temperatures: tuple[float, ...] = (), progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 4,
+        unrolled: bool | None = None) -> list[Generation]:
+  """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`).
+
+  Free slots take prompts up to `prefill_chunk` at a time, in chunks of a power of two (a refill is usually one
+  prompt, as in JetStream; on CPU four 150-token prompts prefill ~12% faster per prompt together than alone);
+  `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
+  """
+  unrolled = unrolled_layers_default() if unrolled is None else unrolled
+  n = sampling.max_new_tokens
+  opts = _DecodeOptions(max_new_tokens=n, greedy=sampling.greedy, top_k=sampling.top_k,
+                        use_top_p=sampling.top_p < 1.0, topk_logprobs=topk_logprobs, pad_id=pad_id,
+                        tail_temperatures=tail_temperatures)
+  # Stop ids padded with -1 (never a token) to a multiple of 8, so their number rarely forces a recompile.
+  stop_array = np.full(round_up(max(len(stop_ids), 1), 8), -1, np.int32)
+  stop_array[:len(stop_ids)] = list(stop_ids)
+  values = _Sampling(seed=jnp.uint32(sampling.seed), temperature=jnp.float32(sampling.temperature),
+                     top_p=jnp.float32(sampling.top_p), stop_ids=jnp.asarray(stop_array))
+  graphdef, state = nnx.split(model)
+  layers = layer_params(model, unrolled)
+
+  # Shortest prompts first: a chunk's prompts then share a length bucket.
+  queue = collections.deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
+  held: list[int | None] = [None] * num_slots  # the prompt in each slot
+  results: list[Generation | None] = [None] * len(prompts)
+  window = round_up(len(prompts[queue[0]]) + 1, window_bucket)
+  slots = empty_slots(model, num_slots, window, opts, unrolled)
+  lengths = np.zeros(num_slots, np.int64)  # host copy of slots.lengths as of the last block
+  start, tokens_done, examples_done = time.perf_counter(), 0, 0
+
+  def fit_window(needed: int, shrink: bool) -> None:
+    """Grows (or, when refilling, shrinks) the window to `needed` positions rounded up to the bucket."""
+    nonlocal slots, window
+    wanted = round_up(needed, window_bucket)
+    if wanted > window or (shrink and wanted < window):
+      slots, window = resize_window(slots, window=wanted), wanted
+
+  while queue or any(h is not None for h in held):
+    free = [s for s in range(num_slots) if held[s] is None]
+    while free and queue:
+      c = _chunk_size(len(free), len(queue), prefill_chunk)
+      members = [queue.popleft() for _ in range(c)]
+      where, free = free[:c], free[c:]
+      length = round_up(max(len(prompts[i]) for i in members), length_bucket)
+      ids = np.full((c, length), pad_id, np.int32)
+      for row, i in enumerate(members):
+        ids[row, :len(prompts[i])] = prompts[i]
+      real = np.asarray([len(prompts[i]) for i in members], np.int32)
+      live = [lengths[s] for s in range(num_slots) if held[s] is not None]
+      fit_window(max(live + [length]) + 1, shrink=True)
+      empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
+      k, v, logits = prefill(graphdef, state, layers, jnp.asarray(ids), jnp.asarray(real), empty)
+      slots = insert(slots, jnp.asarray(where, jnp.int32), k, v, logits, jnp.asarray(real),
+                     jnp.asarray([example_ids[i] for i in members], jnp.int32), values, opts=opts)
+      for s, i, length_i in zip(where, members, real):
+        held[s], lengths[s] = i, length_i
+    done = np.asarray(slots.done)
+    exit_when = int(done.sum()) + 1 if queue else num_slots
+    while True:
+      if not done.all():
+        fit_window(int(max(lengths[s] for s in range(num_slots) if not done[s])) + 1, shrink=False)
+        slots = decode_block(graphdef, state, layers, slots, jnp.int32(exit_when), values, opts=opts)
+      done, lengths = jax.device_get((slots.done, slots.lengths))
+      lengths = lengths.astype(np.int64)
+      if done.sum() >= exit_when or done.all():
+        break  # else a slot filled the window: grow it and go on
+    finished = [s for s in range(num_slots) if held[s] is not None and done[s]]
+    if not finished:
+      continue
+    # Only the finished rows leave the device (padded to a power of two, so few gathers compile).
+    picked = finished + finished[:1] * ((1 << (len(finished) - 1).bit_length()) - len(finished))
+    tokens, steps, stopped, recorded = jax.device_get(_take_rows(
+        (slots.tokens, slots.steps, slots.stopped, slots.recorded), jnp.asarray(picked, jnp.int32)))
+    for row, s in enumerate(finished):
+      count = int(steps[row])
+      results[held[s]] = _generation(tokens[row, :count], bool(stopped[row]), [r[row, :count] for r in recorded])
+      tokens_done += count
+      examples_done += 1
+      held[s] = None
+    if progress is not None:
+      progress(tokens_done, time.perf_counter() - start, examples_done, len(prompts))
+  return results  # type: ignore[return-value]
+
+
+@jax.jit
+def _take_rows(arrays, rows: jax.Array):
+  return jax.tree.map(lambda a: a[rows], arrays)
+
+
+def _generation(tokens: np.ndarray, stopped: bool, recorded: list[np.ndarray]) -> Generation:
+  """A finished slot's response; `recorded` are generation.topk_logprobs's outputs, in its order."""
+  gen = Generation(tokens=tokens.tolist(), finish_reason="stop" if stopped else "length")
+  if recorded:
+    ids, logprobs, tail, tail_log_mass = recorded
+    gen.topk_ids = np.asarray(ids, np.int32)
+    gen.topk_logprobs = np.asarray(logprobs, np.float32)
+    gen.tail_mass = np.asarray(tail, np.float32)
+    gen.tail_log_mass = np.asarray(tail_log_mass, np.float32)
+  return gen
