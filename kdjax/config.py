@@ -129,8 +129,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.report.bootstrap_resamples = 2000  # paired bootstrap of the reference-NLL differences (seeded by `seed`)
 
   c.plan = ml_collections.ConfigDict()
-  # "teacher": its prefill and decode at plan.batch_size x plan.max_len; "student": its LoRA train step at
-  # train.batch_size x train.max_len (student.quantize, student.remat, student.lora, train.*, mesh.*)
+  # "teacher": the generation engine writing its store, plan.batch_size decode slots at plan.max_len tokens
+  # (prompt + teacher.max_new_tokens), predicted tokens/s; "student": its LoRA train step at train.batch_size x
+  # train.max_len (student.quantize, student.remat, student.lora, train.*, mesh.*; with
+  # distill.on_policy_fraction > 0 also the resident teacher, the sampling KV cache and the teacher's scoring)
   c.plan.model = "teacher"
   c.plan.topology = ""              # e.g. "v5p:4x4x4"; empty: the live devices
   c.plan.batch_size = 64

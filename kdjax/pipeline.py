@@ -298,9 +298,12 @@ def stage_plan(c, wd: Workdir, records: Records) -> None:
     plan_train.run_stage(c, _lora_config(c), _loss_config(c, "kd" if kd else "finetune"), wd.root / "plan.json")
     return
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
+  # The teacher's store workload on the engine: plan.batch_size slots, prompts of plan.max_len less the new tokens.
   result = plan_lib.make_plan(c.teacher.preset, quantization=c.teacher.quantization,
-                              topology=c.plan.topology or None, mesh_shape=mesh_shape, batch_size=c.plan.batch_size,
-                              max_len=c.plan.max_len, dtype=c.teacher.dtype, hbm_fraction=c.plan.hbm_fraction)
+                              topology=c.plan.topology or None, mesh_shape=mesh_shape, slots=c.plan.batch_size,
+                              max_len=c.plan.max_len, prompt_len=c.plan.max_len - c.teacher.max_new_tokens,
+                              topk_logprobs=c.teacher.k, tail_temperatures=config_lib.tail_temperatures(c),
+                              dtype=c.teacher.dtype, hbm_fraction=c.plan.hbm_fraction)
   plan_lib.print_table(result)
   plan_lib.write_plan_json(result, wd.root / "plan.json")
   plan_lib.check_fits(result)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -33,9 +34,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import AxisType, Mesh
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec
 
-from kdjax import generation, parallel, quantization, storage
+from kdjax import engine, generation, parallel, plan_cost, quantization, storage
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
@@ -66,6 +67,7 @@ CHIP_BY_KIND = {
     "TPU v5p": _V5P, "TPU v6 lite": _V6E, "TPU v6e": _V6E,
 }
 QUANTIZATIONS = ("int8", "none")
+ENGINE_PREFILL_CHUNK = inspect.signature(engine.run).parameters["prefill_chunk"].default
 KV_CACHE_AXES = model_lib.KV_CACHE_AXES
 
 # "vX-N" slice names -> (libtpu generation name, TensorCores per chip counted in N, torus dimensions).
@@ -106,13 +108,16 @@ class Plan:
   device_kind: str
   num_devices: int
   mesh: dict[str, int]
-  batch_size: int
-  max_len: int
-  prompt_len: int
+  slots: int                    # decode slots S (the teacher's / eval's batch size)
+  max_len: int                  # the planned context: each slot's cache window W = prompt + new tokens
+  prompt_len: int               # the planned prompt length P (prefill chunks are C x P)
+  prefill_chunk: int            # prompts prefilled together, C
+  topk_logprobs: int            # top-k recorded per token (the teacher store's k; 0 for eval)
   param_bytes: int              # all parameters, all devices
   per_device_param_bytes: int
-  per_device_cache_bytes: int
-  steps: dict[str, StepMemory]  # "prefill", "decode" (absent when the compiler ran out of HBM)
+  per_device_cache_bytes: int   # the slots: keys and values of S x W tokens, and their per-slot state
+  steps: dict[str, StepMemory]  # "prefill", "insert", "decode" (absent when the compiler ran out of HBM)
+  phase_bytes: dict[str, int]   # per step: its program's bytes + what stays resident beside it (see module doc)
   per_device_bytes: int
   device_hbm_bytes: int
   hbm_fraction: float           # the share of HBM a plan may use
@@ -120,6 +125,7 @@ class Plan:
   layout: dict[str, str]        # array -> PartitionSpec
   layout_notes: list[str]
   compile_seconds: float
+  predicted: dict[str, Any] | None = None  # roofline throughput (see `predict`); None when nothing compiled
   compiler_error: str | None = None
 
   @property
@@ -333,42 +339,86 @@ def _oom_bytes(message: str) -> int | None:
   return int(float(value) * {"K": 1 << 10, "M": 1 << 20, "G": GiB, "T": 1 << 40}[unit])
 
 
-def _compile_steps(graphdef, state, cache, config: LlamaConfig, batch: int, prompt_len: int, mesh, rules):
-  """Compiles prefill and decode; yields (step name, compiled executable)."""
-  logits = parallel.named_sharding(("batch", "vocab"), (batch, config.vocab_size), mesh, rules)
-  cache_shardings = jax.tree.map(lambda a: a.sharding, cache)
+def abstract_slots(model: model_lib.Llama, num_slots: int, window: int, opts: generation._DecodeOptions, mesh: Mesh,
+                   rules) -> engine.Slots:
+  """The engine's decode state (`engine.empty_slots`, scanned layout) as sharded shapes: keys and values
+  [L, S, kv_heads, W, head_dim] placed like the KV cache, every per-slot array split on its slot axis."""
+  shapes = jax.eval_shape(lambda: engine.empty_slots(model, num_slots, window, opts, unrolled=False))
+  return engine.Slots(*(
+      jax.tree.map(lambda x: _abstract(x.shape, x.dtype, KV_CACHE_AXES if name in ("k", "v")
+                                       else ("batch",) + (None,) * (x.ndim - 1), mesh, rules), field)
+      for name, field in zip(engine.Slots._fields, shapes)))
 
-  def prefill(state, input_ids, attention_mask, cache):
-    model = nnx.merge(graphdef, state)
-    out = model.forward(input_ids, attention_mask=attention_mask, cache=cache, cache_is_empty=True,
-                        return_logits=False)
-    # Prompts are left-padded, so the last slot holds every row's last real token.
-    return generation.last_logits(model, out.hidden), out.cache
 
-  def decode(state, tokens, cache):
-    model = nnx.merge(graphdef, state)
-    out = model.forward(tokens, attention_mask=jnp.ones(tokens.shape, bool), cache=cache)
-    return out.logits[:, -1], out.cache
+def _replicated(shape, dtype, mesh: Mesh) -> jax.ShapeDtypeStruct:
+  return jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec()))
 
-  prompt = _abstract((batch, prompt_len), jnp.int32, ("batch", "seq"), mesh, rules)
-  prompt_mask = _abstract((batch, prompt_len), jnp.bool_, ("batch", "seq"), mesh, rules)
-  tokens = _abstract((batch, 1), jnp.int32, ("batch", "seq"), mesh, rules)
-  steps = {"prefill": (prefill, (state, prompt, prompt_mask, cache), 3),
-           "decode": (decode, (state, tokens, cache), 2)}
-  for name, (fn, args, cache_arg) in steps.items():
-    jitted = jax.jit(fn, out_shardings=(logits, cache_shardings), donate_argnums=(cache_arg,))
-    yield name, jitted.lower(*args).compile()
+
+def _lower_engine_programs(graphdef, state, slots: engine.Slots, config: LlamaConfig, *, chunk: int,
+                           prompt_len: int, opts: generation._DecodeOptions, dtype, mesh: Mesh, rules):
+  """Lowers the engine's own jitted programs on sharded shapes; yields (name, lowered).
+
+  prefill: `engine.prefill` of C prompts of P tokens into a fresh [C, P] cache; insert: `engine.insert` of that
+  chunk into the slots; decode: `engine.decode_block`, the loop of decode steps over all S slots at window W.
+  """
+  sampling = engine._Sampling(seed=_replicated((), jnp.uint32, mesh), temperature=_replicated((), jnp.float32, mesh),
+                              top_p=_replicated((), jnp.float32, mesh), stop_ids=_replicated((8,), jnp.int32, mesh))
+  chunk_vector = _abstract((chunk,), jnp.int32, ("batch",), mesh, rules)
+  ids = _abstract((chunk, prompt_len), jnp.int32, ("batch", "seq"), mesh, rules)
+  empty = abstract_cache(config, chunk, prompt_len, dtype, mesh, rules)
+  yield "prefill", engine.prefill.lower(graphdef, state, None, ids, chunk_vector, empty)
+  kv = _abstract(model_lib.KVCache.kv_shape(config, chunk, prompt_len), dtype, KV_CACHE_AXES, mesh, rules)
+  logits = _abstract((chunk, config.vocab_size), jnp.float32, ("batch", "vocab"), mesh, rules)
+  yield "insert", engine.insert.lower(slots, _replicated((chunk,), jnp.int32, mesh), (kv,), (kv,), logits,
+                                      chunk_vector, chunk_vector, sampling, opts=opts)
+  yield "decode", engine.decode_block.lower(graphdef, state, None, slots, _replicated((), jnp.int32, mesh),
+                                            sampling, opts=opts)
+
+
+def predict(costs: Mapping[str, Mapping[str, Any]], device, *, slots: int, chunk: int, prompt_len: int,
+            new_tokens: int) -> dict[str, Any]:
+  """Throughput from the loop-aware costs (FLOPs, bytes accessed per device) of the decode and prefill programs.
+
+  Each program's time is its roofline, max(FLOPs / peak FLOP/s, bytes / HBM bandwidth) per device
+  (`plan_cost.roofline`). decode_tokens_per_s = S / decode_step_s (one token per slot per step; the decode
+  program's loop is counted as one step); prefill_tokens_per_s = C P / prefill_step_s. generate_tokens_per_s
+  is the steady state of the engine: every slot is refilled once per `new_tokens` decode steps, so S x N
+  tokens take N decode steps and S / C prefills (inserts, host time and finished slots' idle steps ignored).
+  """
+  out: dict[str, Any] = {"programs": {}}
+  for name in ("decode", "prefill"):
+    cost = costs[name]
+    entry = {"flops": cost["flops"], "bytes_accessed": cost["bytes_accessed"], "cost_method": cost["method"],
+             "unknown_loops": cost["unknown_loops"]}
+    out["programs"][name] = entry | (plan_cost.roofline(cost["flops"], cost["bytes_accessed"], device) or {})
+  decode, prefill = out["programs"]["decode"], out["programs"]["prefill"]
+  if "step_s" not in decode:  # no published peak for this device kind
+    return out | {"decode_step_s": None, "decode_tokens_per_s": None, "prefill_tokens_per_s": None,
+                  "generate_tokens_per_s": None}
+  cycle_s = new_tokens * decode["step_s"] + slots / chunk * prefill["step_s"]
+  return out | {
+      "decode_step_s": decode["step_s"], "decode_tokens_per_s": slots / decode["step_s"],
+      "decode_hbm_bandwidth_utilisation": decode["hbm_bandwidth_utilisation"],
+      "decode_flop_utilisation": decode["flop_utilisation"],
+      "prefill_step_s": prefill["step_s"], "prefill_tokens_per_s": chunk * prompt_len / prefill["step_s"],
+      "prefill_hbm_bandwidth_utilisation": prefill["hbm_bandwidth_utilisation"],
+      "prefill_flop_utilisation": prefill["flop_utilisation"],
+      "generate_tokens_per_s": slots * new_tokens / cycle_s}
 
 
 def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology: str | None = None,
-              mesh_shape: Mapping[str, int] | None = None, batch_size: int = 8, max_len: int = 2048,
-              prompt_len: int | None = None, dtype: str = "bfloat16", hbm_fraction: float = 0.8,
+              mesh_shape: Mapping[str, int] | None = None, slots: int = 8, max_len: int = 2048,
+              prompt_len: int | None = None, prefill_chunk: int = ENGINE_PREFILL_CHUNK, topk_logprobs: int = 0,
+              tail_temperatures: tuple[float, ...] = (), dtype: str = "bfloat16", hbm_fraction: float = 0.8,
               optimization_level: str | None = "O0", rules=parallel.DEFAULT_RULES) -> Plan:
-  """Compiles the teacher's prefill and decode steps for `model` ahead of time and measures their memory.
+  """Compiles the generation engine's prefill, insert and decode programs for `model` ahead of time and
+  measures their memory and cost.
 
   model: a preset name or a LlamaConfig. topology: a TPU slice ("v5p:4x4x4", "v5e:1x1", "v2-8") or None for
-  the live devices. mesh_shape: {"data", "fsdp", "tensor"} sizes (default `default_mesh_shape`). max_len:
-  prompt + new tokens (the KV cache length); prompt_len: the prefill length (default max_len // 2).
+  the live devices. mesh_shape: {"data", "fsdp", "tensor"} sizes (default `default_mesh_shape`). slots: decode
+  slots S. max_len: prompt + new tokens (each slot's cache window); prompt_len: the prefill length (default
+  max_len // 2). prefill_chunk: prompts per prefill (the engine's default). topk_logprobs and
+  tail_temperatures: what each step records (the teacher store's k and tail temperatures; 0 and () for eval).
   optimization_level: XLA effort for the plan's compiles. "O0" compiles the 405B prefill about 2.5x faster than
   jax's default, and the per-device totals stayed within 0.6% of the default's (either way) on the required
   plans; None compiles at jax's default.
@@ -377,10 +427,12 @@ def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology:
   if quantization not in QUANTIZATIONS:
     raise PlanError(f"unknown quantization {quantization!r}; use one of {', '.join(QUANTIZATIONS)}")
   prompt_len = max_len // 2 if prompt_len is None else prompt_len
-  if batch_size < 1 or not 0 < prompt_len < max_len:
-    raise PlanError(f"need batch_size >= 1 and 0 < prompt_len < max_len, got {batch_size}, {prompt_len}, {max_len}")
+  if slots < 1 or prefill_chunk < 1 or not 0 < prompt_len < max_len:
+    raise PlanError(f"need slots >= 1, prefill_chunk >= 1 and 0 < prompt_len < max_len, got {slots}, "
+                    f"{prefill_chunk}, {prompt_len}, {max_len}")
   if not 0 < hbm_fraction <= 1:
     raise PlanError(f"hbm_fraction must be in (0, 1], got {hbm_fraction}")
+  chunk = min(prefill_chunk, slots)
   compute_dtype = jnp.dtype(dtype)
   devices = topology_devices(topology) if topology else jax.devices()
   topology_name = resolve_topology(topology) if topology else f"live:{devices[0].platform}"
@@ -390,44 +442,61 @@ def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology:
   graphdef, state = nnx.split(abstract)
   shardings = parallel.state_shardings(state, mesh, rules)
   state = jax.tree.map(lambda v, s: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=s), state, shardings)
-  cache = abstract_cache(config, batch_size, max_len, compute_dtype, mesh, rules)
+  new_tokens = max_len - prompt_len
+  opts = generation._DecodeOptions(max_new_tokens=new_tokens, greedy=True, top_k=0, use_top_p=False,
+                                   topk_logprobs=topk_logprobs, pad_id=0, tail_temperatures=tuple(tail_temperatures))
+  slot_state = abstract_slots(abstract, slots, max_len, opts, mesh, rules)
 
   flat_params = {".".join(map(str, path)): leaf for path, leaf in nnx.to_flat_state(state)}
   param_axes = {".".join(map(str, path)): (var.get_metadata().get("logical_axes"), tuple(var.shape))
                 for path, var in nnx.to_flat_state(nnx.state(abstract))}
-  cache_axes = {"kv_cache.k": (KV_CACHE_AXES, cache.k.shape), "kv_cache.v": (KV_CACHE_AXES, cache.v.shape)}
+  cache_axes = {"kv_cache.k": (KV_CACHE_AXES, slot_state.k[0].shape), "kv_cache.v": (KV_CACHE_AXES, slot_state.v[0].shape)}
   layout = {name: str(x.sharding.spec) for name, x in flat_params.items()}
-  layout |= {"kv_cache.k": str(cache.k.sharding.spec), "kv_cache.v": str(cache.v.sharding.spec)}
+  layout |= {"kv_cache.k": str(slot_state.k[0].sharding.spec), "kv_cache.v": str(slot_state.v[0].sharding.spec)}
+  param_shard_bytes = sum(_shard_bytes(x) for x in flat_params.values())
+  cache_shard_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(slot_state))
+  # What each program leaves resident beside its own arguments: prefill runs beside the slots, insert beside the
+  # weights; decode has both as arguments.
+  resident = {"prefill": cache_shard_bytes, "insert": param_shard_bytes, "decode": 0}
 
   hbm = device_hbm_bytes(devices[0])
   steps: dict[str, StepMemory] = {}
+  costs: dict[str, dict[str, Any]] = {}
   error = None
   start = time.perf_counter()
   try:
     with _optimization_level(optimization_level):
-      for name, compiled in _compile_steps(graphdef, state, cache, config, batch_size, prompt_len, mesh, rules):
+      for name, lowered in _lower_engine_programs(graphdef, state, slot_state, config, chunk=chunk,
+                                                  prompt_len=prompt_len, opts=opts, dtype=compute_dtype, mesh=mesh,
+                                                  rules=rules):
+        compiled = lowered.compile()
         steps[name] = _step_memory(compiled)
+        if name != "insert":
+          costs[name] = plan_cost.loop_aware_cost(compiled, lowered)
   except jax.errors.JaxRuntimeError as err:
     if "RESOURCE_EXHAUSTED" not in str(err):
       raise
     error = next((line for line in str(err).splitlines() if "memory" in line.lower()), str(err).splitlines()[0])
   compile_seconds = time.perf_counter() - start
 
-  param_shard_bytes = sum(_shard_bytes(x) for x in flat_params.values())
-  cache_shard_bytes = sum(_shard_bytes(x) for x in jax.tree.leaves(cache))
+  phase_bytes = {name: s.total_bytes + resident[name] for name, s in steps.items()}
   if error is None:
-    per_device = max(s.total_bytes for s in steps.values())
-  else:  # the compiler's own figure, or at least what weights and cache take
+    per_device = max(phase_bytes.values())
+  else:  # the compiler's own figure, or at least what weights and slots take
     per_device = max(_oom_bytes(error) or 0, param_shard_bytes + cache_shard_bytes)
+  predicted = None
+  if error is None:
+    predicted = predict(costs, devices[0], slots=slots, chunk=chunk, prompt_len=prompt_len, new_tokens=new_tokens)
   return Plan(
       model=config.name, quantization=quantization, dtype=compute_dtype.name, topology=topology_name,
       device_kind=devices[0].device_kind, num_devices=len(devices), mesh=dict(mesh.shape),
-      batch_size=batch_size, max_len=max_len, prompt_len=prompt_len,
+      slots=slots, max_len=max_len, prompt_len=prompt_len, prefill_chunk=chunk, topk_logprobs=topk_logprobs,
       param_bytes=sum(_bytes(x) for x in flat_params.values()), per_device_param_bytes=param_shard_bytes,
-      per_device_cache_bytes=cache_shard_bytes, steps=steps, per_device_bytes=int(per_device),
-      device_hbm_bytes=int(hbm), hbm_fraction=hbm_fraction, fits=error is None and per_device <= hbm_fraction * hbm,
+      per_device_cache_bytes=cache_shard_bytes, steps=steps, phase_bytes=phase_bytes,
+      per_device_bytes=int(per_device), device_hbm_bytes=int(hbm), hbm_fraction=hbm_fraction,
+      fits=error is None and per_device <= hbm_fraction * hbm,
       layout=layout, layout_notes=layout_notes(param_axes | cache_axes, mesh, rules),
-      compile_seconds=round(compile_seconds, 2), compiler_error=error)
+      compile_seconds=round(compile_seconds, 2), predicted=predicted, compiler_error=error)
 
 
 def check_fits(plan: Plan) -> None:
@@ -435,9 +504,9 @@ def check_fits(plan: Plan) -> None:
   if plan.fits:
     return
   raise PlanDoesNotFit(
-      f"{plan.model} ({plan.quantization}) with batch {plan.batch_size} x {plan.max_len} tokens needs "
+      f"{plan.model} ({plan.quantization}) with {plan.slots} slots x {plan.max_len} tokens needs "
       f"{plan.per_device_bytes / GiB:.1f} GiB per device on {plan.topology} ({plan.device_kind}), over "
-      f"{plan.hbm_fraction:.0%} of its {plan.device_hbm_bytes / GiB:.1f} GiB HBM; use more chips, a smaller batch "
+      f"{plan.hbm_fraction:.0%} of its {plan.device_hbm_bytes / GiB:.1f} GiB HBM; use more chips, fewer slots "
       f"or fewer tokens")
 
 
@@ -452,20 +521,37 @@ def format_table(plan: Plan) -> str:
   lines = [
       f"plan: {plan.model} {plan.quantization} ({plan.dtype} activations and KV cache) on {plan.topology}: "
       f"{plan.num_devices} x {plan.device_kind}, mesh {mesh}",
-      f"      batch {plan.batch_size}, {plan.max_len} tokens (prefill {plan.prompt_len}); "
-      f"compiled in {plan.compile_seconds:.1f} s",
-      f"{'MiB per device':<15}{'arguments':>10}{'outputs':>10}{'aliased':>10}{'temp':>10}{'total':>10}",
+      f"      engine: {plan.slots} slots x {plan.max_len} tokens, prefill chunks of {plan.prefill_chunk} x "
+      f"{plan.prompt_len}, top-{plan.topk_logprobs} recorded; compiled in {plan.compile_seconds:.1f} s",
+      f"{'MiB per device':<15}{'arguments':>10}{'outputs':>10}{'aliased':>10}{'temp':>10}{'total':>10}"
+      f"{'+resident':>10}",
   ]
   for name, s in plan.steps.items():
     lines.append(f"{name:<15}{mib(s.argument_bytes)}{mib(s.output_bytes)}{mib(s.alias_bytes)}"
-                 f"{mib(s.temp_bytes)}{mib(s.total_bytes)}")
+                 f"{mib(s.temp_bytes)}{mib(s.total_bytes)}{mib(plan.phase_bytes[name])}")
   if plan.compiler_error:
     lines.append(f"compiler: {plan.compiler_error}")
-  lines.append(f"weights {_size(plan.per_device_param_bytes)} + KV cache {_size(plan.per_device_cache_bytes)} "
+  lines.append(f"weights {_size(plan.per_device_param_bytes)} + slots (KV cache) {_size(plan.per_device_cache_bytes)} "
                f"per device (all weights {_size(plan.param_bytes)})")
   verdict = "fits" if plan.fits else "DOES NOT FIT"
   lines.append(f"per device {_size(plan.per_device_bytes)} of {_size(plan.device_hbm_bytes)} HBM "
                f"({plan.per_device_bytes / plan.device_hbm_bytes:.1%}; limit {plan.hbm_fraction:.0%}): {verdict}")
+  p = plan.predicted
+  if p:
+    for name, c in p["programs"].items():
+      line = (f"{name} per device: {c['flops'] / 1e9:,.1f} GFLOP, {_size(c['bytes_accessed'])} accessed "
+              f"(XLA, loops counted)")
+      if "step_s" in c:
+        line += (f": {c['step_s'] * 1e3:.2f} ms at {c['flop_utilisation']:.0%} of peak FLOP/s and "
+                 f"{c['hbm_bandwidth_utilisation']:.0%} of HBM bandwidth")
+      lines.append(line)
+    if p["decode_step_s"] is not None:
+      chip = p["programs"]["decode"]
+      lines.append(f"predicted: decode {p['decode_tokens_per_s']:,.0f} tokens/s ({p['decode_step_s'] * 1e3:.2f} ms "
+                   f"per step), prefill {p['prefill_tokens_per_s']:,.0f} tokens/s, generation with refills "
+                   f"{p['generate_tokens_per_s']:,.0f} tokens/s (roofline max(FLOPs / "
+                   f"{chip['peak_flops_per_s'] / 1e12:.0f} TFLOP/s, bytes / {chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s) "
+                   f"per device and program: an upper bound, no collectives or host time)")
   lines += [f"layout: {note}" for note in plan.layout_notes]
   return "\n".join(lines)
 

@@ -12,8 +12,8 @@ chunks and the gradients.
 
 Prediction. XLA's cost analysis counts a while loop's body once, whatever its trip count (the layer scan, the
 loss's chunk scan and the gradient-accumulation scan are while loops), so `loop_aware_cost` analyses each loop
-body of the compiled HLO again and multiplies it by its trip count. The step time is a per-device roofline,
-max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth), with the chip figures of `plan.CHIP_BY_KIND`;
+body of the compiled HLO again and multiplies it by its trip count (`kdjax.plan_cost`). The step time is a per-device roofline,
+max(FLOPs / peak bf16 FLOP/s, bytes accessed / HBM bandwidth) (`plan_cost.roofline`, the chips of `plan.CHIP_BY_KIND`);
 it ignores collectives and imperfect overlap, so it is a lower bound on the real step time. MFU is the model
 FLOPs of the step over (step time x peak FLOP/s x devices). Model FLOPs per token of a LoRA step (`model_flops`):
 4 N + 12 L H Q S + 6 N_lora, N the projection and LM-head parameters (forward 2 N; backward through the
@@ -24,12 +24,9 @@ Rematerialisation and the loss's recomputed logits are hardware FLOPs, not model
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
-import os
-import re
 import sys
 import time
 from typing import Any, Mapping, TextIO
@@ -42,6 +39,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from kdjax import parallel, quantization
 from kdjax import plan as plan_lib
+from kdjax.plan_cost import loop_aware_cost, roofline
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import lora as lora_lib
 from kdjax.distill import losses
@@ -52,14 +50,6 @@ from kdjax.models.llama.config import LlamaConfig
 
 GiB = plan_lib.GiB
 MAX_SUGGEST_COMPILES = 5  # bound on the bisection for the largest batch that fits
-
-# Compiled HLO heads computations "%name (params) -> result {"; jax's unoptimised HLO text, "name {".
-_COMPUTATION = re.compile(r"^(ENTRY )?%?([^\s({]+) [({]", re.M)
-_WHILE = re.compile(r" while\(.*?condition=%?([^\s,]+), body=%?([^\s,]+)")
-_TRIP_COUNT = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
-_LOOP_BOUND = re.compile(r"= s32\[\]\S* constant\((\d+)\)")
-_CALLS = re.compile(r"(?:calls|to_apply|branch_computations|called_computations)=\{?([^\s,}]+(?:, [^\s,}]+)*)")
-
 
 @dataclasses.dataclass
 class TrainPlan:
@@ -116,136 +106,6 @@ def model_flops(config: LlamaConfig, lora: lora_lib.LoraConfig, seq_len: int) ->
   attention = 12 * c.num_layers * c.num_heads * c.head_dim * seq_len
   return {"params": n, "lora_params": n_lora, "per_token": 4 * n + attention + 6 * n_lora,
           "dense": 4 * n, "attention": attention, "lora": 6 * n_lora}
-
-
-def _computations(hlo: str) -> tuple[dict[str, str], str]:
-  """HLO module text -> ({computation name: its text}, entry name)."""
-  heads = list(_COMPUTATION.finditer(hlo))
-  bodies, entry = {}, ""
-  for head, following in zip(heads, heads[1:] + [None]):
-    bodies[head.group(2)] = hlo[head.start():following.start() if following else len(hlo)]
-    if head.group(1):
-      entry = head.group(2)
-  return bodies, entry
-
-
-def _trip_count(while_line: str, condition: str) -> int | None:
-  """A jax loop's trip count: XLA's `known_trip_count`, else the condition's bound (jax loops count 0, 1, ...)."""
-  known = _TRIP_COUNT.search(while_line)
-  if known:
-    return int(known.group(1))
-  bounds = _LOOP_BOUND.findall(condition)
-  return int(bounds[0]) if len(bounds) == 1 and " direction=LT" in condition else None
-
-
-def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]], list[str]]:
-  """For an HLO module's text: (analysis of its entry, what counting every loop fully adds, loops, unknown loops).
-
-  Each loop body is analysed as a module of its own (the body made the entry) by XLA's HloCostAnalysis on the
-  live backend (compile-only TPU clients cannot analyse), and cost(C) = analysis(C) + sum over the loops W
-  reached from C of trips(W) x cost(body(W)) - analysis(body(W)).
-  """
-  from jax._src.lib import xla_client
-  from jaxlib import _hlo
-  bodies, entry = _computations(hlo)
-  client = jax.devices()[0].client
-  analysed: dict[str, dict[str, float]] = {}
-
-  def analysis(name: str) -> dict[str, float]:
-    if name not in analysed:
-      text = re.sub(r"^ENTRY ", "", hlo, count=1, flags=re.M)
-      text = re.sub(r"^(%?)" + re.escape(name) + r" ([({])", lambda m: f"ENTRY {m.group(1)}{name} {m.group(2)}",
-                    text, count=1, flags=re.M)
-      cost = xla_client._xla.hlo_module_cost_analysis(client, _hlo.hlo_module_from_text(text))
-      analysed[name] = {"flops": float(cost.get("flops", 0.0)), "bytes": float(cost.get("bytes accessed", 0.0))}
-    return analysed[name]
-
-  def loops_reached(name: str, seen: set[str]) -> list[tuple[str, int | None]]:
-    """The while loops in `name` and in the non-loop computations it calls: (body, trip count)."""
-    found = []
-    for line in bodies.get(name, "").splitlines():
-      match = _WHILE.search(line)
-      if match:
-        condition, body = match.groups()
-        found.append((body, _trip_count(line, bodies.get(condition, ""))))
-        continue
-      for group in _CALLS.findall(line):
-        for callee in (name.lstrip("%") for name in group.split(", ")):
-          if callee in bodies and callee not in seen:
-            seen.add(callee)
-            found += loops_reached(callee, seen)
-    return found
-
-  loops: list[dict[str, Any]] = []
-  unknown: list[str] = []
-  totals: dict[str, dict[str, float]] = {}
-
-  def extra(name: str) -> dict[str, float]:
-    """What counting every loop of `name` as often as it runs adds to an analysis that counts it once."""
-    if name not in totals:
-      added = {"flops": 0.0, "bytes": 0.0}
-      for body, trips in loops_reached(name, {name}):
-        if trips is None:
-          unknown.append(body)
-          continue
-        loops.append({"body": body, "trips": trips})
-        once, inner = analysis(body), extra(body)
-        for key in added:
-          added[key] += (trips - 1) * once[key] + trips * inner[key]
-      totals[name] = added
-    return totals[name]
-
-  added = extra(entry)
-  return analysis(entry), added, loops, unknown
-
-
-@contextlib.contextmanager
-def _native_stderr_silenced():
-  """Sends file descriptor 2 (where native libraries log) to /dev/null for the duration."""
-  sys.stderr.flush()
-  saved = os.dup(2)
-  try:
-    with open(os.devnull, "w") as devnull:
-      os.dup2(devnull.fileno(), 2)
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-
-
-def loop_aware_cost(compiled, lowered=None) -> dict[str, Any]:
-  """XLA's cost analysis of `compiled` with every while loop's body counted as often as the loop runs.
-
-  XLA's own `cost_analysis()` (`raw_flops`, `raw_bytes_accessed`) analyses a loop body once, whatever its trip
-  count. The loops and their trip counts are read from the compiled HLO, and what they add is added
-  (`_loops_added`). When the compiled HLO cannot be read back (libtpu's async collectives on some topologies
-  fail jaxlib's HLO parser), `lowered` -- the same step before optimisation, unpartitioned -- supplies the loop
-  structure instead: both compiled figures are scaled by the factor by which counting its loops fully raises its
-  FLOPs (`method` says which). Checked where both work (Llama 3.2 1B, v5e:2x4): FLOPs within 0.1%, bytes within
-  11% of the compiled HLO's. A loop whose trip count cannot be read is counted once and listed in
-  `unknown_loops`.
-  """
-  raw = compiled.cost_analysis()
-  raw = raw[0] if isinstance(raw, (list, tuple)) else raw
-  raw_flops, raw_bytes = float(raw.get("flops", 0.0)), float(raw.get("bytes accessed", 0.0))
-  out = {"raw_flops": raw_flops, "raw_bytes_accessed": raw_bytes}
-  try:
-    with _native_stderr_silenced():  # XLA logs a C++ stack trace before raising; the failure is handled here
-      hlo = compiled.as_text()
-  except jax.errors.JaxRuntimeError:
-    if lowered is None:
-      raise
-    hlo = None
-  if hlo is not None:
-    _, added, loops, unknown = _loops_added(hlo)
-    return out | {"flops": raw_flops + added["flops"], "bytes_accessed": raw_bytes + added["bytes"],
-                  "method": "compiled HLO", "loops": loops, "unknown_loops": unknown}
-  once, added, loops, unknown = _loops_added(lowered.as_text(dialect="hlo"))
-  # Not its own bytes factor: unfused, every elementwise op reads and writes memory (2x off on SmolLM2).
-  scale = (once["flops"] + added["flops"]) / once["flops"] if once["flops"] else 1.0
-  return out | {"flops": raw_flops * scale, "bytes_accessed": raw_bytes * scale,
-                "method": "compiled figures x the loop factor of the unoptimised HLO's FLOPs", "loops": loops,
-                "unknown_loops": unknown}
 
 
 # ------------------------------------------------------------------------------------------------ abstract step
@@ -357,18 +217,16 @@ def _predict(step: _Step, device, num_devices: int, tokens_per_step: int, flops_
          "cost_method": cost["method"], "loops": cost["loops"], "unknown_loops": cost["unknown_loops"],
          "model_flops_per_token": flops_per_token["per_token"],
          "model_flops_per_step": flops_per_token["per_token"] * tokens_per_step}
-  chip = plan_lib.CHIP_BY_KIND.get(device.device_kind)
-  if chip is None:  # CPUs, GPUs: no published peak in the table
+  times = roofline(cost["flops"], cost["bytes_accessed"], device)
+  if times is None:  # CPUs, GPUs: no published peak in the table
     return out | {"peak_flops_per_s": None, "train_step_s": None, "train_tokens_per_s": None, "mfu": None,
                   "hbm_bandwidth_utilisation": None}
-  share = plan_lib.chip_share(device)
-  peak, bandwidth = chip.bf16_flops * share, chip.hbm_bytes_per_s * share  # per device
-  compute_s, memory_s = cost["flops"] / peak, cost["bytes_accessed"] / bandwidth
-  step_s = max(compute_s, memory_s)
-  return out | {"peak_flops_per_s": peak, "hbm_bytes_per_s": bandwidth, "compute_s": compute_s,
-                "memory_s": memory_s, "train_step_s": step_s, "train_tokens_per_s": tokens_per_step / step_s,
+  step_s, peak = times["step_s"], times["peak_flops_per_s"]
+  return out | {"peak_flops_per_s": peak, "hbm_bytes_per_s": times["hbm_bytes_per_s"],
+                "compute_s": times["compute_s"], "memory_s": times["memory_s"], "train_step_s": step_s,
+                "train_tokens_per_s": tokens_per_step / step_s,
                 "mfu": out["model_flops_per_step"] / (step_s * peak * num_devices),
-                "hbm_bandwidth_utilisation": memory_s / step_s}
+                "hbm_bandwidth_utilisation": times["hbm_bandwidth_utilisation"]}
 
 
 def make_train_plan(model: str | LlamaConfig, *, train_cfg: train_lib.TrainConfig, loss_cfg: losses.LossConfig,
