@@ -37,7 +37,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
-from kdjax import parallel, quantization
+from kdjax import generation, parallel, quantization
 from kdjax import plan as plan_lib
 from kdjax.plan_cost import loop_aware_cost, roofline
 from kdjax.distill import batches as batches_lib
@@ -74,6 +74,7 @@ class TrainPlan:
   suggested_batch_size: int | None  # the largest batch that fits, when this one does not (0: none does)
   layout_notes: list[str]
   compile_seconds: float
+  on_policy_teacher: dict[str, Any] | None = None  # the resident teacher and sampling shape, when on-policy
 
   @property
   def fits(self) -> bool:
@@ -195,17 +196,73 @@ def _compile_step(config, *, batch_size, train_cfg, loss_cfg, lora_cfg, dtype, q
   return _Step(batch_size, compiled, lowered, memory, None, parts, memory.total_bytes)
 
 
-def _memory(step: _Step, hbm: int, hbm_fraction: float) -> dict[str, Any]:
+def _memory(step: _Step, hbm: int, hbm_fraction: float, on_policy: Mapping[str, int] | None = None
+            ) -> dict[str, Any]:
+  """Per-device bytes of the step and the verdict; `on_policy` parts (`on_policy_parts`) add to the total."""
   m = step.memory
   budget = int(hbm_fraction * hbm)
+  on_policy = dict(on_policy or {})
+  total = step.per_device_bytes + sum(on_policy.values())
   out = {"argument_bytes": m.argument_bytes if m else sum(step.argument_parts.values()),
          "output_bytes": m.output_bytes if m else None, "alias_bytes": m.alias_bytes if m else None,
          "temp_bytes": m.temp_bytes if m else max(step.per_device_bytes - sum(step.argument_parts.values()), 0),
-         "code_bytes": m.code_bytes if m else None, "total_bytes": step.per_device_bytes,
-         "arguments": dict(step.argument_parts), "device_hbm_bytes": int(hbm), "hbm_fraction": hbm_fraction,
-         "budget_bytes": budget, "fits": step.error is None and step.per_device_bytes <= budget,
+         "code_bytes": m.code_bytes if m else None, "step_bytes": step.per_device_bytes, "total_bytes": total,
+         "arguments": dict(step.argument_parts), "on_policy": on_policy, "device_hbm_bytes": int(hbm),
+         "hbm_fraction": hbm_fraction, "budget_bytes": budget, "fits": step.error is None and total <= budget,
          "compiler_error": step.error}
   return out
+
+
+# ------------------------------------------------------------------------------------------------ on-policy
+
+
+@dataclasses.dataclass(frozen=True)
+class OnPolicyTeacher:
+  """What on-policy batches (distill.on_policy_fraction > 0) keep beside the student: the frozen primed teacher,
+  resident on the same mesh, and the student's sampling of `prompt_len` + `max_new_tokens` tokens per row."""
+  model: LlamaConfig
+  quantization: str            # "int8" or "none"
+  dtype: str
+  prompt_len: int
+  max_new_tokens: int
+
+  @property
+  def sample_len(self) -> int:
+    return self.prompt_len + self.max_new_tokens
+
+
+def on_policy_parts(teacher: OnPolicyTeacher, student: model_lib.Llama, rows: int, mesh, rules,
+                    optimization_level: str | None) -> dict[str, int]:
+  """Per-device bytes that on-policy steps add to the train step, for `rows` sampled responses per step.
+
+  - teacher weights: the serving model (int8 projections when so quantized), placed by the same rules as the
+    student's frozen base;
+  - sampling KV cache: the engine's decode state (`plan.abstract_slots`) of the student, one slot per row at
+    `sample_len` tokens;
+  - teacher scoring: the temporaries and output of the teacher's forward over [rows, sample_len] with the
+    log-softmax over its whole vocabulary (dense distillation needs every token's full distribution).
+  All three are counted as live during the update: the weights are, and the cache and the scored distributions
+  are what the update is made of; sampling and scoring run before it, so the sum is an upper bound.
+  """
+  serving = plan_lib.abstract_serving_model(teacher.model, teacher.quantization, jnp.dtype(teacher.dtype))
+  graphdef, state = nnx.split(serving)
+  state = _with_shardings(state, parallel.state_shardings(state, mesh, rules))
+  opts = generation._DecodeOptions(max_new_tokens=teacher.max_new_tokens, greedy=False, top_k=0, use_top_p=False,
+                                   topk_logprobs=0, pad_id=0)
+  slots = plan_lib.abstract_slots(student, rows, teacher.sample_len, opts, mesh, rules)
+
+  def score(state, input_ids, attention_mask):
+    logits = nnx.merge(graphdef, state).forward(input_ids, attention_mask=attention_mask).logits
+    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+  ids = plan_lib._abstract((rows, teacher.sample_len), jnp.int32, ("batch", "seq"), mesh, rules)
+  mask = plan_lib._abstract((rows, teacher.sample_len), jnp.bool_, ("batch", "seq"), mesh, rules)
+  out = parallel.named_sharding(("batch", "seq", "vocab"), (rows, teacher.sample_len, teacher.model.vocab_size),
+                                mesh, rules)
+  with plan_lib._optimization_level(optimization_level):
+    scoring = plan_lib._step_memory(jax.jit(score, out_shardings=out).lower(state, ids, mask).compile())
+  return {"teacher weights": _shard_bytes(state), "sampling KV cache": _shard_bytes(slots),
+          "teacher scoring": scoring.temp_bytes + scoring.output_bytes}
 
 
 def _predict(step: _Step, device, num_devices: int, tokens_per_step: int, flops_per_token: dict) -> dict | None:
@@ -234,13 +291,14 @@ def make_train_plan(model: str | LlamaConfig, *, train_cfg: train_lib.TrainConfi
                     mesh_shape: Mapping[str, int] | None = None, dtype: str = "bfloat16", quantize: bool = False,
                     remat: bool = True, teacher_k: int = 50, hbm_fraction: float = 0.8,
                     optimization_level: str | None = "O0", suggest_batch: bool = True,
-                    rules=parallel.DEFAULT_RULES) -> TrainPlan:
+                    on_policy: OnPolicyTeacher | None = None, rules=parallel.DEFAULT_RULES) -> TrainPlan:
   """Compiles the student's train step ahead of time and predicts its memory, step time and MFU.
 
   train_cfg gives the optimizer, batch_size, grad_accum_steps, max_length (required) and chunk_size;
   teacher_k is the top-k of the teacher store (ignored when `loss_cfg` needs no teacher). A step that does not
   fit gets the largest batch that does in `suggested_batch_size` (a bisection of at most MAX_SUGGEST_COMPILES
-  compiles) when `suggest_batch`.
+  compiles) when `suggest_batch`. `on_policy`: the step also holds that teacher, the student's sampling cache
+  and the teacher's scoring (`on_policy_parts`, for batch_size x grad_accum_steps sampled rows).
   """
   config = config_lib.get_preset(model) if isinstance(model, str) else model
   if not train_cfg.max_length:
@@ -256,18 +314,25 @@ def make_train_plan(model: str | LlamaConfig, *, train_cfg: train_lib.TrainConfi
                   remat=remat, teacher_k=teacher_k, mesh=mesh, rules=rules, optimization_level=optimization_level)
 
   start = time.perf_counter()
+  student = abstract_student(config, dtype=dtype, quantize=quantize, remat=remat, lora=lora_cfg)
+
+  def on_policy_bytes(batch_size: int) -> dict[str, int]:
+    if on_policy is None:
+      return {}
+    return on_policy_parts(on_policy, student, batch_size * train_cfg.grad_accum_steps, mesh, rules,
+                           optimization_level)
+
   step = _compile_step(config, batch_size=train_cfg.batch_size, **settings)
-  memory = _memory(step, hbm, hbm_fraction)
+  memory = _memory(step, hbm, hbm_fraction, on_policy_bytes(train_cfg.batch_size))
   suggested = None
   if not memory["fits"] and suggest_batch:
-    suggested = _largest_fitting_batch(config, train_cfg.batch_size, hbm, hbm_fraction, settings)
+    suggested = _largest_fitting_batch(config, train_cfg.batch_size, hbm, hbm_fraction, settings, on_policy_bytes)
   compile_seconds = time.perf_counter() - start
 
   tokens_per_step = train_cfg.batch_size * train_cfg.grad_accum_steps * train_cfg.max_length
   flops = model_flops(config, lora_cfg, train_cfg.max_length)
-  abstract = abstract_student(config, dtype=dtype, quantize=quantize, remat=remat, lora=lora_cfg)
   axes = {".".join(map(str, path)): (var.get_metadata().get("logical_axes"), tuple(var.shape))
-          for path, var in nnx.to_flat_state(nnx.state(abstract))}
+          for path, var in nnx.to_flat_state(nnx.state(student))}
   return TrainPlan(
       model=config.name, quantization="int8" if quantize else "none", dtype=jnp.dtype(dtype).name, remat=remat,
       lora_rank=lora_cfg.rank, lora_targets=list(lora_cfg.targets), optimizer=train_cfg.optimizer,
@@ -275,10 +340,14 @@ def make_train_plan(model: str | LlamaConfig, *, train_cfg: train_lib.TrainConfi
       batch_size=train_cfg.batch_size, grad_accum_steps=train_cfg.grad_accum_steps, max_len=train_cfg.max_length,
       chunk_size=train_cfg.chunk_size, teacher_k=teacher_k, train=memory,
       predicted=_predict(step, devices[0], len(devices), tokens_per_step, flops), suggested_batch_size=suggested,
+      on_policy_teacher=None if on_policy is None else {
+          "model": on_policy.model.name, "quantization": on_policy.quantization, "dtype": on_policy.dtype,
+          "rows": train_cfg.batch_size * train_cfg.grad_accum_steps, "sample_len": on_policy.sample_len},
       layout_notes=plan_lib.layout_notes(axes, mesh, rules), compile_seconds=round(compile_seconds, 2))
 
 
-def _largest_fitting_batch(config, batch_size: int, hbm: int, hbm_fraction: float, settings: dict) -> int:
+def _largest_fitting_batch(config, batch_size: int, hbm: int, hbm_fraction: float, settings: dict,
+                           on_policy_bytes) -> int:
   """Bisection over compiles in [1, batch_size): the largest batch that fits (0 if batch 1 does not), bounded."""
   fits, too_big = 0, batch_size
   for _ in range(MAX_SUGGEST_COMPILES):
@@ -287,7 +356,7 @@ def _largest_fitting_batch(config, batch_size: int, hbm: int, hbm_fraction: floa
     candidate = (fits + too_big) // 2
     cfg = dataclasses.replace(settings["train_cfg"], batch_size=candidate)
     step = _compile_step(config, batch_size=candidate, **(settings | {"train_cfg": cfg}))
-    if _memory(step, hbm, hbm_fraction)["fits"]:
+    if _memory(step, hbm, hbm_fraction, on_policy_bytes(candidate))["fits"]:
       fits = candidate
     else:
       too_big = candidate
@@ -299,7 +368,7 @@ def _largest_fitting_batch(config, batch_size: int, hbm: int, hbm_fraction: floa
 
 def largest_consumer(plan: TrainPlan) -> tuple[str, int]:
   """What takes most of a device's memory: one of the arguments, or the step's activations and temporaries."""
-  parts = dict(plan.train["arguments"])
+  parts = dict(plan.train["arguments"]) | dict(plan.train.get("on_policy") or {})
   parts["activations and temporaries"] = plan.train["temp_bytes"] or 0
   name = max(parts, key=parts.get)
   return name, parts[name]
@@ -313,6 +382,11 @@ def _remedies(plan: TrainPlan, consumer: str) -> list[str]:
       remedies.append("student.remat=True")
     if plan.batch_size > 1:
       remedies.append("train.grad_accum_steps for the same tokens per step")
+  elif consumer in ("teacher weights", "teacher scoring"):
+    remedies = ([] if plan.on_policy_teacher["quantization"] == "int8" else ["teacher.quantization=int8"]) + \
+        ["a smaller train.batch_size", "distill.on_policy_fraction=0 (off-policy, no resident teacher)"]
+  elif consumer == "sampling KV cache":
+    remedies = ["a smaller train.batch_size or teacher.max_new_tokens"]
   else:
     remedies = [] if plan.quantization == "int8" else ["student.quantize=True (int8 base)"]
     if plan.suggested_batch_size:
@@ -347,6 +421,11 @@ def format_table(plan: TrainPlan) -> str:
       "per device: " + ", ".join(f"{name} {size(n)}" for name, n in t["arguments"].items())
       + f"; arguments {size(t['argument_bytes'])}, temporaries {size(t['temp_bytes'])}, total {size(t['total_bytes'])}",
   ]
+  if plan.on_policy_teacher:
+    o = plan.on_policy_teacher
+    lines.append(f"on-policy: teacher {o['model']} {o['quantization']} resident, {o['rows']} sampled rows x "
+                 f"{o['sample_len']} tokens; " + ", ".join(f"{name} {size(n)}" for name, n in t["on_policy"].items())
+                 + f"; train step {size(t['step_bytes'])}")
   if t["compiler_error"]:
     lines.append(f"compiler: {t['compiler_error']}")
   verdict = "fits" if t["fits"] else "DOES NOT FIT"
@@ -375,11 +454,19 @@ def run_stage(c, lora_cfg: lora_lib.LoraConfig, loss_cfg: losses.LossConfig, pat
   """The plan stage for `plan.model=student`: plans the train step of config `c`, prints the table, writes
   plan.json, and raises PlanDoesNotFit (one line) when it does not fit -- before any weight is loaded."""
   train_cfg = train_lib.train_config(c)  # the train stage's own settings: the plan cannot drift from it
+  on_policy = None
+  if float(c.distill.get("on_policy_fraction", 0.0)) > 0:
+    prompt_len = train_cfg.max_length - c.teacher.max_new_tokens
+    if prompt_len <= 0:
+      raise plan_lib.PlanError(f"on-policy sampling needs train.max_len ({train_cfg.max_length}) above "
+                               f"teacher.max_new_tokens ({c.teacher.max_new_tokens}), the sampled response length")
+    on_policy = OnPolicyTeacher(config_lib.get_preset(c.teacher.preset), c.teacher.quantization, c.teacher.dtype,
+                                prompt_len, c.teacher.max_new_tokens)
   plan = make_train_plan(
       c.student.preset, train_cfg=train_cfg, loss_cfg=loss_cfg, lora_cfg=lora_cfg, topology=c.plan.topology or None,
       mesh_shape={"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}, dtype=c.student.dtype,
       quantize=bool(c.student.quantize), remat=bool(c.student.remat), teacher_k=c.teacher.k,
-      hbm_fraction=c.plan.hbm_fraction)
+      hbm_fraction=c.plan.hbm_fraction, on_policy=on_policy)
   print_table(plan)
   plan_lib.write_plan_json(plan, path)
   check_fits(plan)

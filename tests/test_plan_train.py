@@ -1,5 +1,6 @@
 """The train plan: the student's LoRA step compiled ahead of time, its memory, loop-aware FLOPs and verdict."""
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -172,3 +173,42 @@ def test_planned_step_memory_matches_the_measured_peak_on_cpu():
   assert 0.8 <= figures["measured_step_bytes"] / figures["plan_total_bytes"] <= 1.2, figures
   # The arguments alone (weights, LoRA, optimizer state, batch) are what the plan says, to 10%.
   assert 0.9 <= figures["measured_argument_bytes"] / figures["plan_argument_bytes"] <= 1.1, figures
+
+
+def test_on_policy_plan_adds_the_resident_teacher_its_scoring_and_the_sampling_cache():
+  """Issue 14: an on-policy step holds the frozen teacher, the student's sampling slots and the teacher's dense
+  scoring besides the train step; here a bf16 tiny teacher beside a tiny student, on one live device."""
+  # The cheapest step to compile (cross-entropy, one micro-batch): the on-policy parts do not depend on the loss.
+  cfg = train_lib.TrainConfig(batch_size=4, grad_accum_steps=1, max_length=64, chunk_size=64, num_steps=1)
+  loss_cfg, lora_cfg = losses.LossConfig(divergence="none", ce_weight=1.0), lora_lib.LoraConfig(rank=4)
+  settings = dict(train_cfg=cfg, loss_cfg=loss_cfg, lora_cfg=lora_cfg, dtype="bfloat16")
+  off = plan_train.make_train_plan("tiny", **settings)
+  assert off.fits and off.train["on_policy"] == {}
+  student, teacher = config_lib.get_preset("tiny"), config_lib.get_preset("tiny")
+  on_policy = plan_train.OnPolicyTeacher(teacher, "none", "bfloat16", prompt_len=40, max_new_tokens=24)
+  # A budget just above the off-policy step: the on-policy step, which needs more, is refused.
+  fraction = off.train["total_bytes"] * 1.0001 / off.train["device_hbm_bytes"]
+  on = plan_train.make_train_plan("tiny", **settings, on_policy=on_policy, hbm_fraction=fraction, suggest_batch=False)
+  parts, rows, length, new = on.train["on_policy"], 4, 64, 24  # every example of the step is sampled
+  # By hand: bf16 teacher weights; the student's keys and values (bf16) for 4 slots x 64 tokens, plus each slot's
+  # lengths, last token and step count (int32), done and stopped flags (bool), key (2 x uint32), 24 token ids.
+  assert parts["teacher weights"] == 2 * teacher.num_params
+  kv = 2 * student.num_layers * rows * student.num_kv_heads * length * student.head_dim * 2
+  assert parts["sampling KV cache"] == kv + rows * (3 * 4 + 2 * 1 + 2 * 4 + new * 4)
+  # The scoring returns float32 log-probabilities over the whole vocabulary for every sampled token.
+  assert parts["teacher scoring"] >= rows * length * teacher.vocab_size * 4
+  assert on.train["step_bytes"] == off.train["total_bytes"]
+  assert on.train["total_bytes"] == off.train["total_bytes"] + sum(parts.values())
+  assert on.on_policy_teacher == {"model": "tiny", "quantization": "none", "dtype": "bfloat16", "rows": 4,
+                                  "sample_len": 64}
+  assert "on-policy: teacher tiny none resident" in plan_train.format_table(on)
+  # An int8 teacher takes less.
+  mesh = plan_lib.build_mesh({"data": 1, "fsdp": 1, "tensor": 1}, jax.devices()[:1])
+  abstract = plan_train.abstract_student(student, dtype="bfloat16", quantize=False, remat=True, lora=lora_cfg)
+  int8 = plan_train.on_policy_parts(dataclasses.replace(on_policy, quantization="int8"), abstract, rows, mesh,
+                                    plan_lib.parallel.DEFAULT_RULES, "O0")
+  assert int8["teacher weights"] < parts["teacher weights"] and int8["sampling KV cache"] == kv + rows * (22 + 4 * new)
+  assert not on.fits
+  with pytest.raises(plan_lib.PlanDoesNotFit) as err:
+    plan_train.check_fits(on)
+  assert "\n" not in str(err.value) and str(err.value).endswith("more chips")
