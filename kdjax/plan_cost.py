@@ -46,8 +46,9 @@ def _trip_count(while_line: str, condition: str) -> int | None:
   return int(bounds[0]) if len(bounds) == 1 and " direction=LT" in condition else None
 
 
-def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]], list[str]]:
-  """For an HLO module's text: (analysis of its entry, what counting every loop fully adds, loops, unknown loops).
+def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]], list[str], dict]:
+  """For an HLO module's text: (analysis of its entry, what counting every loop fully adds, loops, unknown loops,
+  one iteration of each unknown loop: its body with its own loops counted fully).
 
   Each loop body is analysed as a module of its own (the body made the entry) by XLA's HloCostAnalysis on the
   live backend (compile-only TPU clients cannot analyse), and cost(C) = analysis(C) + sum over the loops W
@@ -86,6 +87,7 @@ def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dic
 
   loops: list[dict[str, Any]] = []
   unknown: list[str] = []
+  per_iteration: dict[str, dict[str, float]] = {}
   totals: dict[str, dict[str, float]] = {}
 
   def extra(name: str) -> dict[str, float]:
@@ -93,19 +95,20 @@ def _loops_added(hlo: str) -> tuple[dict[str, float], dict[str, float], list[dic
     if name not in totals:
       added = {"flops": 0.0, "bytes": 0.0}
       for body, trips in loops_reached(name, {name}):
+        once, inner = analysis(body), extra(body)
         if trips is None:  # counted once, the loops inside it fully (one decode step of the engine's loop)
           unknown.append(body)
+          per_iteration[body] = {key: once[key] + inner[key] for key in once}
           trips = 1
         else:
           loops.append({"body": body, "trips": trips})
-        once, inner = analysis(body), extra(body)
         for key in added:
           added[key] += (trips - 1) * once[key] + trips * inner[key]
       totals[name] = added
     return totals[name]
 
   added = extra(entry)
-  return analysis(entry), added, loops, unknown
+  return analysis(entry), added, loops, unknown, per_iteration
 
 
 @contextlib.contextmanager
@@ -132,7 +135,9 @@ def loop_aware_cost(compiled, lowered=None) -> dict[str, Any]:
   structure instead: both compiled figures are scaled by the factor by which counting its loops fully raises its
   FLOPs (`method` says which). Checked where both work (Llama 3.2 1B, v5e:2x4): FLOPs within 0.1%, bytes within
   11% of the compiled HLO's. A loop whose trip count cannot be read (the engine's decode loop, which runs until
-  slots finish) is counted once, the loops in its body as often as they run, and listed in `unknown_loops`.
+  slots finish) is counted once, the loops in its body as often as they run, and listed in `unknown_loops`;
+  `unknown_loop_iteration` gives one iteration of each such loop alone, without the program around it (from the
+  compiled HLO only).
   """
   raw = compiled.cost_analysis()
   raw = raw[0] if isinstance(raw, (list, tuple)) else raw
@@ -146,15 +151,17 @@ def loop_aware_cost(compiled, lowered=None) -> dict[str, Any]:
       raise
     hlo = None
   if hlo is not None:
-    _, added, loops, unknown = _loops_added(hlo)
+    _, added, loops, unknown, per_iteration = _loops_added(hlo)
     return out | {"flops": raw_flops + added["flops"], "bytes_accessed": raw_bytes + added["bytes"],
-                  "method": "compiled HLO", "loops": loops, "unknown_loops": unknown}
-  once, added, loops, unknown = _loops_added(lowered.as_text(dialect="hlo"))
+                  "method": "compiled HLO", "loops": loops, "unknown_loops": unknown,
+                  "unknown_loop_iteration": {body: {"flops": c["flops"], "bytes_accessed": c["bytes"]}
+                                             for body, c in per_iteration.items()}}
+  once, added, loops, unknown, _ = _loops_added(lowered.as_text(dialect="hlo"))
   # Not its own bytes factor: unfused, every elementwise op reads and writes memory (2x off on SmolLM2).
   scale = (once["flops"] + added["flops"]) / once["flops"] if once["flops"] else 1.0
   return out | {"flops": raw_flops * scale, "bytes_accessed": raw_bytes * scale,
                 "method": "compiled figures x the loop factor of the unoptimised HLO's FLOPs", "loops": loops,
-                "unknown_loops": unknown}
+                "unknown_loops": unknown, "unknown_loop_iteration": {}}
 
 
 def roofline(flops: float, bytes_accessed: float, device) -> dict[str, float] | None:
