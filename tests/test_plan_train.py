@@ -212,3 +212,21 @@ def test_on_policy_plan_adds_the_resident_teacher_its_scoring_and_the_sampling_c
   with pytest.raises(plan_lib.PlanDoesNotFit) as err:
     plan_train.check_fits(on)
   assert "\n" not in str(err.value) and str(err.value).endswith("more chips")
+
+
+def test_on_policy_plan_stage_refuses_responses_longer_than_the_train_sequence(tmp_path):
+  # distill.on_policy_fraction (the on-policy branch's key; added here when this branch runs without it) > 0: the
+  # sampled response (teacher.max_new_tokens) must leave room for the prompt in train.max_len. Refused before any
+  # compile, in one line.
+  from kdjax import config as config_lib_
+  from kdjax import pipeline
+  c = config_lib_.get_default_config()
+  c.student.preset = c.teacher.preset = "tiny"
+  c.train.max_len, c.teacher.max_new_tokens = 64, 64
+  if "on_policy_fraction" not in c.distill:
+    c.distill.on_policy_fraction = 0.0
+  c.distill.on_policy_fraction = 0.5
+  with pytest.raises(plan_lib.PlanError) as err:
+    plan_train.run_stage(c, pipeline._lora_config(c), pipeline._loss_config(c, "kd"), tmp_path / "plan.json")
+  assert "\n" not in str(err.value) and "teacher.max_new_tokens (64)" in str(err.value)
+  assert not (tmp_path / "plan.json").exists()
