@@ -20,6 +20,9 @@ copies every `dynamic-slice` of a scanned layer stack (all weights and the layer
 costs more than the decode itself. Elsewhere the stacked layers run under `lax.scan`, where the slices fuse
 into their consumers and the weights are not duplicated.
 
+Many devices: with the model on a mesh, the slot axis of every slot array is sharded like a batch (the data
+axis; `place_slots`), so each device decodes its own slots; results equal the single-device ones.
+
 Sampling is as before: the token of example e at response step t draws with
 `fold_in(fold_in(PRNGKey(seed), e), t)`, so outputs do not depend on the number of slots or on scheduling.
 """
@@ -36,8 +39,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from kdjax import generation
+from kdjax import parallel
 from kdjax.generation import FinishCallback, Generation, ProgressCallback, SamplingConfig, _DecodeOptions, round_up
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.model import KVCache, Llama
@@ -96,6 +101,29 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+def model_mesh(model: Llama) -> Mesh | None:
+  """The mesh the model's parameters are placed on (None: a single device, or no NamedSharding)."""
+  sharding = getattr(model.embed[...], "sharding", None)
+  return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def place_slots(slots: Slots, mesh: Mesh | None) -> Slots:
+  """`slots` on `mesh`: the slot axis sharded like any batch (`parallel`'s "batch" rule: the data axis, with
+  fsdp when it divides too), the caches' kv heads like the model's; unchanged without a mesh. Each device then
+  holds and decodes its own slots, and the compiled programs keep that layout (their inputs fix it)."""
+  if mesh is None:
+    return slots
+  def place(array: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    return jax.device_put(array, parallel.named_sharding(axes, array.shape, mesh))
+  cache_axes = ("batch", "kv_heads", "seq", "head_dim")
+  cache_axes = cache_axes if slots.k[0].ndim == 4 else ("layers",) + cache_axes
+  per_slot = lambda a: place(a, ("batch",) + (None,) * (a.ndim - 1))
+  return Slots(k=tuple(place(a, cache_axes) for a in slots.k), v=tuple(place(a, cache_axes) for a in slots.v),
+               lengths=per_slot(slots.lengths), last=per_slot(slots.last), steps=per_slot(slots.steps),
+               done=per_slot(slots.done), stopped=per_slot(slots.stopped), keys=per_slot(slots.keys),
+               tokens=per_slot(slots.tokens), recorded=tuple(map(per_slot, slots.recorded)))
+
+
 def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool) -> Slots:
   config, n = model.config, opts.max_new_tokens
   shape = (num_slots, config.num_kv_heads, window, config.head_dim)
@@ -106,13 +134,13 @@ def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions,
     probe = jax.eval_shape(lambda x: generation.topk_logprobs(x, opts.topk_logprobs, opts.tail_temperatures),
                            jax.ShapeDtypeStruct((num_slots, config.vocab_size), jnp.float32))
     recorded = tuple(jnp.zeros((num_slots, n) + p.shape[1:], p.dtype) for p in probe)
-  return Slots(
+  return place_slots(Slots(
       k=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
       v=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
       lengths=jnp.zeros((num_slots,), jnp.int32), last=jnp.zeros((num_slots,), jnp.int32),
       steps=jnp.zeros((num_slots,), jnp.int32), done=jnp.ones((num_slots,), bool),
       stopped=jnp.zeros((num_slots,), bool), keys=jnp.zeros((num_slots, 2), jnp.uint32),
-      tokens=jnp.full((num_slots, n), opts.pad_id, jnp.int32), recorded=recorded)
+      tokens=jnp.full((num_slots, n), opts.pad_id, jnp.int32), recorded=recorded), model_mesh(model))
 
 
 # ----------------------------------------------------------------------------- the three verbs
