@@ -295,9 +295,15 @@ def decode_block(graphdef: nnx.GraphDef, state: nnx.State, layers, slots: Slots,
   return jax.lax.while_loop(keep_going, lambda s: _decode_step(model, layers, s, sampling, opts), slots)
 
 
-@functools.partial(jax.jit, static_argnames=("window",), donate_argnames=("slots",))
 def resize_window(slots: Slots, window: int) -> Slots:
   """The same slots in a window of `window` positions (every slot's tokens must fit)."""
+  k, v = _resize_caches((slots.k, slots.v), window=window)
+  return slots._replace(k=k, v=v)
+
+
+# Not donated: a cache of another window cannot reuse the old buffers (XLA would only warn that it did not).
+@functools.partial(jax.jit, static_argnames=("window",))
+def _resize_caches(caches, window: int):
   def fit(a):
     have = a.shape[-2]
     if window <= have:
@@ -305,7 +311,7 @@ def resize_window(slots: Slots, window: int) -> Slots:
     pad = [(0, 0)] * a.ndim
     pad[-2] = (0, window - have)
     return jnp.pad(a, pad)
-  return slots._replace(k=tuple(map(fit, slots.k)), v=tuple(map(fit, slots.v)))
+  return jax.tree.map(fit, caches)
 
 
 # ----------------------------------------------------------------------------- the host loop
