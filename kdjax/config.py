@@ -67,8 +67,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.teacher.top_p = 1.0
   c.teacher.top_k = 0
   c.teacher.max_new_tokens = 512
-  c.teacher.batch_size = 64
-  c.teacher.shard_size = 64
+  c.teacher.batch_size = 64          # decode slots
+  # Questions per store shard: one generate call each, so 4 x the slots lets finished slots refill (a shard of
+  # batch_size questions would be one static batch again); see kdjax.teacher.
+  c.teacher.shard_size = 256
 
   c.student = ml_collections.ConfigDict()
   c.student.source = ""

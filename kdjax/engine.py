@@ -20,6 +20,9 @@ copies every `dynamic-slice` of a scanned layer stack (all weights and the layer
 costs more than the decode itself. Elsewhere the stacked layers run under `lax.scan`, where the slices fuse
 into their consumers and the weights are not duplicated.
 
+Many devices: with the model on a mesh, the slot axis of every slot array is sharded like a batch (the data
+axis; `place_slots`), so each device decodes its own slots; results equal the single-device ones.
+
 Sampling is as before: the token of example e at response step t draws with
 `fold_in(fold_in(PRNGKey(seed), e), t)`, so outputs do not depend on the number of slots or on scheduling.
 """
@@ -36,9 +39,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.sharding import Mesh, NamedSharding
 
 from kdjax import generation
-from kdjax.generation import Generation, ProgressCallback, SamplingConfig, _DecodeOptions, round_up
+from kdjax import parallel
+from kdjax.generation import FinishCallback, Generation, ProgressCallback, SamplingConfig, _DecodeOptions, round_up
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.model import KVCache, Llama
 
@@ -96,6 +101,29 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
 
 
+def model_mesh(model: Llama) -> Mesh | None:
+  """The mesh the model's parameters are placed on (None: a single device, or no NamedSharding)."""
+  sharding = getattr(model.embed[...], "sharding", None)
+  return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
+
+
+def place_slots(slots: Slots, mesh: Mesh | None) -> Slots:
+  """`slots` on `mesh`: the slot axis sharded like any batch (`parallel`'s "batch" rule: the data axis, with
+  fsdp when it divides too), the caches' kv heads like the model's; unchanged without a mesh. Each device then
+  holds and decodes its own slots, and the compiled programs keep that layout (their inputs fix it)."""
+  if mesh is None:
+    return slots
+  def place(array: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
+    return jax.device_put(array, parallel.named_sharding(axes, array.shape, mesh))
+  cache_axes = ("batch", "kv_heads", "seq", "head_dim")
+  cache_axes = cache_axes if slots.k[0].ndim == 4 else ("layers",) + cache_axes
+  per_slot = lambda a: place(a, ("batch",) + (None,) * (a.ndim - 1))
+  return Slots(k=tuple(place(a, cache_axes) for a in slots.k), v=tuple(place(a, cache_axes) for a in slots.v),
+               lengths=per_slot(slots.lengths), last=per_slot(slots.last), steps=per_slot(slots.steps),
+               done=per_slot(slots.done), stopped=per_slot(slots.stopped), keys=per_slot(slots.keys),
+               tokens=per_slot(slots.tokens), recorded=tuple(map(per_slot, slots.recorded)))
+
+
 def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool) -> Slots:
   config, n = model.config, opts.max_new_tokens
   shape = (num_slots, config.num_kv_heads, window, config.head_dim)
@@ -106,13 +134,13 @@ def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions,
     probe = jax.eval_shape(lambda x: generation.topk_logprobs(x, opts.topk_logprobs, opts.tail_temperatures),
                            jax.ShapeDtypeStruct((num_slots, config.vocab_size), jnp.float32))
     recorded = tuple(jnp.zeros((num_slots, n) + p.shape[1:], p.dtype) for p in probe)
-  return Slots(
+  return place_slots(Slots(
       k=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
       v=tuple(jnp.zeros(shape, model.dtype) for _ in range(layers)),
       lengths=jnp.zeros((num_slots,), jnp.int32), last=jnp.zeros((num_slots,), jnp.int32),
       steps=jnp.zeros((num_slots,), jnp.int32), done=jnp.ones((num_slots,), bool),
       stopped=jnp.zeros((num_slots,), bool), keys=jnp.zeros((num_slots, 2), jnp.uint32),
-      tokens=jnp.full((num_slots, n), opts.pad_id, jnp.int32), recorded=recorded)
+      tokens=jnp.full((num_slots, n), opts.pad_id, jnp.int32), recorded=recorded), model_mesh(model))
 
 
 # ----------------------------------------------------------------------------- the three verbs
@@ -267,9 +295,15 @@ def decode_block(graphdef: nnx.GraphDef, state: nnx.State, layers, slots: Slots,
   return jax.lax.while_loop(keep_going, lambda s: _decode_step(model, layers, s, sampling, opts), slots)
 
 
-@functools.partial(jax.jit, static_argnames=("window",), donate_argnames=("slots",))
 def resize_window(slots: Slots, window: int) -> Slots:
   """The same slots in a window of `window` positions (every slot's tokens must fit)."""
+  k, v = _resize_caches((slots.k, slots.v), window=window)
+  return slots._replace(k=k, v=v)
+
+
+# Not donated: a cache of another window cannot reuse the old buffers (XLA would only warn that it did not).
+@functools.partial(jax.jit, static_argnames=("window",))
+def _resize_caches(caches, window: int):
   def fit(a):
     have = a.shape[-2]
     if window <= have:
@@ -277,7 +311,7 @@ def resize_window(slots: Slots, window: int) -> Slots:
     pad = [(0, 0)] * a.ndim
     pad[-2] = (0, window - have)
     return jnp.pad(a, pad)
-  return slots._replace(k=tuple(map(fit, slots.k)), v=tuple(map(fit, slots.v)))
+  return jax.tree.map(fit, caches)
 
 
 # ----------------------------------------------------------------------------- the host loop
@@ -290,12 +324,15 @@ def _chunk_size(free: int, waiting: int, limit: int) -> int:
 
 def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[int], sampling: SamplingConfig, *,
         stop_ids: Sequence[int], pad_id: int, num_slots: int, topk_logprobs: int, length_bucket: int,
-        tail_temperatures: tuple[float, ...] = (), progress: ProgressCallback | None = None, window_bucket: int = 128, prefill_chunk: int = 4,
-        unrolled: bool | None = None) -> list[Generation]:
+        tail_temperatures: tuple[float, ...] = (), progress: ProgressCallback | None = None,
+        on_finish: FinishCallback | None = None, window_bucket: int = 128,
+        prefill_chunk: int = 4, unrolled: bool | None = None) -> list[Generation]:
   """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`).
 
   Free slots take prompts up to `prefill_chunk` at a time, in chunks of a power of two (a refill is usually one
   prompt, as in JetStream; on CPU four 150-token prompts prefill ~12% faster per prompt together than alone);
+  prompts enter shortest first (a chunk's prompts then share a length bucket). `on_finish(index, generation)`
+  is called for each prompt as soon as it is finished.
   `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
   """
   unrolled = unrolled_layers_default() if unrolled is None else unrolled
@@ -368,6 +405,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       results[held[s]] = _generation(tokens[row, :count], bool(stopped[row]), [r[row, :count] for r in recorded])
       tokens_done += count
       examples_done += 1
+      if on_finish is not None:
+        on_finish(held[s], results[held[s]])
       held[s] = None
     if progress is not None:
       progress(tokens_done, time.perf_counter() - start, examples_done, len(prompts))

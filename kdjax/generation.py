@@ -22,6 +22,8 @@ from kdjax.models.llama.model import Llama
 FinishReason = Literal["stop", "length"]
 # progress(tokens generated so far, seconds elapsed, examples done, examples in total)
 ProgressCallback = Callable[[int, float, int, int], None]
+# on_finish(index of the prompt in the list given, its Generation): called as soon as that prompt is finished
+FinishCallback = Callable[[int, "Generation"], None]
 
 
 class GenerationError(ValueError):
@@ -198,7 +200,8 @@ def _check_inputs(model: Llama, prompts: Sequence[Sequence[int]], example_ids: S
 def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              stop_ids: Sequence[int], pad_id: int, example_ids: Sequence[int] | None = None,
              batch_size: int = 16, topk_logprobs: int = 0, tail_temperatures: Sequence[float] = (),
-             progress: ProgressCallback | None = None, length_bucket: int = 64) -> list[Generation]:
+             progress: ProgressCallback | None = None, length_bucket: int = 64,
+             on_finish: FinishCallback | None = None) -> list[Generation]:
   """Generates a response for every prompt (token ids, without padding), in the order given.
 
   stop_ids end a row (the stop token is kept in `tokens`); `pad_id` fills finished rows and padding.
@@ -206,7 +209,10 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   Generation carries the top-k log-probs (temperature 1) of the distribution behind every response token,
   its tail mass, and the log of the tail mass at each of `tail_temperatures` (see `topk_logprobs`).
   `batch_size` is the number of decode slots (`kdjax.engine`): prompts are prefilled into slots as others
-  finish. `progress(tokens, elapsed_s, examples_done, examples_total)` is called whenever examples finish.
+  finish. `progress(tokens, elapsed_s, examples_done, examples_total)` is called whenever examples finish, and
+  `on_finish(i, generation)` once for each prompt i as soon as it is finished (callers write results as they
+  come, so a kill loses only the rows in flight). Prompts enter the slots shortest first; the order changes no
+  result (greedy rows are what a full forward gives, sampled rows depend on their example id and step alone).
   Prompt lengths round up to a multiple of `length_bucket`, so few prefill shapes compile.
   """
   if length_bucket < 1:
@@ -220,4 +226,4 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   return engine.run(model, prompts, ids_of_example, sampling, stop_ids=stop_ids, pad_id=pad_id,
                     num_slots=num_slots, topk_logprobs=topk_logprobs,
                     tail_temperatures=tuple(float(x) for x in tail_temperatures), length_bucket=length_bucket,
-                    progress=progress)
+                    progress=progress, on_finish=on_finish)

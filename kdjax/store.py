@@ -27,10 +27,7 @@ A shard is one uncompressed `.npz` (written with fixed zip timestamps, hence rep
                                                          spec's n tail_temperatures (absent in older stores)
   metadata (uint8)                                       per-example fields as column JSON
 
-Ids are stored as uint16 when vocab_size <= 65536. Larger vocabularies are bit-packed with
-ceil(log2(vocab_size)) bits per id instead of uint32: for Llama 3 (128256 ids, 17 bits) at
-k=50 that is 312 instead of 408 bytes per token: for the ~1.9M response tokens of GSM8K train,
-~0.58 GB instead of ~0.76 GB (~0.60 GB with prompts and response texts).
+Ids are stored as uint16 or bit-packed (`kdjax.store_ids`).
 """
 
 from __future__ import annotations
@@ -48,6 +45,7 @@ from typing import Any, BinaryIO, Callable
 import numpy as np
 
 from kdjax import storage
+from kdjax import store_ids
 
 FORMAT_NAME = "kdjax-teacher-store"
 FORMAT_VERSION = 1
@@ -105,9 +103,7 @@ class StoreSpec:
 
   @property
   def id_format(self) -> str:
-    if self.vocab_size <= 1 << 16:
-      return "uint16"
-    return f"packed{(self.vocab_size - 1).bit_length()}"
+    return store_ids.format_for(self.vocab_size)
 
   def to_json(self) -> dict:
     return _json_normalized(dataclasses.asdict(self))
@@ -157,29 +153,6 @@ def _record_metadata(record: TeacherRecord) -> dict:
       "finish_reason": record.finish_reason,
       "extracted_answer": None if extracted is None else float(extracted),
       "gold_answer": float(record.gold_answer), "correct": bool(record.correct)}
-
-
-# ----------------------------------------------------------------------------- id encoding
-
-
-def _encode_ids(ids: np.ndarray, id_format: str) -> np.ndarray:
-  flat = np.asarray(ids).reshape(-1)
-  if id_format == "uint16":
-    return flat.astype(np.uint16)
-  bits = int(id_format.removeprefix("packed"))
-  # Little-endian bit order: the low `bits` bits of each id, packed back to back.
-  as_bytes = flat.astype("<u4").view(np.uint8).reshape(-1, 4)
-  id_bits = np.unpackbits(as_bytes, axis=1, bitorder="little")[:, :bits]
-  return np.packbits(id_bits.reshape(-1), bitorder="little")
-
-
-def _decode_ids(stored: np.ndarray, count: int, id_format: str) -> np.ndarray:
-  if id_format == "uint16":
-    return stored.astype(np.int32)
-  bits = int(id_format.removeprefix("packed"))
-  id_bits = np.zeros((count, 32), np.uint8)
-  id_bits[:, :bits] = np.unpackbits(stored, count=count * bits, bitorder="little").reshape(count, bits)
-  return np.packbits(id_bits, axis=1, bitorder="little").view("<u4").reshape(count).astype(np.int32)
 
 
 # ----------------------------------------------------------------------------- files
@@ -392,10 +365,10 @@ class StoreWriter:
         "response_offsets": offsets("response_ids"),
         "student_prompt_offsets": offsets("student_prompt_ids"),
         "teacher_prompt_offsets": offsets("teacher_prompt_ids"),
-        "response_ids": _encode_ids(concat("response_ids", np.int64), id_format),
-        "student_prompt_ids": _encode_ids(concat("student_prompt_ids", np.int64), id_format),
-        "teacher_prompt_ids": _encode_ids(concat("teacher_prompt_ids", np.int64), id_format),
-        "topk_ids": _encode_ids(topk_ids, id_format),
+        "response_ids": store_ids.encode(concat("response_ids", np.int64), id_format),
+        "student_prompt_ids": store_ids.encode(concat("student_prompt_ids", np.int64), id_format),
+        "teacher_prompt_ids": store_ids.encode(concat("teacher_prompt_ids", np.int64), id_format),
+        "topk_ids": store_ids.encode(topk_ids, id_format),
         "topk_logprobs": logprobs.reshape(-1, k),
         "tail_mass": concat("tail_mass", np.float32),
         "tail_log_mass": np.concatenate(
@@ -555,9 +528,9 @@ class StoreReader(Sequence):
     for name in ("response", "student_prompt", "teacher_prompt"):
       offsets = arrays[f"{name}_offsets"]
       decoded[f"{name}_offsets"] = offsets
-      decoded[f"{name}_ids"] = _decode_ids(arrays[f"{name}_ids"], int(offsets[-1]), id_format)
+      decoded[f"{name}_ids"] = store_ids.decode(arrays[f"{name}_ids"], int(offsets[-1]), id_format)
     num_tokens = int(decoded["response_offsets"][-1])
-    decoded["topk_ids"] = _decode_ids(
+    decoded["topk_ids"] = store_ids.decode(
         arrays["topk_ids"], num_tokens * self.spec.k, id_format).reshape(num_tokens, self.spec.k)
     decoded["topk_logprobs"] = arrays["topk_logprobs"]
     decoded["tail_mass"] = arrays["tail_mass"]

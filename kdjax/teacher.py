@@ -11,6 +11,14 @@ Reproducibility: each question's sampling key is derived from its GSM8K id (`exa
 shard always holds the same questions, batched the same way, so a resumed or multi-process run
 writes the same shards as one uninterrupted single-process run.
 
+Feeding the engine: a shard is one `generate` call with `batch_size` decode slots, which refill from
+the shard's queue as responses finish; only the shard's last responses leave slots idle. So
+`shard_size` should be several times `batch_size` (the config's default is 4x). One call per shard,
+rather than one call over several shards, is deliberate: a shard's bytes then depend only on its own
+questions and settings, never on which shards happened to share the slots with it, and that is what
+keeps a killed and resumed run byte-identical to an uninterrupted one (in float arithmetic a row's
+log-probs can move in the last bit with the cache window its neighbours set).
+
 Correctness of a response uses the `strict` extraction rule by default: the prompts ask for a
 final `#### N` line, and a response only counts as correct when it states the gold answer in that
 form (or lm-eval's "The answer is N" fallbacks). The looser `paper` rule would also credit
@@ -62,8 +70,8 @@ class TeacherJob:
   sampling: SamplingConfig
   k: int = 50
   placement: str = "system"
-  shard_size: int = 64
-  batch_size: int = 16
+  shard_size: int = 64  # several times batch_size, so slots refill within a shard (module docstring)
+  batch_size: int = 16  # decode slots
   answer_rule: str = "strict"
   correct_only: bool = False  # recorded for the trainer; the store keeps every response
   tail_temperatures: tuple[float, ...] = ()  # temperatures of the stored tempered tails (see kdjax.store)

@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import json
+import os
+import pathlib
 import shutil
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
 from kdjax import data
 from kdjax import generation
+from kdjax import priming
 from kdjax.evaluation import exemplars
 from kdjax.evaluation import extract
 from kdjax.evaluation import loop
 from kdjax.evaluation import report
 from kdjax.evaluation import stats
 
+REPO = pathlib.Path(__file__).resolve().parents[1]
 CFG = loop.EvalConfig(num_questions=4, max_new_tokens=64, batch_size=2)
 
 
@@ -40,14 +48,16 @@ def finished(smollm2, questions, tmp_path_factory):
 
 
 class GenerateSpy:
-  """Wraps `generation.generate`, recording the example ids it is asked for."""
+  """Wraps `generation.generate`, recording the example ids it is asked for, call by call."""
 
   def __init__(self, monkeypatch):
     self.example_ids: list[int] = []
+    self.calls: list[list[int]] = []
     real = generation.generate
 
     def spy(model, prompts, sampling, **kwargs):
       self.example_ids.extend(kwargs["example_ids"])
+      self.calls.append(list(kwargs["example_ids"]))
       return real(model, prompts, sampling, **kwargs)
 
     monkeypatch.setattr(generation, "generate", spy)
@@ -106,7 +116,7 @@ def test_resume_redoes_only_the_missing_questions(smollm2, questions, finished, 
   missing = sorted(json.loads(line)["id"] for line in lines[2:])
   spy = GenerateSpy(monkeypatch)
   again = loop.evaluate(*smollm2, questions, CFG, resumed, arm="base", progress=False)
-  assert sorted(spy.example_ids) == missing
+  assert sorted(spy.example_ids) == missing and len(spy.calls) == 1
   new_lines = _lines(resumed / loop.SAMPLES_FILE)
   assert len(new_lines) == 4 and new_lines[:2] == lines[:2]
   by_id = {s["id"]: s for s in report.load_samples(out_dir)}
@@ -144,6 +154,84 @@ def test_two_processes_split_the_questions_and_merge_one_samples_file(smollm2, q
   timing = ("seconds", "tokens_per_second", "run_seconds", "ref_nll_mean")
   assert {k: v for k, v in merged.items() if k not in timing} == {k: v for k, v in summary.items() if k not in timing}
   assert merged["ref_nll_mean"] == pytest.approx(summary["ref_nll_mean"], abs=1e-6)
+
+
+def test_slot_refilling_outputs_equal_one_static_batch_at_a_time(smollm2, questions, finished):
+  """The evaluation feeds all 4 questions to 2 decode slots in one call (slots refill as answers finish); its
+  greedy outputs equal the former path's: `generate` on one batch of `batch_size` questions at a time."""
+  out_dir, _ = finished
+  model, tokenizer = smollm2
+  samples = report.load_samples(out_dir)
+  stop_ids = priming.stop_token_ids(tokenizer)
+  prompts = {s["id"]: priming.encode_chat(tokenizer, loop.prompt_messages(questions[s["id"]]["question"],
+                                                                         CFG.prompt_format)) for s in samples}
+  ordered = sorted(prompts, key=lambda i: (len(prompts[i]), i))
+  assert [s["id"] for s in samples] == ordered  # the finished file is in the order questions enter generation
+  by_id = {s["id"]: s for s in samples}
+  for first in range(0, len(ordered), CFG.batch_size):
+    batch = ordered[first:first + CFG.batch_size]
+    generations = generation.generate(model, [prompts[i] for i in batch], CFG.sampling(), stop_ids=stop_ids,
+                                      pad_id=stop_ids[0], example_ids=batch, batch_size=CFG.batch_size)
+    for i, gen in zip(batch, generations):
+      tokens = gen.tokens[:-1] if gen.finish_reason == "stop" else gen.tokens
+      assert by_id[i]["output"] == tokenizer.decode(tokens, skip_special_tokens=False)
+      assert (by_id[i]["num_output_tokens"], by_id[i]["finish_reason"]) == (len(gen.tokens), gen.finish_reason)
+
+
+_KILLED_CHILD = """
+import sys, time
+import kdjax
+from kdjax import data
+from kdjax.evaluation import loop
+gguf, gsm8k, folder, num_questions, max_new_tokens, batch_size = sys.argv[1:]
+add = loop._RecordSink.add
+def add_then_pause(self, record):  # after the first record, leave the killer time to strike mid-way
+  add(self, record)
+  time.sleep(30)
+loop._RecordSink.add = add_then_pause
+model, _ = kdjax.load_model(gguf)
+cfg = loop.EvalConfig(num_questions=int(num_questions), max_new_tokens=int(max_new_tokens),
+                      batch_size=int(batch_size))
+loop.evaluate(model, kdjax.load_tokenizer(gguf), data.load_gsm8k(gsm8k, "test"), cfg, folder, arm="base",
+              progress=False)
+"""
+
+
+# ~70 s on the shared 2-core machine (a child process loads SmolLM2 and compiles), hence slow.
+@pytest.mark.slow
+def test_kill_9_mid_evaluation_keeps_finished_questions_and_resumes_to_the_same_samples(
+    smollm2, smollm2_gguf, gsm8k_dir, questions, finished, monkeypatch, tmp_path):
+  """A run killed (SIGKILL) while questions are in flight has already written each question that finished; the
+  resumed run generates only the others and ends with the uninterrupted run's samples."""
+  out_dir, summary = finished
+  folder = tmp_path / "killed"
+  samples_path = folder / loop.SAMPLES_FILE
+  child = subprocess.Popen(
+      [sys.executable, "-c", _KILLED_CHILD, str(smollm2_gguf), str(gsm8k_dir), str(folder),
+       str(CFG.num_questions), str(CFG.max_new_tokens), str(CFG.batch_size)],
+      env={**os.environ, "PYTHONPATH": str(REPO)}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+  try:
+    deadline = time.time() + 300
+    while not (samples_path.exists() and samples_path.read_bytes().endswith(b"\n")):
+      assert child.poll() is None, child.stdout.read().decode()[-3000:]
+      assert time.time() < deadline, "the child wrote no record in 300 s"
+      time.sleep(0.05)
+  finally:
+    child.send_signal(signal.SIGKILL)
+    child.wait()
+  written = loop.read_samples(samples_path)
+  assert len(written) == 1 and not (folder / loop.SUMMARY_FILE).exists()
+  spy = GenerateSpy(monkeypatch)
+  again = loop.evaluate(*smollm2, questions, CFG, folder, arm="base", progress=False)
+  assert sorted(spy.example_ids) == sorted({0, 1, 2, 3} - {written[0]["id"]})
+  resumed = {s["id"]: s for s in report.load_samples(folder)}
+  assert resumed[written[0]["id"]] == written[0]  # kept as written before the kill
+  for sample in report.load_samples(out_dir):
+    got = resumed[sample["id"]]
+    assert got["ref_nll"] == pytest.approx(sample["ref_nll"], abs=1e-6)
+    assert {k: v for k, v in got.items() if k not in ("seconds", "ref_nll")} == \
+        {k: v for k, v in sample.items() if k not in ("seconds", "ref_nll")}
+  assert again["accuracy"] == summary["accuracy"] and again["n"] == 4
 
 
 def test_report_builds_from_two_folders(finished, tmp_path):

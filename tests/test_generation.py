@@ -327,3 +327,73 @@ def test_smollm2_engine_with_refills_equals_transformers_row_by_row(smollm2, gsm
                   pad_id=tokenizer.pad_token_id, batch_size=2)
   assert [o.tokens for o in outs] == expected
   assert [o.finish_reason for o in outs] == ["stop" if e[-1] in stops else "length" for e in expected]
+
+
+# ----------------------------------------------------------------------------- slots on a mesh
+
+_MESH_CHILD = """
+import json, sys
+import jax
+import numpy as np
+from kdjax import engine, parallel
+from kdjax.generation import SamplingConfig, generate
+from kdjax.models.llama import config as config_lib
+from kdjax.models.llama import model as model_lib
+prompts = json.loads(sys.argv[1])
+model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
+model.lm_head[...] = model.lm_head[...] * 20.0
+seen = []
+real_decode_block = engine.decode_block
+def recording_decode_block(graphdef, state, layers, slots, *args, **kwargs):
+  out = real_decode_block(graphdef, state, layers, slots, *args, **kwargs)
+  seen.append([str(getattr(a.sharding, "spec", a.sharding)) for a in (slots.lengths, slots.k[0], out.lengths, out.k[0], out.tokens)])
+  return out
+engine.decode_block = recording_decode_block
+# Two tokens of the free-running greedy outputs as stop tokens, so rows end at different steps.
+free = [g.tokens for g in generate(model, prompts, SamplingConfig(max_new_tokens=8), stop_ids=[], pad_id=0)]
+stops = [free[0][2], free[1][5]]
+
+def run(unrolled):
+  engine.unrolled_layers_default = lambda: unrolled
+  out = {}
+  for name, sampling in (("greedy", SamplingConfig(max_new_tokens=8)),
+                         ("sampled", SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3))):
+    gens = generate(model, prompts, sampling, stop_ids=stops, pad_id=0, batch_size=4, topk_logprobs=5)
+    out[name] = {"tokens": [g.tokens for g in gens], "topk_ids": [g.topk_ids.tolist() for g in gens],
+                 "topk_logprobs": [g.topk_logprobs.tolist() for g in gens]}
+  return out
+
+result = {"devices": jax.device_count(), "single": {u: run(u) for u in (True, False)}}
+seen.clear()
+parallel.shard_model(model, parallel.make_mesh({"data": 4, "tensor": 2}))
+result["mesh"] = {u: run(u) for u in (True, False)}
+result["specs"] = seen
+print("RESULT" + json.dumps(result))
+"""
+
+
+@pytest.mark.slow  # a subprocess on 8 CPU devices compiling the engine for one device and for a 4 x 2 mesh
+def test_slots_sharded_over_the_data_axis_give_the_single_device_results():
+  """The model on a data 4 x tensor 2 mesh of 8 CPU devices: the slots' arrays are sharded over `data` going into
+  and out of every decode block, and greedy and sampled outputs (with refills: 8 prompts, 4 slots) and their
+  top-k log-probs equal those of one device, for both layer layouts."""
+  import os
+  import subprocess
+  import sys
+  prompts = RAGGED_PROMPTS + [[3, 1, 4, 1, 5], [2, 7, 1, 8, 2, 8, 1, 8, 2, 8], [60], [61, 62]]
+  env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"}
+  proc = subprocess.run([sys.executable, "-c", _MESH_CHILD, json.dumps(prompts)], env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  result = json.loads(proc.stdout.split("RESULT", 1)[1])
+  assert result["devices"] == 8
+  # lengths in and out, caches in and out ([S, kv, W, d] unrolled, [L, S, kv, W, d] scanned), tokens out
+  assert result["specs"] and all(("'data'" in spec) for specs in result["specs"] for spec in specs), result["specs"]
+  assert all(specs[0] == specs[2] == specs[4] == "P('data',)" for specs in result["specs"]), result["specs"]
+  for layout in ("true", "false"):
+    for name in ("greedy", "sampled"):
+      one, mesh = result["single"][layout][name], result["mesh"][layout][name]
+      assert mesh["tokens"] == one["tokens"] and mesh["topk_ids"] == one["topk_ids"], (layout, name)
+      for a, b in zip(one["topk_logprobs"], mesh["topk_logprobs"]):
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-5)
+  assert len({len(t) for t in result["single"]["true"]["greedy"]["tokens"]}) > 1  # rows stopped at different steps

@@ -10,6 +10,7 @@ import sys
 import numpy as np
 import pytest
 
+import helpers
 from kdjax import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -318,17 +319,7 @@ def test_preempted_training_in_a_bucket_resumes_bit_identical(gcs_emulator, tmp_
     if proc.poll() is None:
       proc.kill()
   assert proc.returncode == -signal.SIGKILL and _finished_gs_checkpoints(url)[-1] < int(steps)
-  resumed = subprocess.run([sys.executable, str(worker), "train", "--workdir", url,
-                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
-                           env=env, capture_output=True, text=True, timeout=900)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
-  assert sorted(want) == sorted(got) and len(want) == 6
-  for name in want:
-    assert np.array_equal(want[name], got[name]), name
-  logged = [json.loads(line)["step"] for line in (storage.path(url) / "metrics.jsonl").read_text().splitlines()
-            if '"kd"' in line]
-  assert logged == list(range(1, int(steps) + 1))
+  helpers.resume_and_compare(worker, url, steps, env, tmp_path)
 
 
 def test_a_folder_in_a_bucket_has_the_content_digest_of_its_local_twin(gcs_emulator, tmp_path):

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 import train_worker as worker
 from kdjax.distill import batches, losses, results
 from kdjax.distill import train as train_lib
@@ -232,17 +233,7 @@ def test_kill9_and_resume_is_bit_identical(tmp_path, compile_cache):
   killed_at = _finished_checkpoints(workdir)[-1]
   assert killed_at < int(steps)
 
-  resumed = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(workdir),
-                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
-                           env=compile_cache, capture_output=True, text=True, timeout=900)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
-  assert sorted(want) == sorted(got) and len(want) == 6
-  for name in want:
-    assert np.array_equal(want[name], got[name]), name
-  steps_logged = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()
-                  if '"kd"' in line]
-  assert steps_logged == list(range(1, int(steps) + 1))  # steps after the checkpoint were logged once
+  helpers.resume_and_compare(WORKER, str(workdir), steps, compile_cache, tmp_path)
 
 
 @pytest.mark.slow  # a subprocess compiling the step for one device and for a 2 x 4 mesh

@@ -2,9 +2,11 @@
 
 An evaluation folder holds
   eval_config.json  the settings that decide the outputs (written first; a restart with other settings fails)
-  samples.jsonl     one record per question (fields in `SAMPLE_FIELDS`), appended and fsynced per batch; `ref_nll`
-                    and `ref_tokens` are the reference solution's mean per-token NLL (nats) under the same prompt
-                    and its token count (`kdjax.evaluation.reference_nll`)
+  samples.jsonl     one record per question (fields in `SAMPLE_FIELDS`), appended and fsynced as each question
+                    finishes (so a kill loses only the questions in flight), and once complete rewritten in the
+                    order questions enter generation (prompt length, then id); `ref_nll` and `ref_tokens` are
+                    the reference solution's mean per-token NLL (nats) under the same prompt and its token
+                    count (`kdjax.evaluation.reference_nll`)
   summary.json      accuracy per rule with Wilson intervals, `ref_nll_mean` (the mean of the questions' `ref_nll`),
                     lengths and speed (written atomically at the end)
 `kdjax.evaluation.report.build_report` reads these folders.
@@ -12,8 +14,11 @@ An evaluation folder holds
 On several processes (a pod) each process evaluates its strided share of the selected questions (question i
 goes to process i % count) and appends to its own part, `samples-<p>-of-<count>.jsonl`, so no two processes
 write one object and a preempted process resumes its part after its last complete line. When every part is
-complete (a barrier), process 0 merges them into samples.jsonl, in the order one process writes it (prompt
+complete (a barrier), process 0 merges them into samples.jsonl, in the order questions enter generation (prompt
 length, then id), writes summary.json and deletes the parts; the others wait for that and read the summary.
+
+Generation is fed `GENERATE_ROUNDS * eval.batch_size` questions per call, with `eval.batch_size` decode slots,
+so slots that finish refill at once instead of waiting for a static batch's longest answer.
 
 Scoring under the math_verify rule uses a worker started with multiprocessing's "spawn", which re-imports the
 caller's main module: scripts that call `evaluate` must keep their work under `if __name__ == "__main__":`.
@@ -51,6 +56,9 @@ SAMPLES_FILE = "samples.jsonl"
 SUMMARY_FILE = "summary.json"
 CONFIG_FILE = "eval_config.json"
 PART_PATTERN = "samples-*-of-*.jsonl"
+# Questions per generate call, in units of eval.batch_size (the decode slots): slots refill from the call's queue,
+# and only its last questions leave slots idle; the call's reference NLLs are computed first (see `evaluate`).
+GENERATE_ROUNDS = 8
 SAMPLE_FIELDS = ("id", "question", "prompt", "output", "num_output_tokens", "hit_token_limit", "finish_reason",
                  "gold", "answers", "correct", "seconds", "ref_nll", "ref_tokens")
 
@@ -222,16 +230,19 @@ def _check_settings(out_dir: pathlib.Path, cfg: EvalConfig, *, write: bool = Tru
     _atomic_write_json(path, wanted)
 
 
-def _add_missing_reference_nll(samples_path: pathlib.Path, done: dict, wanted_ids: Sequence[int],
-                               ref_nll_of) -> None:
-  """Records written before the reference NLL existed get it, and the samples file is rewritten atomically."""
-  missing = [i for i in wanted_ids if "ref_nll" not in done[i]]
-  if not missing:
-    return
-  for question_id, (nll, tokens) in ref_nll_of(missing).items():
-    done[question_id] = {**done[question_id], "ref_nll": nll, "ref_tokens": tokens}
-  records = [done.get(r["id"], r) for r in read_samples(samples_path)]
-  storage.write_text(samples_path, "".join(_record_line(record) for record in records))
+def _complete_samples_file(samples_path: pathlib.Path, done: dict, ordered_ids: Sequence[int], ref_nll_of) -> None:
+  """One process's finished samples file: records written before the reference NLL existed get it, and the
+  records go in `ordered_ids`' order (the order questions enter generation; they are appended as they finish).
+  The file is rewritten atomically, and only when either changes it."""
+  missing = [i for i in ordered_ids if "ref_nll" not in done[i]]
+  if missing:
+    for question_id, (nll, tokens) in ref_nll_of(missing).items():
+      done[question_id] = {**done[question_id], "ref_nll": nll, "ref_tokens": tokens}
+  present = read_samples(samples_path)
+  wanted = set(ordered_ids)
+  records = [done[i] for i in ordered_ids] + [r for r in present if r["id"] not in wanted]
+  if missing or [r["id"] for r in records] != [r["id"] for r in present]:
+    storage.write_text(samples_path, "".join(_record_line(record) for record in records))
 
 
 # ----------------------------------------------------------------------------- summary
@@ -299,16 +310,48 @@ class _Progress:
 
 # ----------------------------------------------------------------------------- the loop
 
+def _sample_record(q: Mapping, gen: generation.Generation, tokenizer, prompt: Sequence[int], rules: Sequence[str],
+                   *, seconds: float, ref: tuple[float, int]) -> dict:
+  """The samples.jsonl record of question `q` answered by `gen`."""
+  # The stop token is a chat marker, not part of the answer text.
+  answer_tokens = gen.tokens[:-1] if gen.finish_reason == "stop" else gen.tokens
+  output = tokenizer.decode(answer_tokens, skip_special_tokens=False)
+  gold = gold_of(q)
+  answers, correct = score_output(output, gold, rules)
+  return {"id": q["id"], "question": q["question"], "prompt": tokenizer.decode(prompt, skip_special_tokens=False),
+          "output": output, "num_output_tokens": len(gen.tokens), "hit_token_limit": gen.finish_reason == "length",
+          "finish_reason": gen.finish_reason, "gold": gold, "answers": answers, "correct": correct,
+          "seconds": seconds, "ref_nll": ref[0], "ref_tokens": ref[1]}
+
+
+class _RecordSink:
+  """Appends records to a samples file as they come: each at once on local disk (fsynced), in groups of
+  `flush_every` on gs://, where an append uploads the whole object again."""
+
+  def __init__(self, path: pathlib.Path, flush_every: int):
+    self._path, self._flush_every, self._pending = path, flush_every, []
+
+  def add(self, record: dict) -> None:
+    self._pending.append(record)
+    if len(self._pending) >= self._flush_every:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._pending:
+      _append_records(self._path, self._pending)
+      self._pending = []
+
+
 def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, out_dir: str | os.PathLike, *,
              arm: str, progress: bool = True, process_index: int | None = None,
              process_count: int | None = None) -> dict | None:
   """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
 
   `questions` are records with `id`, `question`, `answer` (the reference solution, scored by its NLL) and `gold`
-  (else parsed from `answer`), as from `data.load_gsm8k`. Each generated batch also gets its reference NLL
-  (`reference_nll`), in batches of `cfg.batch_size` padded to one length. Resumable: questions already in
-  `out_dir/samples.jsonl` (or a part) are not redone; a folder whose summary covers all selected questions is
-  returned as is. Process `process_index` of `process_count` (default: jax's) evaluates its share and, under
+  (else parsed from `answer`), as from `data.load_gsm8k`. The questions of each generate call get their
+  reference NLL (`reference_nll`) first, in batches of `cfg.batch_size` padded to one length. Resumable:
+  questions already in `out_dir/samples.jsonl` (or a part) are not redone; a folder whose summary covers all
+  selected questions is returned as is. Process `process_index` of `process_count` (default: jax's) evaluates its share and, under
   `jax.distributed`, meets the others for the merge (module docstring); a process other than 0 returns None
   when no merged summary exists yet (processes run one after another, without jax.distributed).
   """
@@ -352,45 +395,43 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
     return reference_nll.reference_nll(model, [references[i] for i in ids], batch_size=cfg.batch_size,
                                        length=ref_length)
 
-  # Similar prompt lengths share a batch, so little compute goes to padding; ids keep the records apart.
+  # Shortest prompts first: similar lengths share prefill chunks; ids keep the records apart.
   order_key = lambda q: (len(prompts[q["id"]]), q["id"])
   todo.sort(key=order_key)
   sampling = cfg.sampling()
   bar = _Progress(progress, len(share), len(share) - len(todo), arm)
+  sink = _RecordSink(own_path, flush_every=cfg.batch_size if storage.is_remote(own_path) else 1)
   run_start = time.perf_counter()
+  per_call = GENERATE_ROUNDS * cfg.batch_size
   try:
-    for first in range(0, len(todo), cfg.batch_size):
-      batch = todo[first:first + cfg.batch_size]
-      batch_start = time.perf_counter()
-      generations = generation.generate(
-          model, [prompts[q["id"]] for q in batch], sampling, stop_ids=stop_ids, pad_id=pad_id,
-          example_ids=[int(q["id"]) for q in batch], batch_size=cfg.batch_size)
-      share_seconds = (time.perf_counter() - batch_start) / len(batch)
-      ref = ref_nll_of([q["id"] for q in batch])
-      new_records = []
-      for q, gen in zip(batch, generations):
-        # The stop token is a chat marker, not part of the answer text.
-        answer_tokens = gen.tokens[:-1] if gen.finish_reason == "stop" else gen.tokens
-        output = tokenizer.decode(answer_tokens, skip_special_tokens=False)
-        gold = gold_of(q)
-        answers, correct = score_output(output, gold, cfg.rules)
-        new_records.append({
-            "id": q["id"], "question": q["question"],
-            "prompt": tokenizer.decode(prompts[q["id"]], skip_special_tokens=False),
-            "output": output, "num_output_tokens": len(gen.tokens),
-            "hit_token_limit": gen.finish_reason == "length", "finish_reason": gen.finish_reason,
-            "gold": gold, "answers": answers, "correct": correct, "seconds": share_seconds,
-            "ref_nll": ref[q["id"]][0], "ref_tokens": ref[q["id"]][1]})
-      _append_records(own_path, new_records)
-      for record in new_records:
+    for first in range(0, len(todo), per_call):
+      chunk = todo[first:first + per_call]
+      # Before generating, so each record is complete the moment its question finishes.
+      ref = ref_nll_of([q["id"] for q in chunk])
+      last_finish = time.perf_counter()
+
+      def finished(index: int, gen: generation.Generation, chunk=chunk, ref=ref) -> None:
+        nonlocal last_finish
+        now = time.perf_counter()
+        q = chunk[index]
+        # The time since the previous question finished, so a run's records sum to its generation time.
+        record = _sample_record(q, gen, tokenizer, prompts[q["id"]], cfg.rules, seconds=now - last_finish,
+                                ref=ref[q["id"]])
+        last_finish = now
+        sink.add(record)
         done[record["id"]] = record
-      bar.update(len(batch), sum(r["num_output_tokens"] for r in new_records))
+        bar.update(1, record["num_output_tokens"])
+
+      generation.generate(model, [prompts[q["id"]] for q in chunk], sampling, stop_ids=stop_ids, pad_id=pad_id,
+                          example_ids=[int(q["id"]) for q in chunk], batch_size=cfg.batch_size,
+                          on_finish=finished)
   finally:
+    sink.flush()
     bar.close()
 
   parts = process_count > 1 or any(True for _ in out_dir.glob(PART_PATTERN))
   if not parts:
-    _add_missing_reference_nll(samples_path, done, wanted_ids, ref_nll_of)
+    _complete_samples_file(samples_path, done, [q["id"] for q in sorted(selected, key=order_key)], ref_nll_of)
   else:
     parallel.sync(f"kdjax.eval:{arm}:parts-written")  # every part is complete before process 0 reads them
     if process_index != 0:
