@@ -38,7 +38,7 @@ import jax
 import ml_collections
 
 from kdjax import config as config_lib
-from kdjax import parallel, provenance, storage
+from kdjax import hostmem, parallel, provenance, storage
 
 
 class ConfigError(ValueError):
@@ -600,7 +600,10 @@ def run(c: ml_collections.ConfigDict) -> None:
       log(f"stage {stage}: start")
       STAGE_FUNCTIONS[stage](c, wd, records)
       parallel.sync(f"kdjax.stage:{stage}:done")  # what process 0 wrote is complete before anyone reads it
-      log(f"stage {stage}: done in {time.time() - start:.1f}s")
+      hostmem.release_freed_memory()  # on CPU the heap keeps freed pages (kdjax.hostmem): not past a stage
+      resident, peak = hostmem.resident_bytes()
+      log(f"stage {stage}: done in {time.time() - start:.1f}s (resident {resident / 2**30:.1f} GiB, "
+          f"peak {peak / 2**30:.1f} GiB)")
   except BaseException as e:
     if _writer():
       line = (str(e).strip().splitlines() or [type(e).__name__])[0]

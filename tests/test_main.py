@@ -53,3 +53,20 @@ def test_missing_data_path(tmp_path):
 def test_unknown_stage_and_arm(tmp_path):
   _one_line_error(_main("--config=configs/demo.py", "--config.stages=convert,fly"), "unknown stage")
   _one_line_error(_main("--config=configs/demo.py", "--config.arms=ground_truth,magic"), "unknown arm")
+
+
+
+def _several_processes(*args, **env) -> bool:
+  """kdjax.main's answer, in a child: importing kdjax.main tunes the importing process's malloc."""
+  code = f"import sys; sys.argv = ['kdjax.main', *{list(args)!r}]; import kdjax.main as m; print(m._several_processes())"
+  child_env = {k: v for k, v in os.environ.items() if k != "KDJAX_NUM_PROCESSES"}
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                       env={**child_env, "JAX_PLATFORMS": "cpu", **env}, timeout=120)
+  return {"True": True, "False": False}[out.stdout.strip().splitlines()[-1]]
+
+
+def test_freed_memory_is_kept_on_a_single_process_only():
+  assert not _several_processes("--config=configs/demo.py")
+  assert not _several_processes("--config.distributed.num_processes=1")
+  assert _several_processes("--config.distributed.num_processes=2")
+  assert _several_processes(KDJAX_NUM_PROCESSES="2")
