@@ -29,9 +29,10 @@ Metrics, added to the step's line of `metrics.jsonl` whenever the fraction is > 
 the sampled tokens under its priming), `sample_s`, `score_s` and `update_s` (seconds; the update is waited
 for, which costs the loop its overlap of host and device work, the price of an honest split).
 
-Validation on-policy (in the eval-every hook): the student samples answers to the fixed validation questions
-with one fixed key (the same at every evaluation, so the curve compares checkpoints, not draws), the primed
-teacher scores them, and `val_on_policy_kd` is the dense KD per token, beside `val_on_policy_teacher_logprob`
+Validation on-policy (in the eval-every hook): the student answers the fixed validation questions GREEDILY
+(a function of its weights alone, so the curve compares checkpoints, not random draws: with sampling, one flipped
+token early in an answer changes the whole rest of it, and on a few questions that noise hid the trend), the
+primed teacher scores the answers, and `val_on_policy_kd` is the dense KD per token, beside `val_on_policy_teacher_logprob`
 and `val_on_policy_sampled_len`. The best checkpoint is still chosen by the store's validation loss.
 
 Costs: the teacher is resident beside the student (the plan stage counts both), and every on-policy step adds
@@ -190,10 +191,11 @@ class OnPolicy:
 
   # ----------------------------------------------------------------------------------------- batches
 
-  def _sample(self, student: nnx.Module, examples: Sequence[batches_lib.TrainExample], seed: int
-              ) -> list[np.ndarray]:
+  def _sample(self, student: nnx.Module, examples: Sequence[batches_lib.TrainExample], seed: int,
+              temperature: float | None = None) -> list[np.ndarray]:
     prompts = [_student_prompt(e) for e in examples]
-    sampling = generation.SamplingConfig(temperature=self.settings.temperature,
+    temperature = self.settings.temperature if temperature is None else temperature
+    sampling = generation.SamplingConfig(temperature=temperature,
                                          max_new_tokens=self.settings.max_new_tokens, seed=seed)
     out = generation.generate(student, prompts, sampling, stop_ids=self.stop_ids, pad_id=self.pad_id,
                               example_ids=[e.question_id for e in examples], batch_size=self.settings.decode_slots)
@@ -243,10 +245,10 @@ class OnPolicy:
 
   def validation_batches(self, student: nnx.Module, data: Sequence[batches_lib.TrainExample], cfg: Any
                          ) -> tuple[list[dict], dict]:
-    """Scored batches of the student's answers to the validation questions under one fixed key, and their
+    """Scored batches of the student's greedy answers to the validation questions, and their
     `on_policy_teacher_logprob` and `on_policy_sampled_len`; the caller measures the dense KD on the batches."""
     rows = cfg.eval_batch_size or cfg.batch_size
-    responses = self._sample(student, data, sampling_seed(cfg.seed, VALIDATE, 0))
+    responses = self._sample(student, data, sampling_seed(cfg.seed, VALIDATE, 0), temperature=0.0)
     out, logprob_sum, tokens = [], 0.0, 0.0
     for start in range(0, len(data), rows):
       batch, part_sum, part_tokens = self._scored_batch(data[start:start + rows], responses[start:start + rows],
