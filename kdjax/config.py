@@ -94,6 +94,11 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.distill.skew_alpha = 0.1
   c.distill.topk_mode = "tail"      # "tail" (k + 1 buckets) or "renormalize"
   c.distill.correct_only = False    # train only on teacher responses whose answer is right
+  # On-policy primed distillation (GKD's lambda; kdjax/distill/on_policy.py): the share of steps on which the
+  # student answers the step's questions itself and the primed teacher, resident beside it, grades every token
+  # (dense KD, no CE); 0 is plain off-policy training. Samples are up to teacher.max_new_tokens long.
+  c.distill.on_policy_fraction = 0.0
+  c.distill.on_policy_temperature = 1.0  # the student's sampling temperature on on-policy steps (0: greedy)
 
   c.train = ml_collections.ConfigDict()
   c.train.optimizer = "sgd"         # "sgd" (with momentum) or "adamw"

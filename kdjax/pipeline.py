@@ -134,6 +134,8 @@ def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None
     teacher.TeacherJob(strategy=strategy, teacher_model=c.teacher.model_id, sampling=_teacher_sampling(c),
                        k=c.teacher.k, placement=c.teacher.placement, shard_size=c.teacher.shard_size,
                        batch_size=c.teacher.batch_size)
+  from kdjax.distill import on_policy
+  on_policy.settings_from_config(c)  # a fraction > 0 needs a teacher: refused here, before any work
   for mode in modes - {"none"}:
     _loss_config(c, mode)
   if modes - {"none"}:
@@ -422,7 +424,7 @@ def _check_stores_serve_the_loss(c, wd: Workdir) -> None:
 
 
 def stage_train(c, wd: Workdir, records: Records) -> None:
-  from kdjax.distill import lora, results, train
+  from kdjax.distill import lora, on_policy, results, train
   _check_stores_serve_the_loss(c, wd)
   mesh = make_mesh(c)
   for arm in config_lib.arm_names(c):
@@ -447,8 +449,12 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
     lora.add_lora(model, _lora_config(c), seed=c.seed)
     train_data, val_data = _train_examples(c, wd, arm, tokenizer)
     log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({spec['mode']})")
+    scorer = None
+    if spec["mode"] == "kd" and c.distill.on_policy_fraction > 0:  # the primed teacher, resident beside it
+      _require_model(wd, records, "teacher")
+      scorer = on_policy.from_config(c, load_role(c, wd, "teacher", mesh)[0], wd.store(spec["strategy"]), tokenizer)
     result = train.train(model, train_data, val_data or None, train.train_config(c), _loss_config(c, spec["mode"]),
-                         train_dir, mesh=mesh)
+                         train_dir, mesh=mesh, on_policy=scorer)
     result = results.select_adapter(model, result)  # best validation step, or the final one without validation
     lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)  # process 0 writes
     log(f"train: {arm}: {result.summary()}; adapter -> {wd.name(adapter)}")

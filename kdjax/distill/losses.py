@@ -321,7 +321,9 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     raise ValueError(f"lm_head must be [D={hidden.shape[2]}, V], got shape {lm_head.shape}")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  required = ["target_ids", "loss_mask"] + (["teacher_ids", "teacher_logprobs"] if cfg.uses_teacher else [])
+  dense = "teacher_logits" in batch
+  teacher_keys = ["teacher_logits"] if dense else ["teacher_ids", "teacher_logprobs"]
+  required = ["target_ids", "loss_mask"] + (teacher_keys if cfg.uses_teacher else [])
   missing = [key for key in required if key not in batch]
   if missing:
     raise KeyError(f"batch is missing {missing} (divergence={cfg.divergence!r})")
@@ -329,7 +331,11 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
   for key in ("target_ids", "loss_mask") + (("teacher_log_tail",) if "teacher_log_tail" in batch else ()):
     if batch[key].shape != tokens_shape:
       raise ValueError(f"batch[{key!r}] must be [B, S] = {tokens_shape}, got {batch[key].shape}")
-  if cfg.uses_teacher:
+  if cfg.uses_teacher and dense:
+    want = tokens_shape + (lm_head.shape[1],)
+    if batch["teacher_logits"].shape != want:
+      raise ValueError(f"batch['teacher_logits'] must be [B, S, V] = {want}, got {batch['teacher_logits'].shape}")
+  elif cfg.uses_teacher:
     ids_shape, lp_shape = batch["teacher_ids"].shape, batch["teacher_logprobs"].shape
     if ids_shape != lp_shape or ids_shape[:2] != tokens_shape or len(ids_shape) != 3:
       raise ValueError(f"teacher_ids {ids_shape} and teacher_logprobs {lp_shape} must both be [B, S, k] "
@@ -349,7 +355,9 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     batch: ``target_ids [B, S]`` int, ``loss_mask [B, S]`` bool or float weights, and unless
       divergence == "none": ``teacher_ids [B, S, k]``, ``teacher_logprobs [B, S, k]``, optionally
       ``teacher_log_tail [B, S]`` (the tail's log-mass at cfg.temperature); teacher arrays at t describe the
-      token predicted at t.
+      token predicted at t. A resident teacher (on-policy steps, `kdjax.distill.on_policy`) gives
+      ``teacher_logits [B, S, V]`` instead: the KD term is then `dense_divergence` over the whole vocabulary,
+      with no top-k approximation (and no top-k mass metrics).
     cfg: loss configuration.
     chunk_size: tokens per chunk (capped at B * S); the token count is padded with masked tokens.
     residual_budget_bytes: when keeping every chunk's float32 [chunk, V] residuals for the backward pass
@@ -375,7 +383,10 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
 
   xs = {"hidden": to_chunks(hidden), "target_ids": to_chunks(batch["target_ids"]),
         "weight": to_chunks(jnp.asarray(batch["loss_mask"]).astype(jnp.float32))}
-  if cfg.uses_teacher:
+  dense = "teacher_logits" in batch
+  if cfg.uses_teacher and dense:
+    xs["teacher_logits"] = to_chunks(batch["teacher_logits"])
+  elif cfg.uses_teacher:
     xs["teacher_ids"] = to_chunks(batch["teacher_ids"])
     xs["teacher_logprobs"] = to_chunks(batch["teacher_logprobs"])
     if "teacher_log_tail" in batch:
@@ -400,6 +411,13 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
            "student_target_acc_sum": masked_sum((student_top1 == part["target_ids"]).astype(logits_dtype))}
     if not cfg.uses_teacher:
       out["kd"] = jnp.zeros((), logits_dtype)
+      return out
+    if dense:
+      # Masked tokens may hold anything: zero logits keep the divergence and its gradient finite there.
+      teacher_logits = jnp.where(valid[:, None], part["teacher_logits"].astype(logits_dtype), 0.0)
+      out["kd"] = masked_sum(dense_divergence(logits, teacher_logits, cfg))
+      teacher_top1 = jnp.argmax(teacher_logits, axis=-1)
+      out["teacher_top1_agree_sum"] = masked_sum((student_top1 == teacher_top1).astype(logits_dtype))
       return out
     teacher_ids = jnp.clip(part["teacher_ids"], 0, logits.shape[-1] - 1)
     teacher_lp = jnp.where(valid[:, None], part["teacher_logprobs"].astype(logits_dtype), 0.0)

@@ -14,7 +14,8 @@ step, the data iterator's position and the best validation loss so far. `workdir
 with the lowest validation loss. `results.select_adapter` then puts the adapter to export into the model (that best state,
 or the final one when there is no validation data) and writes `workdir/update_norms.json`, how far it moved each
 adapted weight. A restarted `train` resumes from the latest checkpoint; every random choice
-(data order, dropout) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
+(data order, dropout, the on-policy choice and
+sampling) is a function of (seed, step), so on CPU a killed-and-resumed run ends bit-identical to an
 uninterrupted one.
 """
 
@@ -40,6 +41,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from kdjax import parallel, storage
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
+from kdjax.distill import on_policy as on_policy_lib
 from kdjax.distill.results import METRICS_FILE, TrainResult
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -488,16 +490,20 @@ def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_
 
 def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
           val_data: Sequence[batches_lib.TrainExample] | None, cfg: TrainConfig, loss_cfg: losses.LossConfig,
-          workdir: str | pathlib.Path, *, mesh: Mesh | None = None) -> TrainResult:
+          workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
+          on_policy: on_policy_lib.OnPolicy | None = None) -> TrainResult:
   """Trains the LoRA adapters of `model` (in place) and returns the final state; resumes from `workdir`.
 
   `val_data` should be a held-out slice of GSM8K *train* (never test); its loss picks the best checkpoint.
-  With `mesh`, parameters are sharded by their logical axes and the batch over ("data", "fsdp").
+  With `mesh`, parameters are sharded by their logical axes and the batch over ("data", "fsdp"). With
+  `on_policy` (a resident primed teacher), some steps train on the student's own samples graded by it
+  (`kdjax.distill.on_policy`); None runs exactly the off-policy loop.
   """
   workdir = storage.makedirs(storage.path(workdir, absolute=True))  # orbax refuses relative paths
   if not train_data:
     raise TrainError("train_data is empty")
-  _check_data("train_data", train_data, loss_cfg)
+  if on_policy is None or on_policy.settings.fraction < 1.0:  # fraction 1 never reads the store's top-k
+    _check_data("train_data", train_data, loss_cfg)
   _check_loss_tokens("train_data", train_data, cfg.max_length)
   if val_data:
     _check_data("val_data", val_data, loss_cfg)
@@ -547,18 +553,27 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     lora, opt_state = place(lora), place(opt_state)
     logger.info("resumed from step %d of %d", step, total_steps)
 
-  step_fn = make_train_step(graphdef, tx, loss_cfg, cfg.chunk_size, getattr(model, "lora_dropout", 0.0) > 0.0,
-                            lora, opt_state)
+  use_dropout = getattr(model, "lora_dropout", 0.0) > 0.0
+  step_fn = make_train_step(graphdef, tx, loss_cfg, cfg.chunk_size, use_dropout, lora, opt_state)
+  if on_policy is not None:
+    on_policy.check(model, train_data, val_data or [])
+    dense_cfg = on_policy_lib.dense_loss_config(loss_cfg)
+    on_policy_step_fn = make_train_step(graphdef, tx, dense_cfg, cfg.chunk_size, use_dropout, lora, opt_state)
   log = _MetricsLog(workdir, cfg, step, total_steps)
   start_time, tokens_trained = time.perf_counter(), 0
   try:
     while step < total_steps:
-      batch = next(iterator)
+      sampled = on_policy is not None and on_policy.is_on_policy(cfg.seed, step)
+      batch, extra = (on_policy.step_batch(nnx.merge(graphdef, lora, rest), iterator, train_data, step, cfg)
+                      if sampled else (next(iterator), {}))
       real_tokens = int(batch["attention_mask"].sum())
       tokens_trained += real_tokens
       micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
-      lora, opt_state, metrics = step_fn(lora, opt_state, rest, _place_batch(micro, mesh, leading=1),
-                                         jax.random.fold_in(key, step))
+      update_start = time.perf_counter()
+      lora, opt_state, metrics = (on_policy_step_fn if sampled else step_fn)(
+          lora, opt_state, rest, _place_batch(micro, mesh, leading=1), jax.random.fold_in(key, step))
+      if on_policy is not None:
+        metrics = on_policy.timed_update(metrics, extra, lora, update_start)
       log.add(step + 1, metrics, real_tokens, float(learning_rates[step]))
       step += 1
       last = step == total_steps
@@ -567,6 +582,11 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
       if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
         final_val = evaluate_loss(nnx.merge(graphdef, lora, rest), val_batches, loss_cfg,
                                   chunk_size=cfg.chunk_size, mesh=mesh)
+        if on_policy is not None:  # the student's own answers to the validation questions, teacher-graded
+          scored, on_val = on_policy.validation_batches(nnx.merge(graphdef, lora, rest), val_data, cfg)
+          on_val["on_policy_kd"] = evaluate_loss(nnx.merge(graphdef, lora, rest), scored, dense_cfg,
+                                                 chunk_size=cfg.chunk_size, mesh=mesh)["kd"]
+          final_val = {**final_val, **on_val}
         log.log_eval(step, final_val)
         if best_val is None or final_val["loss"] < best_val:
           best_val, best_step = final_val["loss"], step

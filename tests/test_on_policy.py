@@ -1,0 +1,278 @@
+"""On-policy primed distillation (issue 14): the step choice, the dense loss, alignment on SmolLM2, fraction 0,
+kill -9 and resume, 8 devices, and the config's refusals."""
+
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+import kdjax
+import on_policy_worker as worker
+import train_worker
+from kdjax import config as config_lib, data, pipeline, priming, teacher
+from kdjax.distill import batches, losses, lora, on_policy
+from kdjax.distill import train as train_lib
+from test_losses import np_divergence, np_log_softmax
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+WORKER = REPO / "tests" / "on_policy_worker.py"
+PAPER_TEMPERATURE = 5.94
+
+
+def _quiet(**overrides) -> train_lib.TrainConfig:
+  base = dict(batch_size=4, num_steps=4, pad_multiple=16, chunk_size=64, log_every=1, checkpoint_every=50,
+              tensorboard=False, progress_bar=False, async_checkpointing=False)
+  base.update(overrides)
+  return train_lib.TrainConfig(**base)
+
+
+# ------------------------------------------------------------------------------------------------ the choice
+
+
+def test_step_choice_is_a_function_of_seed_and_step():
+  assert not any(on_policy.is_on_policy_step(0, s, 0.0) for s in range(50))
+  assert all(on_policy.is_on_policy_step(0, s, 1.0) for s in range(50))
+  half = [on_policy.is_on_policy_step(3, s, 0.5) for s in range(400)]
+  assert half == [on_policy.is_on_policy_step(3, s, 0.5) for s in range(400)]  # reproducible (resume)
+  assert 150 < sum(half) < 250  # a binomial(400, 0.5) draw: 200 +- 5 sigma
+  assert half != [on_policy.is_on_policy_step(4, s, 0.5) for s in range(400)]  # the seed matters
+  # Sampling seeds differ per step and per stream, and never depend on anything but (seed, salt, step).
+  seeds = {on_policy.sampling_seed(0, on_policy.SAMPLE, s) for s in range(100)}
+  assert len(seeds) == 100 and on_policy.sampling_seed(0, on_policy.VALIDATE, 0) not in seeds
+
+
+def test_settings_refuse_bad_values():
+  with pytest.raises(on_policy.OnPolicyError, match="on_policy_fraction must be in"):
+    on_policy.OnPolicySettings(fraction=1.5)
+  with pytest.raises(on_policy.OnPolicyError, match="on_policy_temperature"):
+    on_policy.OnPolicySettings(fraction=0.5, temperature=-1.0)
+  assert on_policy.dense_loss_config(losses.LossConfig(ce_weight=0.61)).ce_weight == 0.0
+
+
+# ------------------------------------------------------------------------------------------------ the dense loss
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "jsd"])
+def test_dense_distill_loss_matches_numpy(divergence):
+  """distill_loss with full teacher logits: chunked KD sums over masked tokens against float64 numpy."""
+  rng = np.random.default_rng(0)
+  b, s, d, v = 2, 7, 5, 11
+  hidden = rng.normal(size=(b, s, d)).astype(np.float32)
+  head = rng.normal(size=(d, v)).astype(np.float32)
+  teacher_logits = (rng.normal(size=(b, s, v)) * 3).astype(np.float32)
+  mask = (rng.random((b, s)) < 0.6).astype(np.float32)
+  teacher_logits[mask == 0] = np.nan  # masked positions may hold anything
+  batch = {"target_ids": rng.integers(0, v, (b, s)).astype(np.int32), "loss_mask": mask,
+           "teacher_logits": teacher_logits}
+  cfg = losses.LossConfig(divergence=divergence, temperature=2.0, scale_by_t2=True, ce_weight=0.0)
+  sums, _ = losses.distill_loss(jax.numpy.asarray(hidden), jax.numpy.asarray(head), batch, cfg, chunk_size=4)
+  student = np.einsum("bsd,dv->bsv", hidden.astype(np.float64), head.astype(np.float64))
+  p = np.exp(np_log_softmax(np.nan_to_num(teacher_logits.astype(np.float64)) / 2.0))
+  q = np.exp(np_log_softmax(student / 2.0))
+  want = (np_divergence(p, q, divergence) * 4.0 * mask).sum()
+  np.testing.assert_allclose(float(sums.kd_sum), want, rtol=2e-5)
+  assert float(sums.num_tokens) == mask.sum()
+
+
+# ------------------------------------------------------------------------------------------------ SmolLM2
+
+
+def _smollm2_on_policy(smollm2_gguf, gsm8k_dir, strategy, tmp_path, *, fraction=1.0, num_questions=2):
+  student, _ = kdjax.load_model(smollm2_gguf)
+  resident, _ = kdjax.load_model(smollm2_gguf)
+  tokenizer = kdjax.load_tokenizer(smollm2_gguf)
+  questions = data.load_gsm8k(str(gsm8k_dir), "train")[:num_questions]
+  # The student's examples carry only its bare prompt (the response is the student's own on on-policy steps).
+  examples = [batches.ce_example(teacher.student_prompt_ids(tokenizer, q), [0], None, question_id=q["id"])
+              for q in questions]
+  prompts = {q["id"]: teacher.teacher_prompt_ids(tokenizer, q, strategy, "system") for q in questions}
+  scorer = on_policy.OnPolicy(resident, prompts, on_policy.OnPolicySettings(fraction=fraction, max_new_tokens=16),
+                              stop_ids=priming.stop_token_ids(tokenizer), pad_id=teacher._pad_id(tokenizer))
+  lora.add_lora(student, lora.LoraConfig(rank=4, alpha=8, dropout=0.1), seed=0)  # fresh: B = 0
+  cfg = _quiet(batch_size=num_questions, num_steps=1, pad_multiple=32, chunk_size=128)
+  loss_cfg = losses.LossConfig(divergence="reverse_kl", temperature=PAPER_TEMPERATURE, ce_weight=0.61)
+  return train_lib.train(student, examples, None, cfg, loss_cfg, tmp_path / strategy, on_policy=scorer)
+
+
+@pytest.mark.slow  # ~95 s on 2 shared cores: two SmolLM2 runs compile sampling, scoring and the step
+def test_on_policy_alignment_smollm2_self_distillation(smollm2_gguf, gsm8k_dir, tmp_path):
+  """Acceptance 1: the student is its own teacher under base priming; fraction 1: KD at step 1 <= 1e-4.
+
+  A misaligned teacher position, another question's prompt or a loss over prompt positions would make it
+  large, and so does real priming (the control: ground_truth changes the teacher's context)."""
+  first = _smollm2_on_policy(smollm2_gguf, gsm8k_dir, "base", tmp_path).history[0]
+  print("on-policy step 1, base priming:", {k: first[k] for k in ("kd", "sampled_len", "teacher_logprob")})
+  assert first["on_policy"] == 1.0 and first["sampled_len"] >= 2 and first["loss_tokens"] >= 4
+  assert abs(first["kd"]) <= 1e-4 and first["loss"] == first["kd"]  # no CE on self-samples
+  assert -20.0 < first["teacher_logprob"] < 0.0
+  primed = _smollm2_on_policy(smollm2_gguf, gsm8k_dir, "ground_truth", tmp_path).history[0]
+  print("on-policy step 1, ground_truth priming:", primed["kd"])
+  assert primed["kd"] > 100 * 1e-4
+
+
+# ------------------------------------------------------------------------------------------------ fraction 0
+
+
+def test_fraction_zero_is_bit_identical_and_never_samples(tmp_path, monkeypatch):
+  """Acceptance 2: with fraction 0 the loop trains exactly as without on-policy, and never samples or scores."""
+  data = train_worker.synthetic_examples(12, seed=0)
+  cfg = _quiet(optimizer="adamw", learning_rate=1e-2, num_steps=4)
+  plain = train_worker.make_student(dropout=0.1)
+  train_lib.train(plain, data, None, cfg, losses.LossConfig(ce_weight=0.2), tmp_path / "plain")
+
+  def refuse(*args, **kwargs):
+    raise AssertionError("fraction 0 touched the sampler or the teacher")
+  monkeypatch.setattr(on_policy.generation, "generate", refuse)
+  monkeypatch.setattr(on_policy, "_teacher_logits", refuse)
+  scored = train_worker.make_student(dropout=0.1)
+  result = train_lib.train(scored, data, None, cfg, losses.LossConfig(ce_weight=0.2), tmp_path / "zero",
+                           on_policy=worker.make_on_policy(worker.make_teacher(), data, 0.0))
+  assert [h["on_policy"] for h in result.history] == [0.0] * 4
+  want, got = train_worker.lora_arrays(plain), train_worker.lora_arrays(scored)
+  assert sorted(want) == sorted(got)
+  for name in want:
+    assert np.array_equal(want[name], got[name]), name
+
+
+def test_on_policy_steps_mix_with_store_steps_and_validate(tmp_path):
+  """Fraction 0.5: the chosen steps sample (metrics say so), the others read the store, and the eval hook
+  reports the teacher-graded KD of the student's validation answers."""
+  data = train_worker.synthetic_examples(16, seed=0)
+  val = [dataclasses.replace(e, question_id=100 + i)
+         for i, e in enumerate(train_worker.synthetic_examples(4, seed=1))]
+  cfg = _quiet(num_steps=6, eval_every=3, learning_rate=0.5)
+  scorer = worker.make_on_policy(worker.make_teacher(), data + val, 0.5)
+  result = train_lib.train(train_worker.make_student(), data, val, cfg, losses.LossConfig(ce_weight=0.2),
+                           tmp_path, on_policy=scorer)
+  chosen = [float(on_policy.is_on_policy_step(cfg.seed, s, 0.5)) for s in range(6)]
+  assert [h["on_policy"] for h in result.history] == chosen and 0 < sum(chosen) < 6
+  for h in result.history:
+    assert h["update_s"] > 0
+    if h["on_policy"]:
+      assert 1 <= h["sampled_len"] <= 6 and h["teacher_logprob"] < 0 and h["sample_s"] > 0 and h["score_s"] > 0
+      assert h["loss"] == h["kd"] and "teacher_topk_mass" not in h  # dense KD, no CE
+  evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_" in line]
+  assert [e["step"] for e in evals] == [3, 6]
+  assert all(e["val_on_policy_kd"] > 0 and e["val_on_policy_teacher_logprob"] < 0 for e in evals)
+
+
+def test_a_question_without_teacher_prompt_is_refused_before_training(tmp_path):
+  data = train_worker.synthetic_examples(4, seed=0)
+  scorer = worker.make_on_policy(worker.make_teacher(), data[:2], 0.5)
+  with pytest.raises(on_policy.OnPolicyError, match="2 questions have no primed teacher prompt"):
+    train_lib.train(train_worker.make_student(), data, None, _quiet(), losses.LossConfig(), tmp_path,
+                    on_policy=scorer)
+  assert not (tmp_path / "checkpoints").exists() or not any((tmp_path / "checkpoints").iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ config
+
+
+def test_config_refuses_on_policy_without_a_teacher(gsm8k_dir):
+  c = config_lib.get_default_config()
+  assert c.distill.on_policy_fraction == 0.0 and c.distill.on_policy_temperature == 1.0
+  c.update_from_flattened_dict({"arms": "ground_truth", "stages": "train", "student.source": "smollm2",
+                                "teacher.source": "", "data.source": str(gsm8k_dir),
+                                "distill.on_policy_fraction": 0.5})
+  with pytest.raises(pipeline.ConfigError) as error:
+    pipeline.validate(c)
+  assert "\n" not in str(error.value) and "needs the primed teacher resident" in str(error.value)
+  assert "--config.teacher.source" in str(error.value)
+  c.distill.on_policy_fraction = 2.0
+  c.teacher.source = "smollm2"
+  with pytest.raises(pipeline.ConfigError, match=r"on_policy_fraction must be in \[0, 1\]"):
+    pipeline.validate(c)
+
+
+def test_cli_refusal_is_one_line_and_exit_2(gsm8k_dir, tmp_path):
+  run = subprocess.run([sys.executable, "-m", "kdjax.main", "--config=configs/gt.py",
+                        f"--config.workdir={tmp_path}", f"--config.data.source={gsm8k_dir}",
+                        "--config.student.source=smollm2", "--config.teacher.source=", "--config.stages=train",
+                        "--config.distill.on_policy_fraction=0.5"],
+                       cwd=REPO, env=dict(os.environ, JAX_PLATFORMS="cpu"), capture_output=True, text=True,
+                       timeout=300)
+  assert run.returncode == 2, run.stderr[-2000:]
+  lines = [line for line in run.stderr.strip().splitlines() if line.strip()]
+  assert len(lines) == 1 and "needs the primed teacher resident" in lines[0], run.stderr[-2000:]
+  assert not any(tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------------------ subprocesses
+
+
+@pytest.fixture(scope="module")
+def compile_cache(tmp_path_factory):
+  env = dict(os.environ, JAX_PLATFORMS="cpu", JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0",
+             PYTHONPATH=str(REPO))
+  env.pop("XLA_FLAGS", None)
+  return env
+
+
+def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
+  folder = workdir / "checkpoints"
+  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
+
+
+@pytest.mark.slow  # three on-policy training subprocesses
+def test_kill9_during_on_policy_run_and_resume_is_bit_identical(tmp_path, compile_cache):
+  """Acceptance 3: the sampling keys are functions of (seed, step), so the checkpoint needs nothing more."""
+  steps = "8"
+  reference = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(tmp_path / "ref"),
+                              "--out", str(tmp_path / "ref.npz"), "--steps", steps],
+                             env=compile_cache, capture_output=True, text=True, timeout=900)
+  assert reference.returncode == 0, reference.stderr[-3000:]
+  workdir = tmp_path / "killed"
+  proc = subprocess.Popen([sys.executable, str(WORKER), "train", "--workdir", str(workdir), "--steps", steps,
+                           "--delay", "0.2"], env=compile_cache, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not _finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL
+  assert _finished_checkpoints(workdir)[-1] < int(steps)
+  resumed = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(workdir),
+                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
+                           env=compile_cache, capture_output=True, text=True, timeout=900)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
+  assert sorted(want) == sorted(got) and len(want) == 6
+  for name in want:
+    assert np.array_equal(want[name], got[name]), name
+  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"kd"' in line]
+  assert [r["step"] for r in logged] == list(range(1, int(steps) + 1))
+  assert 0 < sum(r["on_policy"] for r in logged) < int(steps)  # both kinds of step happened
+
+
+@pytest.mark.slow  # a subprocess compiling sampling, scoring and the step for one device and a 2 x 4 mesh
+def test_eight_cpu_devices_match_single_device_on_policy(tmp_path, compile_cache):
+  env = dict(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  out = tmp_path / "mesh.json"
+  run = subprocess.run([sys.executable, str(WORKER), "mesh", "--out", str(out)], env=env, capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["num_devices"] == 8 and "fsdp" in result["mesh"]["teacher_spec"]
+  single, mesh = result["single"]["history"], result["mesh"]["history"]
+  assert [h["on_policy"] for h in mesh] == [1.0] * 3
+  assert [h["sampled_len"] for h in mesh] == [h["sampled_len"] for h in single]
+  for key in ("kd", "teacher_logprob"):
+    np.testing.assert_allclose([h[key] for h in mesh], [h[key] for h in single], rtol=1e-4)
+  for name, want in result["single"]["lora"].items():
+    want, got = np.asarray(want), np.asarray(result["mesh"]["lora"][name])
+    assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
