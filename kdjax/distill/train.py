@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import pathlib
@@ -42,7 +41,8 @@ from kdjax import parallel, storage
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
 from kdjax.distill import on_policy as on_policy_lib
-from kdjax.distill.results import METRICS_FILE, TrainResult
+from kdjax.distill import train_files
+from kdjax.distill.results import TrainResult
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -323,45 +323,6 @@ def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]]
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-class _Checkpoints:
-  """The rolling checkpoints (full training state) and the best-by-validation LoRA state."""
-
-  def __init__(self, workdir: pathlib.Path, cfg: TrainConfig):
-    # Each manager its own barrier names: on several processes both may save one step at once, and Orbax's
-    # default barrier keys (by step) would then collide.
-    barriers = lambda prefix: ocp.options.MultiprocessingOptions(barrier_sync_key_prefix=prefix)
-    self.latest = ocp.CheckpointManager(workdir / "checkpoints", options=ocp.CheckpointManagerOptions(
-        max_to_keep=cfg.keep_checkpoints, enable_async_checkpointing=cfg.async_checkpointing, create=True,
-        multiprocessing_options=barriers("kdjax-latest")))
-    self.best = ocp.CheckpointManager(workdir / "best", options=ocp.CheckpointManagerOptions(
-        max_to_keep=1, best_fn=lambda metrics: metrics["val_loss"], best_mode="min",
-        enable_async_checkpointing=cfg.async_checkpointing, create=True, multiprocessing_options=barriers("kdjax-best")))
-
-  def save(self, step: int, tree: dict, meta: dict) -> None:
-    self.latest.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(tree), meta=ocp.args.JsonSave(meta)))
-
-  def save_best(self, step: int, lora: nnx.State, val_loss: float) -> None:
-    if step in self.best.all_steps():
-      return  # a resumed run re-reaching a step the killed run already saved: same values
-    self.best.save(step, args=ocp.args.Composite(lora=ocp.args.StandardSave(lora),
-                                                 meta=ocp.args.JsonSave({"step": step, "val_loss": val_loss})),
-                   metrics={"val_loss": val_loss})
-
-  def restore_latest(self, like: dict) -> tuple[dict, dict] | None:
-    step = self.latest.latest_step()
-    if step is None:
-      return None
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, like)
-    restored = self.latest.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract),
-                                                                 meta=ocp.args.JsonRestore()))
-    return restored["state"], restored["meta"]
-
-  def close(self) -> None:
-    for manager in (self.latest, self.best):
-      manager.wait_until_finished()
-      manager.close()
-
-
 def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
   """Loads the best-validation LoRA state of a finished (or running) `train` into `model`; returns its meta."""
   manager = ocp.CheckpointManager(storage.path(workdir, absolute=True) / "best",
@@ -374,79 +335,6 @@ def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
                                                            meta=ocp.args.JsonRestore()))
   nnx.update(model, restored["lora"])
   return restored["meta"]
-
-
-
-
-def _logged_step(line: str) -> float:
-  try:
-    return json.loads(line)["step"]
-  except (json.JSONDecodeError, KeyError, TypeError):
-    return math.inf  # unreadable: dropped
-
-
-class _MetricsLog:
-  """Per-step metrics to `metrics.jsonl`, TensorBoard and a tqdm bar; device values are fetched in windows."""
-
-  def __init__(self, workdir: pathlib.Path, cfg: TrainConfig, start_step: int, total_steps: int):
-    self.path = workdir / METRICS_FILE
-    primary = jax.process_index() == 0  # one writer on a multi-host pod
-    if primary and self.path.exists():
-      # A killed run may have logged steps past its last checkpoint (or half a line); the resumed run logs
-      # those steps again.
-      kept = [line for line in self.path.read_text().splitlines() if _logged_step(line) <= start_step]
-      storage.write_text(self.path, "".join(line + "\n" for line in kept))
-    self.file = storage.appender(self.path) if primary else None
-    self.writer = None
-    if cfg.tensorboard and primary:
-      from tensorboardX import SummaryWriter  # imports torch when present: only when asked for
-      self.writer = SummaryWriter(str(workdir / "tensorboard"), purge_step=start_step + 1 if start_step else None)
-    from tqdm.auto import tqdm
-    self.bar = tqdm(total=total_steps, initial=start_step, unit="step", disable=not (cfg.progress_bar and primary),
-                    dynamic_ncols=True)
-    self.pending: list[tuple[int, dict, int, float]] = []
-    self.window_start = time.perf_counter()
-    self.history: list[dict[str, float]] = []
-
-  def add(self, step: int, metrics: dict, real_tokens: int, lr: float) -> None:
-    self.pending.append((step, metrics, real_tokens, lr))
-    self.bar.update(1)
-
-  def flush(self) -> None:
-    if not self.pending:
-      return
-    fetched = jax.device_get([m for _, m, _, _ in self.pending])  # waits for the window's steps
-    elapsed = max(time.perf_counter() - self.window_start, 1e-9)
-    tokens_per_s = sum(t for _, _, t, _ in self.pending) / elapsed
-    for (step, _, tokens, lr), values in zip(self.pending, fetched):
-      record = {"step": step, **{k: float(v) for k, v in values.items()}, "lr": lr, "tokens": tokens,
-                "tokens_per_s": tokens_per_s}
-      self._write(record, "train")
-      self.history.append(record)
-    self.bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{tokens_per_s:.0f}")
-    self.pending = []
-    self.window_start = time.perf_counter()
-
-  def log_eval(self, step: int, values: Mapping[str, float]) -> None:
-    self._write({"step": step, **{f"val_{k}": float(v) for k, v in values.items()}}, "val")
-
-  def _write(self, record: dict, prefix: str) -> None:
-    if self.file is None:
-      return
-    self.file.write(json.dumps(record) + "\n")
-    self.file.flush()
-    if self.writer is not None:
-      for name, value in record.items():
-        if name != "step":
-          self.writer.add_scalar(f"{prefix}/{name.removeprefix('val_')}", value, record["step"])
-
-  def close(self) -> None:
-    self.flush()
-    self.bar.close()
-    if self.file is not None:
-      self.file.close()
-    if self.writer is not None:
-      self.writer.close()
 
 
 # ------------------------------------------------------------------------------------------------ train
@@ -537,7 +425,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
                                           pad_multiple=cfg.pad_multiple, max_length=cfg.max_length)
                  if val_data else None)
 
-  checkpoints = _Checkpoints(workdir, cfg)
+  checkpoints = train_files.Checkpoints(workdir, cfg)
   step, best_val, best_step, final_val = 0, None, None, None
   # The key's data is placed like the rest: on several processes Orbax saves only arrays of the global mesh.
   key_data = lambda: place(jax.random.key_data(key))
@@ -559,7 +447,18 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     on_policy.check(model, train_data, val_data or [])
     dense_cfg = on_policy_lib.dense_loss_config(loss_cfg)
     on_policy_step_fn = make_train_step(graphdef, tx, dense_cfg, cfg.chunk_size, use_dropout, lora, opt_state)
-  log = _MetricsLog(workdir, cfg, step, total_steps)
+  def validate(lora) -> dict:
+    values = evaluate_loss(nnx.merge(graphdef, lora, rest), val_batches, loss_cfg, chunk_size=cfg.chunk_size, mesh=mesh)
+    if on_policy is not None:  # the student's own answers to the validation questions, teacher-graded
+      scored, on_val = on_policy.validation_batches(nnx.merge(graphdef, lora, rest), val_data, cfg)
+      on_val["on_policy_kd"] = evaluate_loss(nnx.merge(graphdef, lora, rest), scored, dense_cfg,
+                                             chunk_size=cfg.chunk_size, mesh=mesh)["kd"]
+      values = {**values, **on_val}
+    return values
+
+  log = train_files.MetricsLog(workdir, cfg, step, total_steps)
+  if on_policy is not None and val_batches and step == 0:
+    log.log_eval(0, validate(lora))  # the on-policy curves' starting point; not a candidate for the best adapter
   start_time, tokens_trained = time.perf_counter(), 0
   try:
     while step < total_steps:
@@ -580,13 +479,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
       if step % cfg.log_every == 0 or last:
         log.flush()
       if val_batches and ((cfg.eval_every and step % cfg.eval_every == 0) or last):
-        final_val = evaluate_loss(nnx.merge(graphdef, lora, rest), val_batches, loss_cfg,
-                                  chunk_size=cfg.chunk_size, mesh=mesh)
-        if on_policy is not None:  # the student's own answers to the validation questions, teacher-graded
-          scored, on_val = on_policy.validation_batches(nnx.merge(graphdef, lora, rest), val_data, cfg)
-          on_val["on_policy_kd"] = evaluate_loss(nnx.merge(graphdef, lora, rest), scored, dense_cfg,
-                                                 chunk_size=cfg.chunk_size, mesh=mesh)["kd"]
-          final_val = {**final_val, **on_val}
+        final_val = validate(lora)
         log.log_eval(step, final_val)
         if best_val is None or final_val["loss"] < best_val:
           best_val, best_step = final_val["loss"], step
