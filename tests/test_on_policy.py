@@ -144,7 +144,7 @@ def test_fraction_zero_is_bit_identical_and_never_samples(tmp_path, monkeypatch)
 
 def test_on_policy_steps_mix_with_store_steps_and_validate(tmp_path):
   """Fraction 0.5: the chosen steps sample (metrics say so), the others read the store, and the eval hook
-  reports the teacher-graded KD of the student's validation answers."""
+  reports the teacher-graded KD of the student's validation answers, once before the first step as well."""
   data = train_worker.synthetic_examples(16, seed=0)
   val = [dataclasses.replace(e, question_id=100 + i)
          for i, e in enumerate(train_worker.synthetic_examples(4, seed=1))]
@@ -160,7 +160,8 @@ def test_on_policy_steps_mix_with_store_steps_and_validate(tmp_path):
       assert 1 <= h["sampled_len"] <= 6 and h["teacher_logprob"] < 0 and h["sample_s"] > 0 and h["score_s"] > 0
       assert h["loss"] == h["kd"] and "teacher_topk_mass" not in h  # dense KD, no CE
   evals = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines() if "val_" in line]
-  assert [e["step"] for e in evals] == [3, 6]
+  assert [e["step"] for e in evals] == [0, 3, 6]
+  assert evals[0]["val_on_policy_kd"] != evals[-1]["val_on_policy_kd"]  # the student moved
   assert all(e["val_on_policy_kd"] > 0 and e["val_on_policy_teacher_logprob"] < 0 for e in evals)
 
 
