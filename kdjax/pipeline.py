@@ -27,7 +27,6 @@ equals what this run would write, and otherwise refuses with one line before any
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import os
 import pathlib
@@ -38,11 +37,8 @@ import jax
 import ml_collections
 
 from kdjax import config as config_lib
-from kdjax import hostmem, parallel, provenance, storage
-
-
-class ConfigError(ValueError):
-  """A config that cannot run: a bad value or a missing model or data path."""
+from kdjax import hostmem, parallel, provenance, settings, storage
+from kdjax.settings import ConfigError, validate
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,114 +64,6 @@ def log(message: str) -> None:
     print(f"[kdjax {time.strftime('%H:%M:%S')}] {message}", flush=True)
 
 
-# ------------------------------------------------------------------------------------------ validation
-
-def validate(c: ml_collections.ConfigDict) -> None:
-  """Checks every config value the requested stages use, before any work; raises ConfigError with one line.
-
-  The stages' own settings objects (loss, LoRA, optimizer, sampling, eval) are built here once, so a value is
-  checked by the same code that later uses it.
-  """
-  try:
-    stages = set(config_lib.stage_names(c))
-    arms = config_lib.arm_names(c)
-    modes = {config_lib.ARMS[a]["mode"] for a in arms}
-    _check_values(c, stages, arms, modes)
-    _check_data(c, stages, modes)
-  except ConfigError:
-    raise
-  except ValueError as e:  # the settings objects' own errors (LossConfig, TrainConfig, ...), DataError
-    raise ConfigError(str(e).splitlines()[0]) from None
-  kd = "kd" in modes
-  # A stage's record includes its inputs' records back to the model sources, so each source a stage depends on
-  # must be there: the teacher's for every stage downstream of the store, the student's for all but generate.
-  needs_teacher = kd and bool({"convert", "generate", "train", "eval", "analyze"} & stages)
-  needs_student = bool({"convert", "generate", "train", "eval", "analyze"} & stages)
-  for role, needed in (("teacher", needs_teacher), ("student", needs_student)):
-    source = c[role].source
-    if not needed or source == "smollm2":
-      continue
-    if not source:
-      raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
-    if not storage.path(source).exists():
-      raise ConfigError(f"{role} model not found: {source}")
-
-
-def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None:
-  from kdjax import checkpoint, data, priming, teacher
-  from kdjax.evaluation import extract
-  for arm in arms:
-    strategy = config_lib.ARMS[arm]["strategy"]
-    if strategy and strategy not in priming.STRATEGIES:
-      raise ConfigError(f"arm {arm}: unknown priming strategy {strategy!r}")
-  if c.teacher.quantization not in ("int8", "none"):
-    raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
-  for role in ("teacher", "student"):
-    checkpoint.dtype_of(c[role].dtype)
-  if c.plan.model not in ("teacher", "student"):
-    raise ConfigError(f"plan.model must be 'teacher' or 'student', got {c.plan.model!r}")
-  if c.eval.split not in data.SPLITS:
-    raise ConfigError(f"eval.split must be one of {data.SPLITS}, got {c.eval.split!r}")
-  for key in ("eval.rule", "report.rule"):
-    section, name = key.split(".")
-    if c[section][name] not in extract.RULES:
-      raise ConfigError(f"{key} must be one of {', '.join(extract.RULES)}, got {c[section][name]!r}")
-  if c.report.bootstrap_resamples < 1:
-    raise ConfigError(f"report.bootstrap_resamples must be >= 1, got {c.report.bootstrap_resamples}")
-  if c.report.arms not in ("", "all"):
-    try:
-      config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
-    except ValueError as e:
-      raise ConfigError(f"report.arms: {e}") from None
-  if c.analyze.num_questions < 1 or not 0.0 < c.analyze.threshold < 1.0:
-    raise ConfigError(f"need analyze.num_questions >= 1 and 0 < analyze.threshold < 1, got "
-                      f"{c.analyze.num_questions}, {c.analyze.threshold}")
-  for strategy in sorted({config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}):
-    teacher.TeacherJob(strategy=strategy, teacher_model=c.teacher.model_id, sampling=_teacher_sampling(c),
-                       k=c.teacher.k, placement=c.teacher.placement, shard_size=c.teacher.shard_size,
-                       batch_size=c.teacher.batch_size)
-  from kdjax.distill import on_policy
-  on_policy.settings_from_config(c)  # a fraction > 0 needs a teacher: refused here, before any work
-  for mode in modes - {"none"}:
-    _loss_config(c, mode)
-  if modes - {"none"}:
-    _lora_config(c)
-    from kdjax.distill import train
-    train.train_config(c)
-  _eval_config(c)
-  from kdjax.distill import batches
-  try:
-    tail_temperatures = config_lib.tail_temperatures(c)
-    if "generate" in stages and any(config_lib.ARMS[a]["mode"] == "kd" for a in arms):
-      batches.require_tail_temperature(float(c.distill.temperature), tail_temperatures, c.distill.topk_mode,
-                                       "teacher.tail_temperatures")
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
-
-
-def _check_data(c, stages: set[str], modes: set[str]) -> None:
-  """The splits the stages read exist where data.source says, and the train split holds the asked-for sizes."""
-  from kdjax import data
-  splits = set()
-  if {"generate", "train", "eval", "analyze"} & stages and modes - {"none"}:
-    splits.add("train")  # a trained arm's records (read by eval too) name its train and validation questions
-  if {"eval", "analyze"} & stages:
-    splits.add(c.eval.split)
-  source = c.data.source
-  if not splits or source == data.HUB_NAME:
-    return
-  path = storage.path(source)
-  if not path.exists():
-    raise ConfigError(f"GSM8K not found at {source} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
-  for split in sorted(splits):
-    if path.is_file():
-      data.check_split_file(path, split)
-    elif not (path / f"{split}.jsonl").is_file():
-      raise ConfigError(f"GSM8K folder {source} has no {split}.jsonl")
-  if "train" in splits:
-    train_and_validation(c)  # one clear line now if the sizes do not fit, not after the teacher has run
-
-
 # ------------------------------------------------------------------------------------------ shared loading
 
 def make_mesh(c: ml_collections.ConfigDict, *, per_process: bool = False):
@@ -199,28 +87,6 @@ def load_role(c, wd: Workdir, role: str, mesh):
   return model, checkpoint.load_tokenizer(path)
 
 
-@functools.lru_cache(maxsize=4)
-def _load_questions(source: str, split: str) -> tuple[dict, ...]:
-  from kdjax import data
-  return tuple(data.load_gsm8k(source, split))
-
-
-def questions(c, split: str) -> list[dict]:
-  return list(_load_questions(c.data.source, split))
-
-
-def train_and_validation(c) -> tuple[list[dict], list[dict]]:
-  from kdjax import data
-  return data.split_train_validation(questions(c, "train"), c.data.num_train_questions, c.data.num_validation,
-                                     c.seed)
-
-
-def _convert_settings(c, role: str) -> tuple[bool, str]:
-  """(quantize, parameter dtype) of `role`'s conversion."""
-  quantize = c.teacher.quantization == "int8" if role == "teacher" else bool(c.student.quantize)
-  return quantize, "float32" if c[role].dtype == "float32" else "bfloat16"
-
-
 class Records:
   """The provenance record each output of this run should have, from the config and the sources (cached).
 
@@ -242,13 +108,13 @@ class Records:
 
   def model(self, role: str) -> dict:
     from kdjax import convert
-    quantize, dtype = _convert_settings(self.c, role)
+    quantize, dtype = settings.convert_settings(self.c, role)
     return self._cached(("model", role),
                         lambda: convert.conversion_record(self.c[role].source, dtype=dtype, quantize=quantize))
 
   def store(self, strategy: str) -> dict:
     def make():
-      train_q, val_q = train_and_validation(self.c)
+      train_q, val_q = settings.train_and_validation(self.c)
       return provenance.make_record(
           "generate", settings={"strategy": strategy, **provenance.settings(self.c, ["teacher", "data", "seed"])},
           questions={"train": train_q, "validation": val_q},
@@ -264,7 +130,7 @@ class Records:
       if spec["mode"] == "kd":
         inputs["store"] = (self.wd.name(self.wd.store(spec["strategy"])), self.store(spec["strategy"]))
       else:
-        train_q, val_q = train_and_validation(self.c)
+        train_q, val_q = settings.train_and_validation(self.c)
         questions_read = {"train": train_q, "validation": val_q}
       return provenance.make_record("train", settings={"mode": spec["mode"], **provenance.settings(self.c, sections)},
                                     inputs=inputs, questions=questions_read)
@@ -278,7 +144,7 @@ class Records:
       inputs["adapter"] = (self.wd.name(adapter), self.train(arm))
     record = provenance.make_record(
         "eval", settings=provenance.settings(self.c, ["eval", "student.dtype"]), inputs=inputs,
-        questions={self.c.eval.split: questions(self.c, self.c.eval.split)})
+        questions={self.c.eval.split: settings.questions(self.c, self.c.eval.split)})
     return provenance.with_content(record, "adapter", adapter) if "adapter" in inputs else record
 
 
@@ -297,7 +163,8 @@ def stage_plan(c, wd: Workdir, records: Records) -> None:
   if role == "student":  # the student's LoRA train step, as the train stage will compile it
     from kdjax import plan_train
     kd = any(config_lib.ARMS[a]["mode"] == "kd" for a in config_lib.arm_names(c))
-    plan_train.run_stage(c, _lora_config(c), _loss_config(c, "kd" if kd else "finetune"), wd.root / "plan.json")
+    plan_train.run_stage(c, settings.lora_config(c), settings.loss_config(c, "kd" if kd else "finetune"),
+                         wd.root / "plan.json")
     return
   mesh_shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
   # The teacher's store workload on the engine: plan.batch_size slots, prompts of plan.max_len less the new tokens.
@@ -333,7 +200,7 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
         checkpoint.is_kdjax_checkpoint(target):
       log(f"convert: {wd.name(target)} already converted from {c[role].source}")
       continue
-    quantize, dtype = _convert_settings(c, role)
+    quantize, dtype = settings.convert_settings(c, role)
     log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
     # On the mesh of every device: each array shard has one holder, and Orbax has only it write the shard.
     convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected,
@@ -342,12 +209,6 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
 
 def _require_model(wd: Workdir, records: Records, role: str) -> None:
   provenance.require(wd.model(role), wd.name(wd.model(role)), records.model(role), "convert")
-
-
-def _teacher_sampling(c):
-  from kdjax import generation
-  return generation.SamplingConfig(temperature=c.teacher.temperature, top_p=c.teacher.top_p,
-                                   top_k=c.teacher.top_k, max_new_tokens=c.teacher.max_new_tokens, seed=c.seed)
 
 
 def stage_generate(c, wd: Workdir, records: Records) -> None:
@@ -364,7 +225,7 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
         provenance.claim(folder, wd.name(folder), expected, writer=_writer())
       else:
         provenance.check_claimable(folder, wd.name(folder), expected)
-  train_q, val_q = train_and_validation(c)
+  train_q, val_q = settings.train_and_validation(c)
   mesh = make_mesh(c, per_process=True)  # each process generates its shards with a complete teacher
   model, tokenizer = load_role(c, wd, "teacher", mesh)
   student_tokenizer = checkpoint.load_tokenizer(wd.model("student"))
@@ -372,33 +233,18 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
     log(f"generate: teacher store for {strategy!r} ({len(train_q)} train + {len(val_q)} validation questions)")
     summary = teacher.generate_store(
         model, tokenizer, train_q + val_q, strategy, wd.store(strategy), teacher_model_id=c.teacher.model_id,
-        sampling=_teacher_sampling(c), student_tokenizer=student_tokenizer, k=c.teacher.k,
+        sampling=settings.teacher_sampling(c), student_tokenizer=student_tokenizer, k=c.teacher.k,
         placement=c.teacher.placement, shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
         tail_temperatures=config_lib.tail_temperatures(c),
         questions_name=f"gsm8k-train-first{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
     log(f"generate: {strategy}: {json.dumps(summary, default=str)[:300]}")
 
 
-def _loss_config(c, mode: str):
-  from kdjax.distill import losses
-  if mode == "finetune":
-    return losses.LossConfig(divergence="none", ce_weight=1.0, topk_mode=c.distill.topk_mode)
-  return losses.LossConfig(divergence=c.distill.divergence, beta=c.distill.beta, skew_alpha=c.distill.skew_alpha,
-                           temperature=c.distill.temperature, scale_by_t2=c.distill.scale_by_t2,
-                           ce_weight=c.distill.ce_weight, topk_mode=c.distill.topk_mode)
-
-
-def _lora_config(c):
-  from kdjax.distill import lora
-  return lora.LoraConfig(rank=c.student.lora.rank, alpha=c.student.lora.alpha, dropout=c.student.lora.dropout,
-                         targets=tuple(t.strip() for t in c.student.lora.targets.split(",") if t.strip()))
-
-
 def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   from kdjax import store
   from kdjax.distill import batches
   spec = config_lib.ARMS[arm]
-  train_q, val_q = train_and_validation(c)
+  train_q, val_q = settings.train_and_validation(c)
   if spec["mode"] == "finetune":
     return batches.gold_examples(train_q, tokenizer), batches.gold_examples(val_q, tokenizer)
   reader = store.StoreReader(wd.store(spec["strategy"]))
@@ -446,14 +292,15 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
     provenance.claim(adapter, wd.name(adapter), expected, writer=_writer())
     provenance.claim(train_dir, wd.name(train_dir), expected, writer=_writer())
     model, tokenizer = load_role(c, wd, "student", mesh)
-    lora.add_lora(model, _lora_config(c), seed=c.seed)
+    lora.add_lora(model, settings.lora_config(c), seed=c.seed)
     train_data, val_data = _train_examples(c, wd, arm, tokenizer)
     log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({spec['mode']})")
     scorer = None
     if spec["mode"] == "kd" and c.distill.on_policy_fraction > 0:  # the primed teacher, resident beside it
       _require_model(wd, records, "teacher")
       scorer = on_policy.from_config(c, load_role(c, wd, "teacher", mesh)[0], wd.store(spec["strategy"]), tokenizer)
-    result = train.train(model, train_data, val_data or None, train.train_config(c), _loss_config(c, spec["mode"]),
+    result = train.train(model, train_data, val_data or None, train.train_config(c),
+                         settings.loss_config(c, spec["mode"]),
                          train_dir, mesh=mesh, on_policy=scorer)
     result = results.select_adapter(model, result)  # best validation step, or the final one without validation
     lora.export_peft(model, adapter, base_model_name_or_path=c.student.model_id)  # process 0 writes
@@ -479,23 +326,16 @@ def load_student_for_arm(c, wd: Workdir, records: Records, arm: str, mesh):
   return model, tokenizer
 
 
-def _eval_config(c):
-  from kdjax.evaluation import loop
-  return loop.EvalConfig(split=c.eval.split, num_questions=None if c.eval.num_questions < 0 else c.eval.num_questions,
-                         prompt_format=c.eval.prompt_format, max_new_tokens=c.eval.max_new_tokens,
-                         batch_size=c.eval.batch_size, primary_rule=c.eval.rule)
-
-
 def stage_eval(c, wd: Workdir, records: Records) -> None:
   from kdjax.evaluation import loop
   mesh = make_mesh(c, per_process=True)  # each process evaluates its share of the questions (loop.evaluate)
-  test_q = questions(c, c.eval.split)
+  test_q = settings.questions(c, c.eval.split)
   for arm in config_lib.arm_names(c):
     out = wd.arm(arm) / "eval"
     _require_student_and_adapter(wd, records, arm)
     provenance.claim(out, wd.name(out), records.eval(arm), writer=_writer())
     model, tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
-    summary = loop.evaluate(model, tokenizer, test_q, _eval_config(c), out, arm=arm,
+    summary = loop.evaluate(model, tokenizer, test_q, settings.eval_config(c), out, arm=arm,
                             progress=jax.process_index() == 0)
     log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")
 
@@ -550,8 +390,8 @@ def stage_analyze(c, wd: Workdir, records: Records) -> None:
     inputs["student"] = (wd.name(wd.model("student")), records.model("student"))
     provenance.write(wd.root / "analysis", provenance.make_record(
         "analyze", settings=provenance.settings(c, ["analyze", "eval.split", "student.dtype"]), inputs=inputs,
-        questions={c.eval.split: questions(c, c.eval.split)[:c.analyze.num_questions]}))
-  result = analysis.analyze(models, tokenizer, questions(c, c.eval.split), wd.root / "analysis",
+        questions={c.eval.split: settings.questions(c, c.eval.split)[:c.analyze.num_questions]}))
+  result = analysis.analyze(models, tokenizer, settings.questions(c, c.eval.split), wd.root / "analysis",
                             num_questions=c.analyze.num_questions, threshold=c.analyze.threshold)
   log(f"analyze: {wd.root / 'analysis'} ({len(result)} entries)")
 

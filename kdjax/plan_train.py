@@ -455,7 +455,7 @@ def run_stage(c, lora_cfg: lora_lib.LoraConfig, loss_cfg: losses.LossConfig, pat
   plan.json, and raises PlanDoesNotFit (one line) when it does not fit -- before any weight is loaded."""
   train_cfg = train_lib.train_config(c)  # the train stage's own settings: the plan cannot drift from it
   on_policy = None
-  if float(c.distill.get("on_policy_fraction", 0.0)) > 0:
+  if float(c.distill.on_policy_fraction) > 0:
     prompt_len = train_cfg.max_length - c.teacher.max_new_tokens
     if prompt_len <= 0:
       raise plan_lib.PlanError(f"on-policy sampling needs train.max_len ({train_cfg.max_length}) above "

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from kdjax import plan as plan_lib
-from kdjax import plan_train
+from kdjax import plan_train, settings
 from kdjax.distill import batches, losses
 from kdjax.distill import lora as lora_lib
 from kdjax.distill import train as train_lib
@@ -215,18 +215,14 @@ def test_on_policy_plan_adds_the_resident_teacher_its_scoring_and_the_sampling_c
 
 
 def test_on_policy_plan_stage_refuses_responses_longer_than_the_train_sequence(tmp_path):
-  # distill.on_policy_fraction (the on-policy branch's key; added here when this branch runs without it) > 0: the
-  # sampled response (teacher.max_new_tokens) must leave room for the prompt in train.max_len. Refused before any
-  # compile, in one line.
+  # distill.on_policy_fraction > 0: the sampled response (teacher.max_new_tokens) must leave room for the prompt in
+  # train.max_len. Refused before any compile, in one line.
   from kdjax import config as config_lib_
-  from kdjax import pipeline
   c = config_lib_.get_default_config()
   c.student.preset = c.teacher.preset = "tiny"
   c.train.max_len, c.teacher.max_new_tokens = 64, 64
-  if "on_policy_fraction" not in c.distill:
-    c.distill.on_policy_fraction = 0.0
   c.distill.on_policy_fraction = 0.5
   with pytest.raises(plan_lib.PlanError) as err:
-    plan_train.run_stage(c, pipeline._lora_config(c), pipeline._loss_config(c, "kd"), tmp_path / "plan.json")
+    plan_train.run_stage(c, settings.lora_config(c), settings.loss_config(c, "kd"), tmp_path / "plan.json")
   assert "\n" not in str(err.value) and "teacher.max_new_tokens (64)" in str(err.value)
   assert not (tmp_path / "plan.json").exists()

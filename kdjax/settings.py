@@ -1,0 +1,175 @@
+"""The stages' settings, built from the config in one place, and the checks that run before any work.
+
+Each stage's settings object (sampling, loss, LoRA, eval) has one builder here, and `validate` builds them all
+before the first stage starts, so a bad value is refused in one line by the same code that later uses it.
+The GSM8K questions are read here too (once per source and split), because the checks need the train split's sizes.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import ml_collections
+
+from kdjax import config as config_lib
+from kdjax import storage
+
+
+class ConfigError(ValueError):
+  """A config that cannot run: a bad value or a missing model or data path."""
+
+
+@functools.lru_cache(maxsize=4)
+def _load_questions(source: str, split: str) -> tuple[dict, ...]:
+  from kdjax import data
+  return tuple(data.load_gsm8k(source, split))
+
+
+def questions(c, split: str) -> list[dict]:
+  return list(_load_questions(c.data.source, split))
+
+
+def train_and_validation(c) -> tuple[list[dict], list[dict]]:
+  from kdjax import data
+  return data.split_train_validation(questions(c, "train"), c.data.num_train_questions, c.data.num_validation,
+                                     c.seed)
+
+
+def convert_settings(c, role: str) -> tuple[bool, str]:
+  """(quantize, parameter dtype) of `role`'s conversion."""
+  quantize = c.teacher.quantization == "int8" if role == "teacher" else bool(c.student.quantize)
+  return quantize, "float32" if c[role].dtype == "float32" else "bfloat16"
+
+
+def teacher_sampling(c):
+  from kdjax import generation
+  return generation.SamplingConfig(temperature=c.teacher.temperature, top_p=c.teacher.top_p,
+                                   top_k=c.teacher.top_k, max_new_tokens=c.teacher.max_new_tokens, seed=c.seed)
+
+
+def loss_config(c, mode: str):
+  from kdjax.distill import losses
+  if mode == "finetune":
+    return losses.LossConfig(divergence="none", ce_weight=1.0, topk_mode=c.distill.topk_mode)
+  return losses.LossConfig(divergence=c.distill.divergence, beta=c.distill.beta, skew_alpha=c.distill.skew_alpha,
+                           temperature=c.distill.temperature, scale_by_t2=c.distill.scale_by_t2,
+                           ce_weight=c.distill.ce_weight, topk_mode=c.distill.topk_mode)
+
+
+def lora_config(c):
+  from kdjax.distill import lora
+  return lora.LoraConfig(rank=c.student.lora.rank, alpha=c.student.lora.alpha, dropout=c.student.lora.dropout,
+                         targets=tuple(t.strip() for t in c.student.lora.targets.split(",") if t.strip()))
+
+
+def eval_config(c):
+  from kdjax.evaluation import loop
+  return loop.EvalConfig(split=c.eval.split, num_questions=None if c.eval.num_questions < 0 else c.eval.num_questions,
+                         prompt_format=c.eval.prompt_format, max_new_tokens=c.eval.max_new_tokens,
+                         batch_size=c.eval.batch_size, primary_rule=c.eval.rule)
+
+
+def validate(c: ml_collections.ConfigDict) -> None:
+  """Checks every config value the requested stages use, before any work; raises ConfigError with one line.
+
+  The stages' own settings objects (loss, LoRA, optimizer, sampling, eval) are built here once, so a value is
+  checked by the same code that later uses it.
+  """
+  try:
+    stages = set(config_lib.stage_names(c))
+    arms = config_lib.arm_names(c)
+    modes = {config_lib.ARMS[a]["mode"] for a in arms}
+    _check_values(c, stages, arms, modes)
+    _check_data(c, stages, modes)
+  except ConfigError:
+    raise
+  except ValueError as e:  # the settings objects' own errors (LossConfig, TrainConfig, ...), DataError
+    raise ConfigError(str(e).splitlines()[0]) from None
+  kd = "kd" in modes
+  # A stage's record includes its inputs' records back to the model sources, so each source a stage depends on
+  # must be there: the teacher's for every stage downstream of the store, the student's for all but generate.
+  needs_teacher = kd and bool({"convert", "generate", "train", "eval", "analyze"} & stages)
+  needs_student = bool({"convert", "generate", "train", "eval", "analyze"} & stages)
+  for role, needed in (("teacher", needs_teacher), ("student", needs_student)):
+    source = c[role].source
+    if not needed or source == "smollm2":
+      continue
+    if not source:
+      raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
+    if not storage.path(source).exists():
+      raise ConfigError(f"{role} model not found: {source}")
+
+
+def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None:
+  from kdjax import checkpoint, data, priming, teacher
+  from kdjax.evaluation import extract
+  for arm in arms:
+    strategy = config_lib.ARMS[arm]["strategy"]
+    if strategy and strategy not in priming.STRATEGIES:
+      raise ConfigError(f"arm {arm}: unknown priming strategy {strategy!r}")
+  if c.teacher.quantization not in ("int8", "none"):
+    raise ConfigError(f"teacher.quantization must be 'int8' or 'none', got {c.teacher.quantization!r}")
+  for role in ("teacher", "student"):
+    checkpoint.dtype_of(c[role].dtype)
+  if c.plan.model not in ("teacher", "student"):
+    raise ConfigError(f"plan.model must be 'teacher' or 'student', got {c.plan.model!r}")
+  if c.eval.split not in data.SPLITS:
+    raise ConfigError(f"eval.split must be one of {data.SPLITS}, got {c.eval.split!r}")
+  for key in ("eval.rule", "report.rule"):
+    section, name = key.split(".")
+    if c[section][name] not in extract.RULES:
+      raise ConfigError(f"{key} must be one of {', '.join(extract.RULES)}, got {c[section][name]!r}")
+  if c.report.bootstrap_resamples < 1:
+    raise ConfigError(f"report.bootstrap_resamples must be >= 1, got {c.report.bootstrap_resamples}")
+  if c.report.arms not in ("", "all"):
+    try:
+      config_lib.arm_names(ml_collections.ConfigDict({"arms": c.report.arms}))
+    except ValueError as e:
+      raise ConfigError(f"report.arms: {e}") from None
+  if c.analyze.num_questions < 1 or not 0.0 < c.analyze.threshold < 1.0:
+    raise ConfigError(f"need analyze.num_questions >= 1 and 0 < analyze.threshold < 1, got "
+                      f"{c.analyze.num_questions}, {c.analyze.threshold}")
+  for strategy in sorted({config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}):
+    teacher.TeacherJob(strategy=strategy, teacher_model=c.teacher.model_id, sampling=teacher_sampling(c),
+                       k=c.teacher.k, placement=c.teacher.placement, shard_size=c.teacher.shard_size,
+                       batch_size=c.teacher.batch_size)
+  from kdjax.distill import on_policy
+  on_policy.settings_from_config(c)  # a fraction > 0 needs a teacher: refused here, before any work
+  for mode in modes - {"none"}:
+    loss_config(c, mode)
+  if modes - {"none"}:
+    lora_config(c)
+    from kdjax.distill import train
+    train.train_config(c)
+  eval_config(c)
+  from kdjax.distill import batches
+  try:
+    tail_temperatures = config_lib.tail_temperatures(c)
+    if "generate" in stages and any(config_lib.ARMS[a]["mode"] == "kd" for a in arms):
+      batches.require_tail_temperature(float(c.distill.temperature), tail_temperatures, c.distill.topk_mode,
+                                       "teacher.tail_temperatures")
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+
+
+def _check_data(c, stages: set[str], modes: set[str]) -> None:
+  """The splits the stages read exist where data.source says, and the train split holds the asked-for sizes."""
+  from kdjax import data
+  splits = set()
+  if {"generate", "train", "eval", "analyze"} & stages and modes - {"none"}:
+    splits.add("train")  # a trained arm's records (read by eval too) name its train and validation questions
+  if {"eval", "analyze"} & stages:
+    splits.add(c.eval.split)
+  source = c.data.source
+  if not splits or source == data.HUB_NAME:
+    return
+  path = storage.path(source)
+  if not path.exists():
+    raise ConfigError(f"GSM8K not found at {source} (give a folder with train.jsonl/test.jsonl or openai/gsm8k)")
+  for split in sorted(splits):
+    if path.is_file():
+      data.check_split_file(path, split)
+    elif not (path / f"{split}.jsonl").is_file():
+      raise ConfigError(f"GSM8K folder {source} has no {split}.jsonl")
+  if "train" in splits:
+    train_and_validation(c)  # one clear line now if the sizes do not fit, not after the teacher has run
