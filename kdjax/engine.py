@@ -102,8 +102,9 @@ def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
 
 
 def model_mesh(model: Llama) -> Mesh | None:
-  """The mesh the model's parameters are placed on (None: a single device, or no NamedSharding)."""
-  sharding = getattr(model.embed[...], "sharding", None)
+  """The mesh the model's parameters are placed on (None: a single device, no NamedSharding, or an abstract model
+  whose shape structs carry none)."""
+  sharding = getattr(model.embed.get_value(), "sharding", None)
   return sharding.mesh if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1 else None
 
 
