@@ -3,27 +3,75 @@
 from __future__ import annotations
 
 import json
+import os
 import pathlib
+import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 
 from kdjax import storage
 
 
-def resume_and_compare(worker: pathlib.Path, workdir: str, steps: str, env: dict, tmp_path: pathlib.Path) -> None:
-  """Resumes the killed `train_worker.py train` run in `workdir` to `steps` steps, then checks that its final
-  state (`tmp_path/resumed.npz`) equals the uninterrupted reference run's (`tmp_path/ref.npz`) array for array,
-  and that metrics.jsonl logged every step once (the steps after the last checkpoint are not logged twice)."""
-  resumed = subprocess.run([sys.executable, str(worker), "train", "--workdir", workdir,
-                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
-                           env=env, capture_output=True, text=True, timeout=900)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
+def finished_checkpoints(workdir: str | pathlib.Path) -> list[int]:
+  """The steps of the Orbax checkpoints finished under `workdir` (a local folder or a gs:// URL)."""
+  folder = storage.path(workdir) / "checkpoints"
+  if not folder.exists():
+    return []
+  remote = str(workdir).startswith("gs://")  # on object stores Orbax marks a finished step with commit_success.txt
+  return sorted(int(p.name) for p in folder.iterdir()
+                if p.name.isdigit() and (not remote or (p / "commit_success.txt").exists()))
+
+
+def _train(worker: pathlib.Path, workdir: str, steps: str, env: dict, out: pathlib.Path) -> None:
+  done = subprocess.run([sys.executable, str(worker), "train", "--workdir", workdir, "--out", str(out),
+                         "--steps", steps], env=env, capture_output=True, text=True, timeout=900)
+  assert done.returncode == 0, done.stderr[-3000:]
+
+
+def kill_resume_and_compare(worker: pathlib.Path, workdir: str, steps: str, env: dict, tmp_path: pathlib.Path, *,
+                            reference: str, delay: float) -> list[dict]:
+  """The preemption check: `worker train` runs uninterrupted in `reference`; a second run in `workdir` (each step
+  slowed by `delay` s) is killed (-9) once it has finished a checkpoint, then restarted to `steps` steps. Its final
+  state must equal the reference's array for array, and metrics.jsonl must log every step once (the steps after
+  the last checkpoint are not logged twice). Returns the resumed run's logged step records."""
+  _train(worker, reference, steps, env, tmp_path / "ref.npz")
+  proc = subprocess.Popen([sys.executable, str(worker), "train", "--workdir", workdir, "--steps", steps,
+                           "--delay", str(delay)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  try:
+    deadline = time.time() + 600
+    while not finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
+      time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before it could be killed"
+    assert finished_checkpoints(workdir), "no checkpoint appeared"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=60)
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == -signal.SIGKILL and finished_checkpoints(workdir)[-1] < int(steps)
+
+  _train(worker, workdir, steps, env, tmp_path / "resumed.npz")
   want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
   assert sorted(want) == sorted(got) and len(want) == 6
   for name in want:
     assert np.array_equal(want[name], got[name]), name
-  logged = [json.loads(line)["step"] for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()
+  logged = [json.loads(line) for line in (storage.path(workdir) / "metrics.jsonl").read_text().splitlines()
             if '"kd"' in line]
-  assert logged == list(range(1, int(steps) + 1))
+  assert [r["step"] for r in logged] == list(range(1, int(steps) + 1))
+  return logged
+
+
+def mesh_worker_results(worker: pathlib.Path, env: dict, tmp_path: pathlib.Path) -> dict:
+  """Runs `worker mesh` with 8 CPU devices (a fresh process: the device count is fixed at JAX's start-up) and
+  returns the JSON it wrote: the same training on one device and on a mesh of the eight."""
+  out = tmp_path / "mesh.json"
+  run = subprocess.run([sys.executable, str(worker), "mesh", "--out", str(out)],
+                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
+                       text=True, timeout=900)
+  assert run.returncode == 0, run.stderr[-3000:]
+  result = json.loads(out.read_text())
+  assert result["num_devices"] == 8
+  return result

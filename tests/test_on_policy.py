@@ -5,16 +5,15 @@ import dataclasses
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import numpy as np
 import pytest
 
 import kdjax
+import helpers
 import on_policy_worker as worker
 import train_worker
 from kdjax import config as config_lib, data, pipeline, priming, teacher
@@ -218,57 +217,18 @@ def compile_cache(tmp_path_factory):
   return env
 
 
-def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
-  folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
 @pytest.mark.slow  # three on-policy training subprocesses
 def test_kill9_during_on_policy_run_and_resume_is_bit_identical(tmp_path, compile_cache):
   """Acceptance 3: the sampling keys are functions of (seed, step), so the checkpoint needs nothing more."""
-  steps = "8"
-  reference = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(tmp_path / "ref"),
-                              "--out", str(tmp_path / "ref.npz"), "--steps", steps],
-                             env=compile_cache, capture_output=True, text=True, timeout=900)
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, str(WORKER), "train", "--workdir", str(workdir), "--steps", steps,
-                           "--delay", "0.2"], env=compile_cache, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 600
-    while not _finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
-      time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
-  assert _finished_checkpoints(workdir)[-1] < int(steps)
-  resumed = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(workdir),
-                            "--out", str(tmp_path / "resumed.npz"), "--steps", steps],
-                           env=compile_cache, capture_output=True, text=True, timeout=900)
-  assert resumed.returncode == 0, resumed.stderr[-3000:]
-  want, got = np.load(tmp_path / "ref.npz"), np.load(tmp_path / "resumed.npz")
-  assert sorted(want) == sorted(got) and len(want) == 6
-  for name in want:
-    assert np.array_equal(want[name], got[name]), name
-  logged = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines() if '"kd"' in line]
-  assert [r["step"] for r in logged] == list(range(1, int(steps) + 1))
-  assert 0 < sum(r["on_policy"] for r in logged) < int(steps)  # both kinds of step happened
+  logged = helpers.kill_resume_and_compare(WORKER, str(tmp_path / "killed"), "8", compile_cache, tmp_path,
+                                           reference=str(tmp_path / "ref"), delay=0.2)
+  assert 0 < sum(r["on_policy"] for r in logged) < 8  # both kinds of step happened
 
 
 @pytest.mark.slow  # a subprocess compiling sampling, scoring and the step for one device and a 2 x 4 mesh
 def test_eight_cpu_devices_match_single_device_on_policy(tmp_path, compile_cache):
-  env = dict(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = tmp_path / "mesh.json"
-  run = subprocess.run([sys.executable, str(WORKER), "mesh", "--out", str(out)], env=env, capture_output=True,
-                       text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads(out.read_text())
-  assert result["num_devices"] == 8 and "fsdp" in result["mesh"]["teacher_spec"]
+  result = helpers.mesh_worker_results(WORKER, compile_cache, tmp_path)
+  assert "fsdp" in result["mesh"]["teacher_spec"]
   single, mesh = result["single"]["history"], result["mesh"]["history"]
   assert [h["on_policy"] for h in mesh] == [1.0] * 3
   assert [h["sampled_len"] for h in mesh] == [h["sampled_len"] for h in single]

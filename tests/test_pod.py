@@ -44,6 +44,7 @@ import time
 import numpy as np
 import pytest
 
+import helpers
 from kdjax import storage
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -241,13 +242,6 @@ def _close_trees(got, want, *, atol: float) -> bool:
   return got == want
 
 
-def _finished_checkpoints(url: str) -> list[int]:
-  folder = storage.path(url) / "checkpoints"
-  if not folder.exists():
-    return []
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
-
-
 @pytest.mark.slow  # a killed and a restarted pod run
 def test_preempted_pod_worker_resumes_to_the_same_adapter(pod):
   workdir = f"gs://{pod.bucket}/preempted"
@@ -255,7 +249,7 @@ def test_preempted_pod_worker_resumes_to_the_same_adapter(pod):
   procs = pod.start(workdir, "killed")
   try:
     deadline = time.time() + TIMEOUT_S
-    while not _finished_checkpoints(train_dir) and time.time() < deadline and all(p.poll() is None for p in procs):
+    while not helpers.finished_checkpoints(train_dir) and time.time() < deadline and all(p.poll() is None for p in procs):
       time.sleep(0.2)
     assert all(p.poll() is None for p in procs), f"a process ended before the kill:\n{pod.log('killed', 0)}"
     os.kill(procs[1].pid, signal.SIGKILL)  # the preempted worker

@@ -281,45 +281,16 @@ def test_two_processes_write_one_store_in_a_bucket(gcs_emulator, tmp_path):
   assert len(store.StoreReader(url)) == 10
 
 
-def _finished_gs_checkpoints(url: str) -> list[int]:
-  folder = storage.path(url) / "checkpoints"
-  if not folder.exists():
-    return []
-  # On object stores Orbax writes each step in place and marks it finished with commit_success.txt.
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit() and (p / "commit_success.txt").exists())
-
-
 @pytest.mark.slow  # three training subprocesses: ~1 min of CPU on an idle machine
 def test_preempted_training_in_a_bucket_resumes_bit_identical(gcs_emulator, tmp_path):
   """A trainer writing to gs:// is killed (-9) after a checkpoint; the restarted one ends with the same LoRA
   weights as an uninterrupted run, and logs each step once."""
-  import signal
-  import time
   bucket = gcs_emulator.create_bucket("kdjax-preempt")
-  worker = REPO / "tests" / "train_worker.py"
   env = {**gcs_emulator.env(), "JAX_PLATFORMS": "cpu", "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
          "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
   env.pop("XLA_FLAGS", None)
-  steps = "10"
-  reference = subprocess.run([sys.executable, str(worker), "train", "--workdir", f"gs://{bucket}/ref",
-                              "--out", str(tmp_path / "ref.npz"), "--steps", steps],
-                             env=env, capture_output=True, text=True, timeout=900)
-  assert reference.returncode == 0, reference.stderr[-3000:]
-  url = f"gs://{bucket}/killed"
-  proc = subprocess.Popen([sys.executable, str(worker), "train", "--workdir", url, "--steps", steps,
-                           "--delay", "0.3"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 600
-    while not _finished_gs_checkpoints(url) and time.time() < deadline and proc.poll() is None:
-      time.sleep(0.2)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL and _finished_gs_checkpoints(url)[-1] < int(steps)
-  helpers.resume_and_compare(worker, url, steps, env, tmp_path)
+  helpers.kill_resume_and_compare(REPO / "tests" / "train_worker.py", f"gs://{bucket}/killed", "10", env, tmp_path,
+                                  reference=f"gs://{bucket}/ref", delay=0.3)
 
 
 def test_a_folder_in_a_bucket_has_the_content_digest_of_its_local_twin(gcs_emulator, tmp_path):

@@ -3,10 +3,6 @@
 import json
 import os
 import pathlib
-import signal
-import subprocess
-import sys
-import time
 
 import jax
 import numpy as np
@@ -201,50 +197,15 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
 # ------------------------------------------------------------------------------------------------ subprocesses
 
 
-def _finished_checkpoints(workdir: pathlib.Path) -> list[int]:
-  folder = workdir / "checkpoints"
-  return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.exists() else []
-
-
 @pytest.mark.slow  # three training subprocesses: ~30 s of CPU on an idle machine
 def test_kill9_and_resume_is_bit_identical(tmp_path, compile_cache):
-  steps = "10"
-  reference = subprocess.run([sys.executable, str(WORKER), "train", "--workdir", str(tmp_path / "ref"),
-                              "--out", str(tmp_path / "ref.npz"), "--steps", steps],
-                             env=compile_cache, capture_output=True, text=True, timeout=900)
-  assert reference.returncode == 0, reference.stderr[-3000:]
-
-  workdir = tmp_path / "killed"
-  proc = subprocess.Popen([sys.executable, str(WORKER), "train", "--workdir", str(workdir), "--steps", steps,
-                           "--delay", "0.1"], env=compile_cache, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.DEVNULL)
-  try:
-    deadline = time.time() + 600
-    while not _finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
-      time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before it could be killed"
-    assert _finished_checkpoints(workdir), "no checkpoint appeared"
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=60)
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == -signal.SIGKILL
-  killed_at = _finished_checkpoints(workdir)[-1]
-  assert killed_at < int(steps)
-
-  helpers.resume_and_compare(WORKER, str(workdir), steps, compile_cache, tmp_path)
+  helpers.kill_resume_and_compare(WORKER, str(tmp_path / "killed"), "10", compile_cache, tmp_path,
+                                  reference=str(tmp_path / "ref"), delay=0.1)
 
 
 @pytest.mark.slow  # a subprocess compiling the step for one device and for a 2 x 4 mesh
 def test_eight_cpu_devices_match_single_device(tmp_path, compile_cache):
-  env = dict(compile_cache, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  out = tmp_path / "mesh.json"
-  run = subprocess.run([sys.executable, str(WORKER), "mesh", "--out", str(out)], env=env, capture_output=True,
-                       text=True, timeout=900)
-  assert run.returncode == 0, run.stderr[-3000:]
-  result = json.loads(out.read_text())
-  assert result["num_devices"] == 8
+  result = helpers.mesh_worker_results(WORKER, compile_cache, tmp_path)
   assert "fsdp" in result["mesh"]["wq_spec"]  # the base really was sharded
   np.testing.assert_allclose(result["mesh"]["loss"], result["single"]["loss"], rtol=1e-5)
   for name, want in result["single"]["lora"].items():
