@@ -103,6 +103,13 @@ def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
                     preferred_element_type=jnp.float32)
 
 
+def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`lax.top_k` whose results are materialised before use. XLA:CPU otherwise fuses the TopK into consumers that
+  read the whole row (a threshold mask, a scatter over the vocabulary) and recomputes it inside their loops:
+  `topk_logprobs` on [16, 49152] took 128 ms per call that way and takes 2 ms with the barrier, the same values."""
+  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+
+
 def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] = ()
                   ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
   """Top-k of log-softmax(logits) [B, V], the probability left outside them, and its log at other temperatures.
@@ -118,7 +125,7 @@ def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] 
   """
   dtype = jnp.promote_types(logits.dtype, jnp.float32)
   logits = logits.astype(dtype)
-  values, ids = jax.lax.top_k(logits, k)
+  values, ids = _top_k(logits, k)
   # Relative to the largest logit (<= 0), so the log-normalisers below are small numbers with small rounding:
   # real logits reach 30-40, where float32 itself is only good to ~4e-6.
   shifted = logits - values[:, :1]
@@ -146,9 +153,9 @@ def filter_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | float, use_t
   if top_k == 0 and not use_top_p:
     return scaled
   if top_k > 0:
-    ordered = jax.lax.top_k(scaled, min(top_k, scaled.shape[-1]))[0]
+    ordered = _top_k(scaled, min(top_k, scaled.shape[-1]))[0]
   else:
-    ordered = -jnp.sort(-scaled, axis=-1)
+    ordered = jax.lax.optimization_barrier(-jnp.sort(-scaled, axis=-1))  # as in _top_k
   if use_top_p:
     probs = jax.nn.softmax(ordered, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
