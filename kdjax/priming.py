@@ -185,6 +185,14 @@ def encode_chat(tokenizer: Any, messages: list[dict]) -> list[int]:
   return [int(token) for token in encoded]
 
 
+def pad_token_id(tokenizer: Any) -> int:
+  """The id that pads prompts and fills finished rows: the tokenizer's pad token, else eos, else 0."""
+  for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+    if candidate is not None:
+      return int(candidate)
+  return 0
+
+
 def stop_token_ids(tokenizer: Any) -> list[int]:
   """Ids that end a generation: eos plus the end-of-turn tokens the vocabulary has."""
   vocab = tokenizer.get_vocab()

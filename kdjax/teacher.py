@@ -127,13 +127,6 @@ def _check_local_model(model: Llama) -> None:
           "complete teacher on its own devices (load it with a mesh of jax.local_devices())")
 
 
-def _pad_id(tokenizer: Any) -> int:
-  for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-    if candidate is not None:
-      return int(candidate)
-  return 0
-
-
 def teacher_prompt_ids(tokenizer: Any, question: dict, strategy: str, placement: str) -> list[int]:
   """The primed chat the teacher answers (with the reference solution for gold-hint strategies)."""
   gold_solution = None
@@ -341,7 +334,7 @@ def generate_store(
   start = time.perf_counter()
   bar = _Progress(progress, sum(len(range(*writer.shard_range(i))) for i in pending),
                   f"teacher {strategy}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
-  stop_ids, pad_id = priming.stop_token_ids(tokenizer), _pad_id(tokenizer)
+  stop_ids, pad_id = priming.stop_token_ids(tokenizer), priming.pad_token_id(tokenizer)
   try:
     for index in pending:
       first, stop = writer.shard_range(index)

@@ -60,7 +60,7 @@ def run(fraction: float, examples, prompts, tokenizer, steps: int, new_tokens: i
   settings = on_policy.OnPolicySettings(fraction=fraction, temperature=1.0, max_new_tokens=new_tokens,
                                         decode_slots=len(examples))
   scorer = on_policy.OnPolicy(resident, prompts, settings, stop_ids=priming.stop_token_ids(tokenizer),
-                              pad_id=teacher._pad_id(tokenizer))
+                              pad_id=priming.pad_token_id(tokenizer))
   cfg = train_lib.TrainConfig(optimizer="adamw", learning_rate=1e-4, batch_size=len(examples), num_steps=steps,
                               checkpoint_every=10_000, log_every=1, pad_multiple=64, chunk_size=256,
                               tensorboard=False, progress_bar=False, async_checkpointing=False)

@@ -94,7 +94,7 @@ def _smollm2_on_policy(smollm2_gguf, gsm8k_dir, strategy, tmp_path, *, fraction=
               for q in questions]
   prompts = {q["id"]: teacher.teacher_prompt_ids(tokenizer, q, strategy, "system") for q in questions}
   scorer = on_policy.OnPolicy(resident, prompts, on_policy.OnPolicySettings(fraction=fraction, max_new_tokens=16),
-                              stop_ids=priming.stop_token_ids(tokenizer), pad_id=teacher._pad_id(tokenizer))
+                              stop_ids=priming.stop_token_ids(tokenizer), pad_id=priming.pad_token_id(tokenizer))
   lora.add_lora(student, lora.LoraConfig(rank=4, alpha=8, dropout=0.1), seed=0)  # fresh: B = 0
   cfg = _quiet(batch_size=num_questions, num_steps=1, pad_multiple=32, chunk_size=128)
   loss_cfg = losses.LossConfig(divergence="reverse_kl", temperature=PAPER_TEMPERATURE, ce_weight=0.61)

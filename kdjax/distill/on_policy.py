@@ -102,9 +102,8 @@ def settings_from_config(c: Any) -> OnPolicySettings:
 def from_config(c: Any, teacher: nnx.Module, store_dir: Any, tokenizer: Any) -> "OnPolicy":
   """The train stage's OnPolicy for a kd arm: `teacher` loaded on the student's mesh, prompts from its store."""
   from kdjax import priming
-  from kdjax import teacher as teacher_stage
   return OnPolicy.from_store(teacher, store_dir, settings_from_config(c), stop_ids=priming.stop_token_ids(tokenizer),
-                             pad_id=teacher_stage._pad_id(tokenizer))
+                             pad_id=priming.pad_token_id(tokenizer))
 
 
 def dense_loss_config(loss_cfg: losses.LossConfig) -> losses.LossConfig:
