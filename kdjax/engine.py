@@ -23,6 +23,14 @@ into their consumers and the weights are not duplicated.
 Many devices: with the model on a mesh, the slot axis of every slot array is sharded like a batch (the data
 axis; `place_slots`), so each device decodes its own slots; results equal the single-device ones.
 
+Many hosts: a model whose mesh spans processes (a teacher larger than one host's memory) runs ONE program on all
+of them. Every process calls `run` with the same prompts, so the host loop takes the same decisions everywhere and
+every process dispatches the same programs in the same order (the SPMD contract). What the host feeds in (prompt
+ids, lengths, slot indices, example ids, sampling values) goes in as replicated global arrays of the same value on
+every process (`_feed`); what it reads back (done flags, lengths, the finished rows) is first replicated on device
+(`_host_read`, `_take_rows`), since a process cannot read slots held by another's devices. On a process-local mesh
+both are the plain single-process calls.
+
 Sampling is as before: the token of example e at response step t draws with
 `fold_in(fold_in(PRNGKey(seed), e), t)`, so outputs do not depend on the number of slots or on scheduling.
 """
@@ -39,7 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from jax.sharding import Mesh, NamedSharding
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax import generation
 from kdjax import parallel
@@ -99,6 +107,25 @@ def _choose_and_measure(logits: jax.Array, keys: jax.Array, steps: jax.Array, sa
 
 def _is_stop(tokens: jax.Array, stop_ids: jax.Array) -> jax.Array:
   return jnp.any(tokens[:, None] == stop_ids[None, :], axis=-1)
+
+
+def _feed(value, mesh: Mesh | None) -> jax.Array:
+  """A host value as a program input: on a mesh that spans processes, a global array replicated over it (every
+  process passes the same value); else the usual uncommitted local array."""
+  if mesh is None:
+    return jnp.asarray(value)
+  return jax.device_put(np.asarray(value), NamedSharding(mesh, PartitionSpec()))
+
+
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _replicated(arrays, mesh: Mesh):
+  return jax.lax.with_sharding_constraint(arrays, NamedSharding(mesh, PartitionSpec()))
+
+
+def _host_read(arrays, mesh: Mesh | None):
+  """`arrays` as numpy on this host; on a mesh that spans processes each is replicated on device first, so every
+  process reads the whole value (the slot axis is sharded over devices of several processes)."""
+  return jax.device_get(arrays if mesh is None else _replicated(arrays, mesh))
 
 
 def model_mesh(model: Llama) -> Mesh | None:
@@ -344,8 +371,17 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   # Stop ids padded with -1 (never a token) to a multiple of 8, so their number rarely forces a recompile.
   stop_array = np.full(round_up(max(len(stop_ids), 1), 8), -1, np.int32)
   stop_array[:len(stop_ids)] = list(stop_ids)
-  values = _Sampling(seed=jnp.uint32(sampling.seed), temperature=jnp.float32(sampling.temperature),
-                     top_p=jnp.float32(sampling.top_p), stop_ids=jnp.asarray(stop_array))
+  # A mesh over several processes' devices: inputs go in as global arrays, reads come back replicated (module
+  # docstring); None on a process-local mesh, where both are the plain local calls.
+  spanning = model_mesh(model)
+  spanning = spanning if parallel.spans_processes(spanning) else None
+  feed = functools.partial(_feed, mesh=spanning)
+  if spanning is None:
+    values = _Sampling(seed=jnp.uint32(sampling.seed), temperature=jnp.float32(sampling.temperature),
+                       top_p=jnp.float32(sampling.top_p), stop_ids=jnp.asarray(stop_array))
+  else:
+    values = _Sampling(seed=feed(np.uint32(sampling.seed)), temperature=feed(np.float32(sampling.temperature)),
+                       top_p=feed(np.float32(sampling.top_p)), stop_ids=feed(stop_array))
   graphdef, state = nnx.split(model)
   layers = layer_params(model, unrolled)
 
@@ -379,18 +415,18 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=True)
       empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
-      k, v, logits = prefill(graphdef, state, layers, jnp.asarray(ids), jnp.asarray(real), empty)
-      slots = insert(slots, jnp.asarray(where, jnp.int32), k, v, logits, jnp.asarray(real),
-                     jnp.asarray([example_ids[i] for i in members], jnp.int32), values, opts=opts)
+      k, v, logits = prefill(graphdef, state, layers, feed(ids), feed(real), empty)
+      slots = insert(slots, feed(np.asarray(where, np.int32)), k, v, logits, feed(real),
+                     feed(np.asarray([example_ids[i] for i in members], np.int32)), values, opts=opts)
       for s, i, length_i in zip(where, members, real):
         held[s], lengths[s] = i, length_i
-    done = np.asarray(slots.done)
+    done = _host_read(slots.done, spanning)
     exit_when = int(done.sum()) + 1 if queue else num_slots
     while True:
       if not done.all():
         fit_window(int(max(lengths[s] for s in range(num_slots) if not done[s])) + 1, shrink=False)
-        slots = decode_block(graphdef, state, layers, slots, jnp.int32(exit_when), values, opts=opts)
-      done, lengths = jax.device_get((slots.done, slots.lengths))
+        slots = decode_block(graphdef, state, layers, slots, feed(np.int32(exit_when)), values, opts=opts)
+      done, lengths = _host_read((slots.done, slots.lengths), spanning)
       lengths = lengths.astype(np.int64)
       if done.sum() >= exit_when or done.all():
         break  # else a slot filled the window: grow it and go on
@@ -400,7 +436,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
     # Only the finished rows leave the device (padded to a power of two, so few gathers compile).
     picked = finished + finished[:1] * ((1 << (len(finished) - 1).bit_length()) - len(finished))
     tokens, steps, stopped, recorded = jax.device_get(_take_rows(
-        (slots.tokens, slots.steps, slots.stopped, slots.recorded), jnp.asarray(picked, jnp.int32)))
+        (slots.tokens, slots.steps, slots.stopped, slots.recorded), feed(np.asarray(picked, np.int32)),
+        mesh=spanning))
     for row, s in enumerate(finished):
       count = int(steps[row])
       results[held[s]] = _generation(tokens[row, :count], bool(stopped[row]), [r[row, :count] for r in recorded])
@@ -414,9 +451,11 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   return results  # type: ignore[return-value]
 
 
-@jax.jit
-def _take_rows(arrays, rows: jax.Array):
-  return jax.tree.map(lambda a: a[rows], arrays)
+@functools.partial(jax.jit, static_argnames=("mesh",))
+def _take_rows(arrays, rows: jax.Array, mesh: Mesh | None = None):
+  """The slot rows `rows` of every array; with `mesh` (one spanning processes) replicated, so every host reads them."""
+  taken = jax.tree.map(lambda a: a[rows], arrays)
+  return taken if mesh is None else jax.lax.with_sharding_constraint(taken, NamedSharding(mesh, PartitionSpec()))
 
 
 def _generation(tokens: np.ndarray, stopped: bool, recorded: list[np.ndarray]) -> Generation:

@@ -181,6 +181,38 @@ def sync(name: str) -> None:
   client.wait_at_barrier(barrier, min(timeout_ms, 2**31 - 1))
 
 
+def spans_processes(mesh: Mesh | None) -> bool:
+  """True when `mesh` holds devices of more than one process: every process must then run the same programs on it
+  in the same order (one SPMD program across hosts), and no process can read another's shards directly."""
+  return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+
+
+def covers_every_process(mesh: Mesh) -> bool:
+  """True when every process of the run holds devices of `mesh`."""
+  return {d.process_index for d in mesh.devices.flat} == set(range(jax.process_count()))
+
+
+def broadcast_json(name: str, value: Any = None) -> Any:
+  """Process 0's `value` (anything json can write) on every process; on one process `value` itself.
+
+  Through jax.distributed's key-value store, not a device collective, so the others may wait as long as `sync`
+  allows (process 0 may first read a store). Every process calls it with the same `name`, in the same order."""
+  if jax.process_count() == 1:
+    return value
+  import json  # pylint: disable=import-outside-toplevel
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  _syncs.append(name)
+  key = f"kdjax.broadcast:{name}#{len(_syncs)}"
+  client = distributed.global_state.client
+  if client is None:
+    raise RuntimeError("broadcast_json needs jax.distributed (kdjax.parallel.initialize_distributed)")
+  if jax.process_index() == 0:
+    client.key_value_set(key, json.dumps(value))
+    return value
+  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
+  return json.loads(client.blocking_key_value_get(key, min(timeout_ms, 2**31 - 1)))
+
+
 def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:
   """A mesh of this process's own devices: for stages where each process works on its own share of the
   questions with a complete model (eval, analyze, the teacher), so no step waits on another host."""

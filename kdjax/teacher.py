@@ -26,9 +26,15 @@ responses whose last number happens to equal the answer, e.g. ones cut off at ma
 which would then teach the student a format the evaluation cannot read. Every response is kept;
 `correct` is a per-record field and `StoreReader.filter(correct_only=True)` selects at read time.
 
-Multi-process runs keep one complete teacher per process (sharded over that process's local
-devices) and split the shards between processes; a teacher sharded across processes cannot
-answer different questions in different processes and is refused.
+Multi-process runs, two ways, chosen by where the teacher's parameters live:
+- process-local teachers (each process holds a complete teacher on its own devices): the processes
+  split the shards, process p generating and writing the shards i with i % n == p;
+- one teacher spanning the processes (its mesh covers every process's devices, as a 405B teacher
+  larger than one host's memory needs): every process runs every shard together, one SPMD program
+  (`kdjax.engine` feeds and reads it so), and process 0 alone writes the shards and the manifest.
+  Process 0 decides which shards are pending and tells the others (`parallel.broadcast_json`), so a
+  resumed pod agrees on the work even while its store is being written. A mesh spanning some
+  processes but not all is refused.
 """
 
 from __future__ import annotations
@@ -46,7 +52,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kdjax import data, generation, priming, storage, store
+from kdjax import data, generation, parallel, priming, storage, store
 from kdjax.evaluation import extract
 from kdjax.generation import SamplingConfig
 from kdjax.models.llama.model import Llama
@@ -119,12 +125,23 @@ def questions_fingerprint(questions: Sequence[dict]) -> str:
   return digest.hexdigest()[:16]
 
 
-def _check_local_model(model: Llama) -> None:
+def _spans_processes(model: Llama) -> bool:
+  """True for a teacher whose mesh spans processes (one program on all of them); False for a process-local
+  one. Raises TeacherError for a teacher it cannot run: spanning some processes but not all, or parameters
+  other processes hold that are not on the mesh of its embedding."""
+  from kdjax import engine  # the engine imports generation, which this module needs first
+  mesh = engine.model_mesh(model)
+  if parallel.spans_processes(mesh):
+    if not parallel.covers_every_process(mesh):
+      raise TeacherError(
+          f"the teacher's mesh spans processes {sorted({d.process_index for d in mesh.devices.flat})} of "
+          f"{jax.process_count()}; use a mesh over every process's devices or over each process's own")
+    return True
   for leaf in jax.tree.leaves(nnx.state(model)):
     if isinstance(leaf, jax.Array) and not leaf.is_fully_addressable:
-      raise TeacherError(
-          "the teacher's parameters span devices of other processes; each process needs a "
-          "complete teacher on its own devices (load it with a mesh of jax.local_devices())")
+      raise TeacherError("the teacher's parameters span devices of other processes but its embedding does not; "
+                         "place the whole teacher on one mesh")
+  return False
 
 
 def teacher_prompt_ids(tokenizer: Any, question: dict, strategy: str, placement: str) -> list[int]:
@@ -247,7 +264,6 @@ def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job:
 
 
 def _barrier(name: str) -> None:
-  from kdjax import parallel
   parallel.sync(name)
 
 
@@ -308,6 +324,10 @@ def generate_store(
                    tail_temperatures=tuple(sorted({float(t) for t in tail_temperatures})))
   _check_questions(questions, priming.get_strategy(strategy).needs_gold_solution)
   distributed = jax.process_count() > 1
+  spanning = _spans_processes(model)
+  if spanning and (process_index, process_count) not in ((None, None), (jax.process_index(), jax.process_count())):
+    raise TeacherError(f"a teacher spanning processes runs as process {jax.process_index()} of "
+                       f"{jax.process_count()}, not {process_index} of {process_count}")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
   store_dir = storage.path(store_dir)
@@ -316,32 +336,49 @@ def generate_store(
       teacher_model=teacher_model_id, strategy=strategy, vocab_size=model.config.vocab_size, k=k,
       sampling=dataclasses.asdict(sampling), placement=placement, tail_temperatures=job.tail_temperatures,
       questions=f"{questions_name} n={len(questions)} sha={questions_fingerprint(questions)}".strip())
-  writer = store.StoreWriter(store_dir, spec, num_examples=len(questions), shard_size=shard_size,
-                             process_index=process_index, process_count=process_count)
-  _check_job_file(store_dir, job)
-  run = {"process_index": process_index, "process_count": process_count, "skipped": False,
+  run = {"process_index": process_index, "process_count": process_count, "spanning": spanning, "skipped": False,
          "shards_written": [], "tokens_generated": 0, "seconds": 0.0}
-
-  manifest = _finished_manifest(store_dir, writer.num_shards)
+  # A spanning teacher's shards are all process 0's to write (a writer of one process there, none elsewhere); it
+  # alone reads the store's state and tells the others what to generate, errors included.
+  writer, manifest, work, num_shards = None, None, [], 0
+  try:
+    if not spanning or process_index == 0:
+      writer = store.StoreWriter(store_dir, spec, num_examples=len(questions), shard_size=shard_size,
+                                 process_index=0 if spanning else process_index,
+                                 process_count=1 if spanning else process_count)
+      _check_job_file(store_dir, job)
+      num_shards = writer.num_shards
+      manifest = _finished_manifest(store_dir, num_shards)
+      work = [] if manifest is not None else [(i, *writer.shard_range(i)) for i in writer.pending_shards()]
+  except Exception as err:
+    if spanning:
+      parallel.broadcast_json(f"kdjax.teacher:{strategy}:work", {"error": f"{type(err).__name__}: {err}"})
+    raise
+  if spanning:
+    told = parallel.broadcast_json(f"kdjax.teacher:{strategy}:work",
+                                   {"finished": manifest is not None, "work": work, "num_shards": num_shards})
+    if "error" in told:
+      raise TeacherError(f"process 0 refused the store: {told['error']}")
+    work, num_shards = [tuple(w) for w in told["work"]], told["num_shards"]
+    if told["finished"] and manifest is None:  # the others read the finished store process 0 found
+      manifest = _finished_manifest(store_dir, num_shards)
   if manifest is not None:
     return _summary(store_dir, job, manifest, **{**run, "skipped": True})
   if process_index == 0:
     _write_json_atomic(store_dir / JOB_FILE, job.to_json())
 
-  pending = writer.pending_shards()
-  if pending:
-    _check_local_model(model)
   start = time.perf_counter()
-  bar = _Progress(progress, sum(len(range(*writer.shard_range(i))) for i in pending),
+  shows = progress and (not spanning or process_index == 0)
+  bar = _Progress(shows, sum(stop - first for _, first, stop in work),
                   f"teacher {strategy}" + (f" [{process_index}/{process_count}]" if process_count > 1 else ""))
   stop_ids, pad_id = priming.stop_token_ids(tokenizer), priming.pad_token_id(tokenizer)
   try:
-    for index in pending:
-      first, stop = writer.shard_range(index)
+    for index, first, stop in work:
       records = _shard_records(model, tokenizer, questions[first:stop], job, stop_ids=stop_ids,
                                pad_id=pad_id, progress=bar.for_shard())
-      writer.write_shard(index, records)
-      run["shards_written"].append(index)
+      if writer is not None:
+        writer.write_shard(index, records)
+        run["shards_written"].append(index)
       run["tokens_generated"] += sum(record.num_tokens for record in records)
   finally:
     bar.close()
@@ -357,5 +394,5 @@ def generate_store(
       run["missing_shards"] = missing  # independent processes without jax.distributed: not all done
   if distributed:
     _barrier(f"kdjax.teacher:{strategy}:finalized")
-    manifest = _finished_manifest(store_dir, writer.num_shards)
+    manifest = _finished_manifest(store_dir, num_shards)
   return _summary(store_dir, job, manifest, **run)
