@@ -1,7 +1,8 @@
 """Helpers for tests/test_teacher.py: a tiny random teacher with SmolLM2's vocabulary, and a subprocess entry.
 
 Run as a script it writes a teacher store with the tiny teacher, optionally as one process of a
-`jax.distributed` group on localhost (`--num-processes 2 --process-id i --port P`), optionally
+`jax.distributed` group on localhost (`--num-processes 2 --process-id i --port P`), optionally on a mesh
+of every device of the run (`--mesh data=2,fsdp=2,tensor=2`: with two processes, one teacher spanning both), optionally
 pausing before every shard after the first (`--pause-s`) so a test can kill it between shards.
 It prints the summary of `generate_store` as one JSON line.
 """
@@ -81,6 +82,8 @@ def main() -> None:
   parser.add_argument("--pause-s", type=float, default=0.0)
   parser.add_argument("--int8-devices", type=int, default=0,
                       help="use the int8 teacher sharded over this many local devices")
+  parser.add_argument("--mesh", default="none",
+                      help="axis=size,...: the tiny teacher on a mesh of every device of the run (all processes')")
   args = parser.parse_args()
 
   import jax
@@ -105,6 +108,9 @@ def main() -> None:
 
     generation.generate = paused_generate
   model = int8_teacher(args.int8_devices) if args.int8_devices else None
+  if args.mesh != "none":
+    import multihost_worker
+    model = multihost_worker.place(tiny_teacher(), multihost_worker.parse_mesh(args.mesh))
   if model is not None:
     assert all(len(leaf.sharding.device_set) == args.int8_devices for leaf in jax.tree.leaves(nnx.state(model))
                if leaf.ndim == 4), "the projections are not sharded"
