@@ -108,14 +108,14 @@ def main() -> None:
 
     generation.generate = paused_generate
   model = int8_teacher(args.int8_devices) if args.int8_devices else None
-  if args.mesh != "none":
-    import multihost_worker
-    model = multihost_worker.place(tiny_teacher(), multihost_worker.parse_mesh(args.mesh))
   if model is not None:
     assert all(len(leaf.sharding.device_set) == args.int8_devices for leaf in jax.tree.leaves(nnx.state(model))
                if leaf.ndim == 4), "the projections are not sharded"
-  summary = run_store(args.store, questions, tokenizer, model=model,
-                      teacher_model_id=f"{TEACHER_ID}-int8" if model is not None else TEACHER_ID)
+  teacher_id = f"{TEACHER_ID}-int8" if model is not None else TEACHER_ID
+  if args.mesh != "none":  # the float teacher, so its store compares with the 1-device reference's
+    import multihost_worker
+    model = multihost_worker.place(tiny_teacher(), multihost_worker.parse_mesh(args.mesh))
+  summary = run_store(args.store, questions, tokenizer, model=model, teacher_model_id=teacher_id)
   print(json.dumps(summary), flush=True)
 
 
