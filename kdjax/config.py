@@ -71,6 +71,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   # Questions per store shard: one generate call each, so 4 x the slots lets finished slots refill (a shard of
   # batch_size questions would be one static batch again); see kdjax.teacher.
   c.teacher.shard_size = 256
+  # generate: False, a complete teacher per process on the mesh.* shape of its own devices, the processes splitting
+  # the store's shards; True, one teacher on the mesh.* shape of every process's devices (a teacher larger than a
+  # host's memory, e.g. 405B on v5p:4x4x4), every process running every shard and process 0 writing (kdjax.teacher).
+  c.teacher.spans_processes = False
 
   c.student = ml_collections.ConfigDict()
   c.student.source = ""

@@ -68,7 +68,8 @@ def log(message: str) -> None:
 
 def make_mesh(c: ml_collections.ConfigDict, *, per_process: bool = False):
   """The mesh of every device, or with `per_process` (stages whose processes work on their own questions with a
-  complete model each: generate, eval, analyze) of this process's devices; the same on one process."""
+  complete model each: generate unless teacher.spans_processes, eval, analyze) of this process's devices; the same
+  on one process."""
   shape = {"data": c.mesh.data, "fsdp": c.mesh.fsdp, "tensor": c.mesh.tensor}
   try:
     return parallel.local_mesh(shape) if per_process else parallel.make_mesh(shape)
@@ -226,7 +227,9 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
       else:
         provenance.check_claimable(folder, wd.name(folder), expected)
   train_q, val_q = settings.train_and_validation(c)
-  mesh = make_mesh(c, per_process=True)  # each process generates its shards with a complete teacher
+  # A complete teacher per process, each generating its own shards; or one teacher over every process's devices,
+  # all of them generating every shard together (teacher.spans_processes; kdjax.teacher).
+  mesh = make_mesh(c, per_process=not c.teacher.spans_processes)
   model, tokenizer = load_role(c, wd, "teacher", mesh)
   student_tokenizer = checkpoint.load_tokenizer(wd.model("student"))
   for strategy in strategies:

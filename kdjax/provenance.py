@@ -68,6 +68,7 @@ NO_EFFECT_KEYS = frozenset({
     "student.remat",           # recomputes activations in the backward pass instead of keeping them: same values
     "teacher.batch_size",      # rows of a batch are independent (padding is masked, sampling keys are per question)
     "teacher.shard_size",      # how store records are grouped into files; the store's own spec pins it too
+    "teacher.spans_processes",  # which devices hold the teacher: the same tokens (a mesh.* change, not recorded)
     "eval.batch_size",         # as teacher.batch_size
     "eval.num_questions",      # how many of the recorded test questions to answer; written answers stay valid
     "train.log_every",         # logging only

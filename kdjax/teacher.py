@@ -4,8 +4,8 @@ For every GSM8K question the teacher answers its *primed* prompt (the strategy's
 for `gold_hint`, the reference solution); the store keeps the response, the teacher's top-k
 log-probabilities per response token, and the *student* prompt (no priming) the student is later
 trained on. Work goes shard by shard (`kdjax.store`): a shard is generated in one `generate` call
-and written atomically, so a killed run resumes at the first missing shard, and process p of n
-writes the shards i with i % n == p.
+and written atomically, so a killed run resumes at the first missing shard; with several processes,
+see "Multi-process runs" below for who writes which shard.
 
 Reproducibility: each question's sampling key is derived from its GSM8K id (`example_ids`), and a
 shard always holds the same questions, batched the same way, so a resumed or multi-process run
@@ -311,9 +311,11 @@ def generate_store(
   With `student_tokenizer`, both tokenizers must map tokens to the same ids (checked first).
   `questions_name` (e.g. "gsm8k:train n=7000") goes into the store spec next to a fingerprint of
   the list. `tail_temperatures`: the temperatures at which every token's exact tail mass outside the
-  top-k is stored as well (training in "tail" mode at T != 1 needs T among them). Process `process_index` of `process_count` (default: jax's) writes its share of the
-  shards; under `jax.distributed` all processes meet at a barrier, process 0 writes manifest.json,
-  and every process returns the finished store's summary.
+  top-k is stored as well (training in "tail" mode at T != 1 needs T among them). With a process-local
+  teacher, process `process_index` of `process_count` (default: jax's) writes its share of the shards;
+  with a teacher spanning every process (module docstring) all processes generate every shard and process
+  0 writes them. Under `jax.distributed` all processes meet at a barrier, process 0 writes manifest.json,
+  and every process returns the finished store's summary (`spanning` says which way it ran).
   """
   if student_tokenizer is not None:
     # Before any heavy work: a store of top-k ids is useless to a student that reads them differently.
