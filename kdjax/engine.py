@@ -376,12 +376,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   spanning = model_mesh(model)
   spanning = spanning if parallel.spans_processes(spanning) else None
   feed = functools.partial(_feed, mesh=spanning)
-  if spanning is None:
-    values = _Sampling(seed=jnp.uint32(sampling.seed), temperature=jnp.float32(sampling.temperature),
-                       top_p=jnp.float32(sampling.top_p), stop_ids=jnp.asarray(stop_array))
-  else:
-    values = _Sampling(seed=feed(np.uint32(sampling.seed)), temperature=feed(np.float32(sampling.temperature)),
-                       top_p=feed(np.float32(sampling.top_p)), stop_ids=feed(stop_array))
+  values = _Sampling(seed=feed(np.uint32(sampling.seed)), temperature=feed(np.float32(sampling.temperature)),
+                     top_p=feed(np.float32(sampling.top_p)), stop_ids=feed(stop_array))
   graphdef, state = nnx.split(model)
   layers = layer_params(model, unrolled)
 
