@@ -66,6 +66,39 @@ def test_spans_processes_on_one_process():
   assert parallel.broadcast_json("kdjax.test:one-process", {"work": [[0, 0, 3]]}) == {"work": [[0, 0, 3]]}
 
 
+class _Device:
+  def __init__(self, process_index: int):
+    self.process_index = process_index
+
+
+class _TwoProcessMesh:
+  """What `teacher` reads of a mesh: the devices of processes 0 and 1."""
+  devices = np.array([_Device(0), _Device(1)])
+
+
+def test_teacher_refuses_what_a_spanning_run_cannot_do(monkeypatch, gsm8k_dir, tmp_path):
+  """A teacher over processes 0 and 1 of 3 cannot run (process 2 holds none of it), nor can a spanning teacher take
+  another process index or count than jax's: one line each, before the store folder exists."""
+  import jax
+
+  from kdjax import data, engine, teacher
+  from kdjax.generation import SamplingConfig
+  from kdjax.models.llama import config as config_lib
+  from kdjax.models.llama import model as model_lib
+  model = model_lib.init_model(config_lib.get_preset("tiny"))
+  questions = data.load_gsm8k(gsm8k_dir, "train")[:2]
+  monkeypatch.setattr(engine, "model_mesh", lambda m: _TwoProcessMesh())
+  run = lambda **kw: teacher.generate_store(model, None, questions, "base", tmp_path / "store", teacher_model_id="t",
+                                            sampling=SamplingConfig(max_new_tokens=2), progress=False, **kw)
+  monkeypatch.setattr(jax, "process_count", lambda: 3)
+  with pytest.raises(teacher.TeacherError, match=r"mesh spans processes \[0, 1\] of 3; use a mesh over every"):
+    run()
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  with pytest.raises(teacher.TeacherError, match="runs as process 0 of 2, not 1 of 3"):
+    run(process_index=1, process_count=3)
+  assert not (tmp_path / "store").exists()
+
+
 TOPK_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
