@@ -48,7 +48,7 @@ import pathlib
 import re
 import sys
 import time
-from typing import Any, Mapping, TextIO
+from typing import Any, Mapping, Sequence, TextIO
 
 import jax
 import jax.numpy as jnp
@@ -147,6 +147,7 @@ class Plan:
   compile_seconds: float
   predicted: dict[str, Any] | None = None  # roofline throughput (see `predict`); None when nothing compiled
   compiler_error: str | None = None
+  hosts: int = 1                # processes holding the mesh's devices; > 1: generate needs teacher.spans_processes
 
   @property
   def budget_bytes(self) -> int:
@@ -206,6 +207,11 @@ def _prepare_compile_only(topology: str) -> None:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   os.environ.setdefault("TPU_ACCELERATOR_TYPE", f"{slice_name}-{chips * cores_per_chip}")
+
+
+def host_count(devices: Sequence[Any]) -> int:
+  """How many processes (TPU VM hosts) hold `devices`."""
+  return len({getattr(d, "process_index", 0) for d in devices})
 
 
 def topology_devices(topology: str) -> list[Any]:
@@ -522,7 +528,8 @@ def make_plan(model: str | LlamaConfig, *, quantization: str = "int8", topology:
       per_device_bytes=int(per_device), device_hbm_bytes=int(hbm), hbm_fraction=hbm_fraction,
       fits=error is None and per_device <= hbm_fraction * hbm,
       layout=layout, layout_notes=layout_notes(param_axes | cache_axes, mesh, rules),
-      compile_seconds=round(compile_seconds, 2), predicted=predicted, compiler_error=error)
+      compile_seconds=round(compile_seconds, 2), predicted=predicted, compiler_error=error,
+      hosts=host_count(devices))
 
 
 def check_fits(plan: Plan) -> None:
@@ -579,6 +586,9 @@ def format_table(plan: Plan) -> str:
                    f"{chip['peak_flops_per_s'] / 1e12:.0f} TFLOP/s, bytes / {chip['hbm_bytes_per_s'] / 1e9:.0f} GB/s) "
                    f"per device and program: an upper bound, no collectives or host time)")
   lines += [f"layout: {note}" for note in plan.layout_notes]
+  if plan.hosts > 1:
+    lines.append(f"hosts: this mesh spans {plan.hosts} hosts; the generate stage runs one teacher over all of them with "
+                 f"--config.teacher.spans_processes=true (every host runs every shard, host 0 writes the store)")
   return "\n".join(lines)
 
 

@@ -99,6 +99,20 @@ def test_teacher_refuses_what_a_spanning_run_cannot_do(monkeypatch, gsm8k_dir, t
   assert not (tmp_path / "store").exists()
 
 
+def test_plan_says_when_its_teacher_spans_hosts():
+  """The plan counts the hosts of its devices and, past one, tells how the generate stage runs such a teacher."""
+  import dataclasses
+
+  from kdjax import plan as plan_lib
+  assert plan_lib.host_count([_Device(0), _Device(1), _Device(1)]) == 2
+  live = plan_lib.make_plan("tiny", slots=2, max_len=32)  # this one process's devices
+  assert live.hosts == 1 and "hosts:" not in plan_lib.format_table(live)
+  table = plan_lib.format_table(dataclasses.replace(live, hosts=16))
+  assert "this mesh spans 16 hosts" in table and "--config.teacher.spans_processes=true" in table
+  if plan_lib.libtpu_available():  # v5p:4x4x4 is 64 chips on 16 hosts of 4
+    assert plan_lib.host_count(plan_lib.topology_devices("v5p:4x4x4")) == 16
+
+
 TOPK_SCRIPT = textwrap.dedent("""
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import NamedSharding, PartitionSpec as P
