@@ -176,6 +176,43 @@ def test_filter_logits_top_k_and_top_p_hand_cases():
   assert kept(generation.filter_logits(logits, 0, 1.0, False)) == [True] * 5
 
 
+def nucleus64(logits: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+  """(kept mask [B, V], the margin |mass before the boundary token - top_p| per row) of the top-p nucleus in
+  numpy float64: sort each row, softmax, keep the shortest prefix whose mass reaches top_p, plus ties."""
+  kept, margins = np.zeros(logits.shape, bool), []
+  for row, x in enumerate(logits.astype(np.float64)):
+    order = np.argsort(-x, kind="stable")
+    p = np.exp(x[order] - x.max())
+    p /= p.sum()
+    mass_before = np.concatenate([[0.0], np.cumsum(p)[:-1]])
+    n = int(np.sum(mass_before < top_p))
+    kept[row] = x >= x[order[n - 1]]
+    margins.append(np.min(np.abs(mass_before[max(n - 1, 1):n + 1] - top_p)))
+  return kept, np.asarray(margins)
+
+
+@pytest.mark.parametrize("scale", [5.0, 0.3, "mixed"])
+def test_top_p_from_candidates_equals_float64_nucleus(scale):
+  """Top-p alone looks among 64 candidates; flat rows (scale 0.3: the nucleus holds more than 64 tokens) take the
+  full sort, and one flat row sends the whole batch there ("mixed"). The kept sets equal numpy's float64 ones."""
+  rng = np.random.default_rng(5)  # a draw whose nucleus boundaries all lie > 2e-5 from top_p
+  logits = rng.standard_normal((6, 3000))
+  logits *= np.array([5.0] * 5 + [0.3])[:, None] if scale == "mixed" else scale
+  logits = logits.astype(np.float32)
+  top_p = 0.9
+  expected, margins = nucleus64(logits, top_p)
+  # No boundary within float32 rounding of the accumulated mass (~1e-6 here): the reference is unambiguous.
+  assert margins.min() > 2e-5
+  sizes = expected.sum(axis=1)
+  if scale == 5.0:
+    assert sizes.max() <= 64  # the candidates hold every nucleus
+  else:
+    assert sizes.max() > 64  # the fallback is exercised: 64 candidates cannot hold this nucleus
+  out = generation.filter_logits(jnp.asarray(logits), 0, jnp.float32(top_p), True, candidates=64)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(out)), expected)
+  np.testing.assert_array_equal(np.asarray(out)[expected], logits[expected])
+
+
 def test_sampling_is_independent_of_batch_size_and_order(tiny):
   prompts = RAGGED_PROMPTS + [[7, 7, 7, 7], [250, 3]]
   example_ids = [10, 11, 12, 13, 14, 15]
