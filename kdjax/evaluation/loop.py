@@ -390,10 +390,11 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   references = {q["id"]: reference_nll.reference_example(prompts[q["id"]], q["answer"], tokenizer, stop_ids[0],
                                                          q["id"]) for q in selected}
   ref_length = reference_nll.padded_length(list(references.values()))
+  ref_window = reference_nll.solution_window(list(references.values()))
 
   def ref_nll_of(ids: Sequence[int]) -> dict[int, tuple[float, int]]:
     return reference_nll.reference_nll(model, [references[i] for i in ids], batch_size=cfg.batch_size,
-                                       length=ref_length)
+                                       length=ref_length, window=ref_window)
 
   # Shortest prompts first: similar lengths share prefill chunks; ids keep the records apart.
   order_key = lambda q: (len(prompts[q["id"]]), q["id"])
