@@ -234,7 +234,7 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
              stop_ids: Sequence[int], pad_id: int, example_ids: Sequence[int] | None = None,
              batch_size: int = 16, topk_logprobs: int = 0, tail_temperatures: Sequence[float] = (),
              progress: ProgressCallback | None = None, length_bucket: int = 64,
-             on_finish: FinishCallback | None = None) -> list[Generation]:
+             on_finish: FinishCallback | None = None, few_programs: bool = False) -> list[Generation]:
   """Generates a response for every prompt (token ids, without padding), in the order given.
 
   stop_ids end a row (the stop token is kept in `tokens`); `pad_id` fills finished rows and padding.
@@ -246,7 +246,8 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   `on_finish(i, generation)` once for each prompt i as soon as it is finished (callers write results as they
   come, so a kill loses only the rows in flight). Prompts enter the slots shortest first; the order changes no
   result (greedy rows are what a full forward gives, sampled rows depend on their example id and step alone).
-  Prompt lengths round up to a multiple of `length_bucket`, so few prefill shapes compile.
+  Prompt lengths round up to a multiple of `length_bucket`, so few prefill shapes compile. `few_programs`
+  (`engine.run`) trades per-step work for fewer compiled programs, for callers that run them once.
   """
   if length_bucket < 1:
     raise GenerationError(f"length_bucket must be >= 1, got {length_bucket}")
@@ -259,4 +260,4 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   return engine.run(model, prompts, ids_of_example, sampling, stop_ids=stop_ids, pad_id=pad_id,
                     num_slots=num_slots, topk_logprobs=topk_logprobs,
                     tail_temperatures=tuple(float(x) for x in tail_temperatures), length_bucket=length_bucket,
-                    progress=progress, on_finish=on_finish)
+                    progress=progress, on_finish=on_finish, few_programs=few_programs)

@@ -110,6 +110,29 @@ def test_engine_window_grows_and_shrinks_with_live_lengths(tiny):
   assert sizes == [8, 12, 8, 12]
 
 
+def test_engine_few_programs_decodes_one_wave_in_one_window(tiny):
+  """few_programs with every prompt in a slot: the final window from the start (longest prompt 5 + 8 new tokens
+  -> 16 with buckets of 4), no resize, one decode program, every prefill at the longest prompt's bucket (8);
+  the greedy outputs of the full forward."""
+  from kdjax import engine
+  prompts = [[6], [4, 5, 9, 9, 9], [7, 8]]
+  resized, windows, prefilled = [], set(), set()
+  real_resize, real_decode, real_prefill = engine.resize_window, engine.decode_block, engine.prefill
+  engine.resize_window = lambda slots, window: (resized.append(window), real_resize(slots, window=window))[1]
+  engine.decode_block = lambda graphdef, state, layers, slots, *a, **k: (
+      windows.add(slots.k[0].shape[-2]), real_decode(graphdef, state, layers, slots, *a, **k))[1]
+  engine.prefill = lambda graphdef, state, layers, ids, *a: (
+      prefilled.add(ids.shape[1]), real_prefill(graphdef, state, layers, ids, *a))[1]
+  try:
+    outs = engine.run(tiny, prompts, [0, 1, 2], SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+                      num_slots=4, topk_logprobs=0, length_bucket=4, window_bucket=4, prefill_chunk=1,
+                      few_programs=True)
+  finally:
+    engine.resize_window, engine.decode_block, engine.prefill = real_resize, real_decode, real_prefill
+  assert [o.tokens for o in outs] == reference_greedy(tiny, prompts, NEW)
+  assert resized == [] and windows == {16} and prefilled == {8}  # three prefills of one prompt, all at 8
+
+
 def test_decode_loop_logprobs_equal_full_forward(tiny):
   """The whole jitted loop: with k = vocab, each step's log-probs are the full forward's log-softmax."""
   vocab = tiny.config.vocab_size

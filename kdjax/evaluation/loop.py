@@ -425,7 +425,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
 
       generation.generate(model, [prompts[q["id"]] for q in chunk], sampling, stop_ids=stop_ids, pad_id=pad_id,
                           example_ids=[int(q["id"]) for q in chunk], batch_size=cfg.batch_size,
-                          on_finish=finished)
+                          on_finish=finished, few_programs=True)  # each arm's model compiles its own
   finally:
     sink.flush()
     bar.close()
