@@ -133,6 +133,19 @@ def test_engine_few_programs_decodes_one_wave_in_one_window(tiny):
   assert resized == [] and windows == {16} and prefilled == {8}  # three prefills of one prompt, all at 8
 
 
+def test_engine_compiles_one_insert_per_shape_on_a_one_device_mesh():
+  """A model placed on a mesh of one device (as the pipeline loads it): the slots start out placed as the
+  programs return them, so four prefill chunks of one shape compile one insert program, not two."""
+  from kdjax import engine, parallel
+  model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
+  parallel.shard_model(model, parallel.make_mesh({"fsdp": 1}, jax.devices()[:1]))
+  # window_bucket 29: one window (prompt buckets + NEW) that no other test uses, so the count starts at 0
+  before = engine.insert._cache_size()
+  engine.run(model, [[5, 6, 7]] * 4, [0, 1, 2, 3], SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+             num_slots=4, topk_logprobs=0, length_bucket=4, window_bucket=29, prefill_chunk=1)
+  assert engine.insert._cache_size() - before == 1
+
+
 def test_decode_loop_logprobs_equal_full_forward(tiny):
   """The whole jitted loop: with k = vocab, each step's log-probs are the full forward's log-softmax."""
   vocab = tiny.config.vocab_size
