@@ -110,6 +110,42 @@ def test_engine_window_grows_and_shrinks_with_live_lengths(tiny):
   assert sizes == [8, 12, 8, 12]
 
 
+def test_engine_few_programs_decodes_one_wave_in_one_window(tiny):
+  """few_programs with every prompt in a slot: the final window from the start (longest prompt 5 + 8 new tokens
+  -> 16 with buckets of 4), no resize, one decode program, every prefill at the longest prompt's bucket (8);
+  the greedy outputs of the full forward."""
+  from kdjax import engine
+  prompts = [[6], [4, 5, 9, 9, 9], [7, 8]]
+  resized, windows, prefilled = [], set(), set()
+  real_resize, real_decode, real_prefill = engine.resize_window, engine.decode_block, engine.prefill
+  engine.resize_window = lambda slots, window: (resized.append(window), real_resize(slots, window=window))[1]
+  engine.decode_block = lambda graphdef, state, layers, slots, *a, **k: (
+      windows.add(slots.k[0].shape[-2]), real_decode(graphdef, state, layers, slots, *a, **k))[1]
+  engine.prefill = lambda graphdef, state, layers, ids, *a: (
+      prefilled.add(ids.shape[1]), real_prefill(graphdef, state, layers, ids, *a))[1]
+  try:
+    outs = engine.run(tiny, prompts, [0, 1, 2], SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+                      num_slots=4, topk_logprobs=0, length_bucket=4, window_bucket=4, prefill_chunk=1,
+                      few_programs=True)
+  finally:
+    engine.resize_window, engine.decode_block, engine.prefill = real_resize, real_decode, real_prefill
+  assert [o.tokens for o in outs] == reference_greedy(tiny, prompts, NEW)
+  assert resized == [] and windows == {16} and prefilled == {8}  # three prefills of one prompt, all at 8
+
+
+def test_engine_compiles_one_insert_per_shape_on_a_one_device_mesh():
+  """A model placed on a mesh of one device (as the pipeline loads it): the slots start out placed as the
+  programs return them, so four prefill chunks of one shape compile one insert program, not two."""
+  from kdjax import engine, parallel
+  model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
+  parallel.shard_model(model, parallel.make_mesh({"fsdp": 1}, jax.devices()[:1]))
+  # window_bucket 29: one window (prompt buckets + NEW) that no other test uses, so the count starts at 0
+  before = engine.insert._cache_size()
+  engine.run(model, [[5, 6, 7]] * 4, [0, 1, 2, 3], SamplingConfig(max_new_tokens=NEW), stop_ids=[], pad_id=PAD,
+             num_slots=4, topk_logprobs=0, length_bucket=4, window_bucket=29, prefill_chunk=1)
+  assert engine.insert._cache_size() - before == 1
+
+
 def test_decode_loop_logprobs_equal_full_forward(tiny):
   """The whole jitted loop: with k = vocab, each step's log-probs are the full forward's log-softmax."""
   vocab = tiny.config.vocab_size
@@ -174,6 +210,43 @@ def test_filter_logits_top_k_and_top_p_hand_cases():
   # top-k first, then top-p renormalised within the k: 0.5/0.85 = 0.59 < 0.6, so the second joins.
   assert kept(generation.filter_logits(logits, 3, 0.6, True)) == [True, True, False, False, False]
   assert kept(generation.filter_logits(logits, 0, 1.0, False)) == [True] * 5
+
+
+def nucleus64(logits: np.ndarray, top_p: float) -> tuple[np.ndarray, np.ndarray]:
+  """(kept mask [B, V], the margin |mass before the boundary token - top_p| per row) of the top-p nucleus in
+  numpy float64: sort each row, softmax, keep the shortest prefix whose mass reaches top_p, plus ties."""
+  kept, margins = np.zeros(logits.shape, bool), []
+  for row, x in enumerate(logits.astype(np.float64)):
+    order = np.argsort(-x, kind="stable")
+    p = np.exp(x[order] - x.max())
+    p /= p.sum()
+    mass_before = np.concatenate([[0.0], np.cumsum(p)[:-1]])
+    n = int(np.sum(mass_before < top_p))
+    kept[row] = x >= x[order[n - 1]]
+    margins.append(np.min(np.abs(mass_before[max(n - 1, 1):n + 1] - top_p)))
+  return kept, np.asarray(margins)
+
+
+@pytest.mark.parametrize("scale", [5.0, 0.3, "mixed"])
+def test_top_p_from_candidates_equals_float64_nucleus(scale):
+  """Top-p alone looks among 64 candidates; flat rows (scale 0.3: the nucleus holds more than 64 tokens) take the
+  full sort, and one flat row sends the whole batch there ("mixed"). The kept sets equal numpy's float64 ones."""
+  rng = np.random.default_rng(5)  # a draw whose nucleus boundaries all lie > 2e-5 from top_p
+  logits = rng.standard_normal((6, 3000))
+  logits *= np.array([5.0] * 5 + [0.3])[:, None] if scale == "mixed" else scale
+  logits = logits.astype(np.float32)
+  top_p = 0.9
+  expected, margins = nucleus64(logits, top_p)
+  # No boundary within float32 rounding of the accumulated mass (~1e-6 here): the reference is unambiguous.
+  assert margins.min() > 2e-5
+  sizes = expected.sum(axis=1)
+  if scale == 5.0:
+    assert sizes.max() <= 64  # the candidates hold every nucleus
+  else:
+    assert sizes.max() > 64  # the fallback is exercised: 64 candidates cannot hold this nucleus
+  out = generation.filter_logits(jnp.asarray(logits), 0, jnp.float32(top_p), True, candidates=64)
+  np.testing.assert_array_equal(np.isfinite(np.asarray(out)), expected)
+  np.testing.assert_array_equal(np.asarray(out)[expected], logits[expected])
 
 
 def test_sampling_is_independent_of_batch_size_and_order(tiny):

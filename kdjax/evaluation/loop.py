@@ -390,10 +390,11 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   references = {q["id"]: reference_nll.reference_example(prompts[q["id"]], q["answer"], tokenizer, stop_ids[0],
                                                          q["id"]) for q in selected}
   ref_length = reference_nll.padded_length(list(references.values()))
+  ref_window = reference_nll.solution_window(list(references.values()))
 
   def ref_nll_of(ids: Sequence[int]) -> dict[int, tuple[float, int]]:
     return reference_nll.reference_nll(model, [references[i] for i in ids], batch_size=cfg.batch_size,
-                                       length=ref_length)
+                                       length=ref_length, window=ref_window)
 
   # Shortest prompts first: similar lengths share prefill chunks; ids keep the records apart.
   order_key = lambda q: (len(prompts[q["id"]]), q["id"])
@@ -424,7 +425,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
 
       generation.generate(model, [prompts[q["id"]] for q in chunk], sampling, stop_ids=stop_ids, pad_id=pad_id,
                           example_ids=[int(q["id"]) for q in chunk], batch_size=cfg.batch_size,
-                          on_finish=finished)
+                          on_finish=finished, few_programs=True)  # each arm's model compiles its own
   finally:
     sink.flush()
     bar.close()
