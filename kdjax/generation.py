@@ -106,8 +106,11 @@ def last_logits(model: Llama, hidden: jax.Array) -> jax.Array:
 def _top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`lax.top_k` whose results are materialised before use. XLA:CPU otherwise fuses the TopK into consumers that
   read the whole row (a threshold mask, a scatter over the vocabulary) and recomputes it inside their loops:
-  `topk_logprobs` on [16, 49152] took 128 ms per call that way and takes 2 ms with the barrier, the same values."""
-  return jax.lax.optimization_barrier(jax.lax.top_k(x, k))
+  `topk_logprobs` on [16, 49152] took 128 ms per call that way and takes 2 ms with the barrier, the same values.
+  One barrier per result: one barrier over both results of a TopK whose rows are sharded (the vocabulary on an
+  fsdp mesh: the pod's generate stage) fails a check in XLA's compiler (jax 0.10.2), which aborts the process."""
+  values, ids = jax.lax.top_k(x, k)
+  return jax.lax.optimization_barrier(values), jax.lax.optimization_barrier(ids)
 
 
 def topk_logprobs(logits: jax.Array, k: int, tail_temperatures: Sequence[float] = ()
