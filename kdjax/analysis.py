@@ -302,7 +302,7 @@ def _prompts(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping],
   if answer_from not in models:
     raise AnalysisError(f"answer_from={answer_from!r} is not one of the models {list(models)}")
   stop_ids = priming.stop_token_ids(tokenizer)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+  pad_id = priming.pad_token_id(tokenizer)
   answers = generation.generate(models[answer_from], prompts, generation.SamplingConfig(max_new_tokens=max_new_tokens),
                                 stop_ids=stop_ids, pad_id=pad_id, batch_size=batch_size)
   return [p + a.tokens for p, a in zip(prompts, answers)]
@@ -346,7 +346,7 @@ def analyze(models: Mapping[str, Any], tokenizer, questions: Sequence[Mapping], 
   # drawn); the per-question rows are then gathered in question order, and process 0 alone writes.
   mine = [chosen[i] for i in parallel.host_slice(len(chosen))]
   prompts = _prompts(models, tokenizer, mine, answer_from, max_new_tokens, batch_size) if mine else []
-  pad_id = tokenizer.pad_token_id if getattr(tokenizer, "pad_token_id", None) is not None else 0
+  pad_id = priming.pad_token_id(tokenizer)  # any id: pads are masked
   if prompts:
     collected = collect(models, prompts, threshold=threshold, batch_size=batch_size, pad_id=pad_id)
   else:

@@ -33,11 +33,20 @@ def resolve_source(source: str) -> pathlib.Path:
   return storage.path(source)
 
 
-def conversion_record(source: str, *, dtype: str, quantize: bool) -> dict:
-  """The provenance record of converting `source` (its bytes, not its path or mtime) with these settings."""
+def conversion_record(source: str, *, dtype: str, quantize: bool, output: str | None = None) -> dict:
+  """The provenance record of converting `source` (its bytes, not its path or mtime) with these settings.
+
+  `output`: the folder it converts into; the source files whose stamps its record holds unchanged are not read
+  again (provenance.source_identity), so deciding that a finished conversion is current costs no source reads."""
   from kdjax import provenance
+  known = None
+  if output:
+    try:
+      known = (provenance.read(output) or {}).get("source")
+    except provenance.ProvenanceError:  # an unreadable record: hash everything; claim then says what to do
+      known = None
   return provenance.make_record("convert", settings={"quantize": bool(quantize), "param_dtype": dtype},
-                                source=provenance.source_identity(resolve_source(source)))
+                                source=provenance.source_identity(resolve_source(source), known=known))
 
 
 def convert(source: str, output: str | None, export_hf: str | None = None, dtype: str = "float32",
@@ -53,7 +62,8 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
 
   path = resolve_source(source)
   if output:
-    expected = record if record is not None else conversion_record(source, dtype=dtype, quantize=quantize)
+    expected = record if record is not None else conversion_record(source, dtype=dtype, quantize=quantize,
+                                                                      output=output)
     provenance.claim(output, str(output), expected, writer=_is_process_zero())
   if output and checkpoint.is_kdjax_checkpoint(output):
     print(f"kdjax.convert: {output} is already a finished checkpoint; nothing to do")

@@ -111,7 +111,8 @@ class Records:
     from kdjax import convert
     quantize, dtype = settings.convert_settings(self.c, role)
     return self._cached(("model", role),
-                        lambda: convert.conversion_record(self.c[role].source, dtype=dtype, quantize=quantize))
+                        lambda: convert.conversion_record(self.c[role].source, dtype=dtype, quantize=quantize,
+                                                          output=self.wd.model(role)))
 
   def store(self, strategy: str) -> dict:
     def make():

@@ -33,6 +33,10 @@ Source identity
   file is hashed by its first 32 MiB, which hold its whole header (metadata, tokenizer, tensor table), plus its
   last MiB. Names starting with "." (download caches, editor files) are skipped. The resolved path is recorded but
   not compared: the same bytes elsewhere are the same model.
+  Each file's stamp (`storage.stamp`: locally size, mtime, ctime and inode; on gs:// the object's generation, size
+  and checksums) is recorded beside its hash, also not compared. A later run reads a file again only when its
+  stamp or the source's path differs from the record's, so a restart does not re-read a remote source (a 405B
+  checkpoint is ~190 shards); any write changes the stamp, so a changed source is still hashed and refused.
 
 Not covered: a change only in the middle of a large weight file (see above); kdjax's own code (an upgrade that
 changes results is not detected); the bytes of a teacher store, which the store's own manifest checks.
@@ -123,15 +127,27 @@ def _files(folder: pathlib.Path, skip: Iterable[str] = ()) -> list[pathlib.Path]
           and not any(part.startswith(".") for part in p.relative_to(folder).parts)]
 
 
-def source_identity(path: str | os.PathLike) -> dict:
-  """The content identity of a model source (a file or a folder), with its resolved path under "about"."""
+def source_identity(path: str | os.PathLike, known: Mapping | None = None) -> dict:
+  """The content identity of a model source (a file or a folder), with its resolved path and its files' stamps
+  under "about" (module doc). `known`: the identity recorded before (a "source" entry); a file whose path and
+  stamp are unchanged keeps its recorded hash instead of being read again."""
   path = storage.path(path)
   resolved = path if storage.is_remote(path) else path.resolve()
+  # Stamps are taken before any hashing: content written after its stamp shows as a new stamp next time.
   if resolved.is_file():
-    files = {"file": file_identity(resolved)}
+    paths, stamps = {"file": resolved}, {"file": storage.stamp(resolved)}
   else:
-    files = {p.relative_to(resolved).as_posix(): file_identity(p) for p in _files(resolved)}
-  return {"files": files, _IGNORED: {"path": str(resolved)}}
+    paths = {p.relative_to(resolved).as_posix(): p for p in _files(resolved)}
+    by_path = storage.stamps_under(resolved)
+    stamps = {name: by_path.get(str(p)) for name, p in paths.items()}
+  known = known if isinstance(known, Mapping) else {}
+  same_place = known.get(_IGNORED, {}).get("path") == str(resolved)
+  known_files, known_stamps = known.get("files", {}), known.get(_IGNORED, {}).get("stamps", {})
+  files = {}
+  for name, p in paths.items():
+    unchanged = same_place and stamps[name] is not None and known_stamps.get(name) == stamps[name]
+    files[name] = known_files[name] if unchanged and name in known_files else file_identity(p)
+  return {"files": files, _IGNORED: {"path": str(resolved), "stamps": stamps}}
 
 
 def folder_content(folder: str | os.PathLike) -> str:

@@ -41,6 +41,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from typing import Any, Iterator, Union
 
 EMULATOR_VARIABLE = "STORAGE_EMULATOR_HOST"
@@ -133,6 +134,52 @@ def size(p) -> int:
     fs, key = _fs_and_key(p)
     return int(fs.size(key))
   return os.stat(p).st_size
+
+
+# An object's metadata that changes whenever its content does (see `stamp`); sizes and checksums ride along.
+_OBJECT_STAMP_FIELDS = ("generation", "size", "md5Hash", "crc32c")
+
+
+def _object_stamp(info: dict) -> dict | None:
+  if info.get("generation") is None:  # GCS gives every upload a new generation; without one, trust nothing
+    return None
+  return {k: (int(info[k]) if k == "size" else str(info[k])) for k in _OBJECT_STAMP_FIELDS if info.get(k) is not None}
+
+
+# File times advance in clock ticks (a few ms), so a second write within a tick keeps them. A file changed this
+# recently has no stamp yet (git's "racily clean" rule); 2 s also covers a network file system's clock skew.
+RECENT_CHANGE_NS = 2_000_000_000
+
+
+def _local_stamp(p) -> dict | None:
+  st = os.stat(p)
+  if time.time_ns() - max(st.st_mtime_ns, st.st_ctime_ns) < RECENT_CHANGE_NS:
+    return None
+  return {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "ctime_ns": st.st_ctime_ns, "inode": st.st_ino}
+
+
+def stamp(p) -> dict | None:
+  """Metadata of the file or object `p` that changes whenever its content does, read without reading the content.
+
+  Local: size, mtime_ns, ctime_ns and inode (a write always moves ctime, which no tool sets back, so a rewrite
+  that restores the mtime is still seen; a copy is a new inode). gs://: the object's generation (GCS gives every
+  upload a new one), size, md5 and crc32c. None, so that nothing is trusted, for an object without a generation
+  or a local file changed in the last `RECENT_CHANGE_NS` (its times could still stay the same through a rewrite).
+  """
+  if not is_remote(p):
+    return _local_stamp(p)
+  fs, key = _fs_and_key(p)
+  return _object_stamp(fs.info(key))
+
+
+def stamps_under(folder) -> dict[str, dict | None]:
+  """`stamp` of every file below `folder`, keyed by `str(path)` as `files_under` gives it (gs://: one listing)."""
+  folder = path(folder)
+  if not is_remote(folder):
+    return {str(p): _local_stamp(p) for p in files_under(folder)}
+  fs, key = _fs_and_key(folder)
+  scheme = str(folder).split("://", 1)[0] + "://"
+  return {str(path(scheme + name)): _object_stamp(info) for name, info in fs.find(key, detail=True).items()}
 
 
 def sha256(p) -> str:

@@ -209,3 +209,31 @@ def test_tokenizer_mismatch_is_detected(smollm2_tokenizer):
   renamed = _word_level_tokenizer({"<unk>": 0, "</s>": 1, "a": 2, "c": 3})
   with pytest.raises(priming.TokenizerMismatchError, match=r"token 'b' has id 3 \(teacher\) vs None"):
     priming.check_same_tokenizer(tiny, renamed)
+
+
+def test_no_result_depends_on_the_pad_id():
+  """Generation (the teacher's store, eval) and analyze take their pad id from `pad_token_id`, whose fallbacks
+  (pad, else eos, else 0) differ from the rules they had (pad, else the first stop id; analyze: pad, else 0). A pad
+  only fills masked positions and finished rows, so two pad ids give the same tokens, top-k log-probs and
+  attention statistics, bit for bit: ragged prompts, refilled slots, rows ending at different steps."""
+  import numpy as np
+  from kdjax import analysis, generation
+  from kdjax.models.llama import config as llama_config
+  from kdjax.models.llama import model as model_lib
+  model = model_lib.init_model(llama_config.get_preset("tiny"), seed=0)
+  model.lm_head[...] = model.lm_head[...] * 20.0  # peaked distributions, so stop tokens come up
+  prompts = [[5, 17, 33], [9, 8, 7, 6, 5, 4, 3, 2, 1, 11, 12], [100, 101, 102, 103, 104, 105, 106], [42], [3, 1, 4]]
+  sampling = generation.SamplingConfig(temperature=1.0, max_new_tokens=8, seed=3)  # sampled: every logit counts
+  free = generation.generate(model, prompts, sampling, stop_ids=[], pad_id=0, batch_size=2, topk_logprobs=4)
+  stops = [free[0].tokens[2], free[1].tokens[5]]
+  results = {}
+  for pad_id in (0, 250):
+    gens = generation.generate(model, prompts, sampling, stop_ids=stops, pad_id=pad_id, batch_size=2, topk_logprobs=4)
+    runs = {"sampled": [(g.tokens, np.asarray(g.topk_ids).tobytes(), np.asarray(g.topk_logprobs).tobytes())
+                        for g in gens]}
+    collected = analysis.collect({"m": model}, prompts, batch_size=2, pad_id=pad_id, length_bucket=8)
+    runs["analysis"] = [collected["per_question"]["m"][m].tobytes() for m in analysis.METRICS] + \
+        [collected["first_maps"]["m"].tobytes()]
+    results[pad_id] = runs
+  assert results[250] == results[0]
+  assert len({len(tokens) for tokens, _, _ in results[0]["sampled"]}) > 1  # rows ended at different steps

@@ -66,6 +66,50 @@ def test_source_identity_is_content_not_path(tmp_path):
   assert not provenance.matches(original, provenance.source_identity(copy))
 
 
+def _counting_file_identity(monkeypatch) -> list[str]:
+  """Makes provenance record the name of every file it reads to hash; returns that list."""
+  read, real = [], provenance.file_identity
+  monkeypatch.setattr(provenance, "file_identity", lambda p: read.append(pathlib.PurePosixPath(str(p)).name) or real(p))
+  return read
+
+
+def test_source_identity_reads_again_only_files_whose_stamp_changed(tmp_path, monkeypatch):
+  import time
+  from kdjax import storage
+  monkeypatch.setattr(storage, "RECENT_CHANGE_NS", 50_000_000)  # the tick rule below, shortened to 50 ms
+  source = tmp_path / "hf"
+  source.mkdir()
+  (source / "config.json").write_text('{"hidden_size": 64}')
+  weights = source / "model.safetensors"
+  weights.write_bytes(b"a" * 4096)
+  assert provenance.source_identity(source)["about"]["stamps"] == {"config.json": None, "model.safetensors": None}
+  time.sleep(0.1)
+  first = provenance.source_identity(source)
+  recorded = json.loads(json.dumps(first))  # as provenance.json reads back
+  read = _counting_file_identity(monkeypatch)
+  assert provenance.source_identity(source, known=recorded) == first and read == []
+  # A rewrite with the same size and mtime (what size + mtime checks trust): its ctime moved, so it is read.
+  stat = weights.stat()
+  weights.write_bytes(b"b" * 4096)
+  os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+  time.sleep(0.1)
+  changed = provenance.source_identity(source, known=recorded)
+  assert read == ["model.safetensors"] and not provenance.matches(recorded, changed)
+  assert changed["files"]["config.json"] == first["files"]["config.json"]
+  # The same bytes at another path are read (stamps hold for the recorded path) and are the same model.
+  copy = tmp_path / "elsewhere"
+  shutil.copytree(source, copy)
+  time.sleep(0.1)
+  read.clear()
+  assert provenance.matches(changed, provenance.source_identity(copy, known=json.loads(json.dumps(changed))))
+  assert sorted(read) == ["config.json", "model.safetensors"]
+  # A one-file source (a GGUF): read once, then trusted.
+  read.clear()
+  one = provenance.source_identity(source / "config.json")
+  assert provenance.source_identity(source / "config.json", known=json.loads(json.dumps(one))) == one
+  assert read == ["config.json"]
+
+
 def test_settings_cover_whole_sections_except_the_keys_without_effect():
   c = config_lib.get_default_config()
   settings = provenance.settings(c, ["train", "student", "seed"])

@@ -305,3 +305,34 @@ def test_a_folder_in_a_bucket_has_the_content_digest_of_its_local_twin(gcs_emula
   assert [str(p) for p in storage.files_under(f"gs://{bucket}/f")] == [
       f"gs://{bucket}/f/{name}" for name in ["a.json", provenance.RECORD_FILE, "sub/b.bin", "sub/deeper/c.txt"]]
   assert provenance.folder_content(f"gs://{bucket}/f") == provenance.folder_content(tmp_path)
+
+
+def test_conversion_record_reads_a_gs_source_again_only_when_an_object_changed(gcs_emulator, monkeypatch):
+  """A restart decides that models/<role> is current from the source objects' generations in its record, without
+  reading them; an object uploaded again (even with the same size) is read again, and other bytes are refused."""
+  from kdjax import convert, provenance
+  bucket = gcs_emulator.create_bucket("kdjax-stamps")
+  source, output = f"gs://{bucket}/hf", f"gs://{bucket}/run/models/student"
+  storage.write_text(f"{source}/config.json", '{"hidden_size": 64}')
+  storage.write_bytes(f"{source}/model.safetensors", b"a" * 4096)
+  first = convert.conversion_record(source, dtype="float32", quantize=False, output=output)
+  assert set(first["source"]["about"]["stamps"]) == {"config.json", "model.safetensors"}
+  assert all(s and s["generation"] for s in first["source"]["about"]["stamps"].values())
+  provenance.write(output, first)
+  read, real = [], provenance.file_identity
+  monkeypatch.setattr(provenance, "file_identity", lambda p: read.append(str(p).rsplit("/", 1)[1]) or real(p))
+  again = convert.conversion_record(source, dtype="float32", quantize=False, output=output)
+  assert read == [] and again == first
+  storage.write_bytes(f"{source}/model.safetensors", b"b" * 4096)  # same size, new generation
+  changed = convert.conversion_record(source, dtype="float32", quantize=False, output=output)
+  assert read == ["model.safetensors"] and not provenance.matches(first, changed)
+  with pytest.raises(provenance.ProvenanceError, match="other bytes"):
+    provenance.claim(output, "models/student", changed)
+  # A one-object source (a GGUF) the same way: trusted while its generation holds, read once it is uploaded again.
+  gguf = f"gs://{bucket}/model.gguf"
+  storage.write_bytes(gguf, b"GGUF" + b"\0" * 60)
+  one = provenance.source_identity(gguf)
+  read.clear()
+  assert provenance.source_identity(gguf, known=json.loads(json.dumps(one))) == one and read == []
+  storage.write_bytes(gguf, b"GGUF" + b"\0" * 60)
+  assert provenance.matches(one, provenance.source_identity(gguf, known=one)) and read == ["model.gguf"]

@@ -383,7 +383,7 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   share = [selected[i] for i in parallel.host_slice(len(selected), process_index, process_count)]
   todo = [q for q in share if q["id"] not in done]
   stop_ids = priming.stop_token_ids(tokenizer)
-  pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop_ids[0]
+  pad_id = priming.pad_token_id(tokenizer)
   prompts = {q["id"]: priming.encode_chat(tokenizer, prompt_messages(q["question"], cfg.prompt_format))
              for q in selected}
   # Every question's reference sequence, so the padded length (one compilation) never depends on what is left.
