@@ -241,7 +241,28 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
         placement=c.teacher.placement, shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
         tail_temperatures=config_lib.tail_temperatures(c),
         questions_name=f"gsm8k-train-first{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
-    log(f"generate: {strategy}: {json.dumps(summary, default=str)[:300]}")
+    log(f"generate: {strategy}: {_store_line(summary)}")
+
+
+def _store_line(summary: dict) -> str:
+  """One line for a teacher store: what this run wrote, and the finished store's size and accuracy."""
+  if not summary.get("finalized"):
+    return f"wrote shards {summary.get('shards_written', [])}; not finished (other processes' shards missing)"
+  done = "already complete, skipped" if summary.get("skipped") else (
+      f"wrote {len(summary.get('shards_written', []))} shard(s), {summary.get('tokens_generated', 0)} tokens "
+      f"in {summary.get('seconds', 0.0):.1f} s")
+  return (f"{done}; {summary['num_examples']} responses, {summary['total_tokens']} tokens, "
+          f"{summary['num_correct']} correct ({summary['answer_rule']} rule)")
+
+
+def _eval_line(summary: dict) -> str:
+  """One line for an arm's evaluation: the primary accuracy with its interval, and the reference NLL."""
+  rule = summary["primary_rule"]
+  low, high = summary["wilson_interval"][rule]
+  nll = summary.get("ref_nll_mean")
+  return (f"{summary['correct'][rule]}/{summary['n']} correct ({rule} rule), accuracy "
+          f"{100 * summary['accuracy'][rule]:.1f}% [{100 * low:.1f}, {100 * high:.1f}]"
+          + ("" if nll is None else f", reference NLL {nll:.4f} nats/token"))
 
 
 def _train_examples(c, wd: Workdir, arm: str, tokenizer):
@@ -341,7 +362,7 @@ def stage_eval(c, wd: Workdir, records: Records) -> None:
     model, tokenizer = load_student_for_arm(c, wd, records, arm, mesh)
     summary = loop.evaluate(model, tokenizer, test_q, settings.eval_config(c), out, arm=arm,
                             progress=jax.process_index() == 0)
-    log(f"eval: {arm}: {json.dumps(summary, default=str)[:300]}")
+    log(f"eval: {arm}: {_eval_line(summary)}")
 
 
 def report_arm_names(c, wd: Workdir) -> list[str]:
