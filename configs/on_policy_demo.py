@@ -30,10 +30,11 @@ def get_config():
   c.data.num_validation = 8
   c.teacher.max_new_tokens = 64
   c.distill.on_policy_fraction = 0.5
-  c.distill.on_policy_temperature = 1.0
-  c.train.num_epochs = 4             # 16 steps of 8 questions
+  c.distill.on_policy_temperature = 0.7   # less noise in the sampled answers (and their teacher log-prob)
+  c.distill.on_policy_probe_questions = 8  # the student's greedy answers to 8 of its train questions, graded
+  c.train.num_epochs = 8             # 32 steps of 8 questions: each train question seen 8 times
   c.train.learning_rate = 1e-3       # the teacher is the student primed: a small gap, closed in few steps
-  c.train.eval_every = 3
-  c.train.checkpoint_every = 3
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
   c.eval.batch_size = 8              # the decode slots the student samples with
   return c
