@@ -388,6 +388,8 @@ def _remedies(plan: TrainPlan, consumer: str) -> list[str]:
       remedies.append("student.remat=True")
     if plan.batch_size > 1:
       remedies.append("train.grad_accum_steps for the same tokens per step")
+  elif consumer == "teacher logits in the loss":
+    remedies = ["a smaller train.chunk_size", "a smaller train.batch_size"]
   elif consumer in ("teacher weights", "teacher scoring"):
     remedies = ([] if plan.on_policy_teacher["quantization"] == "int8" else ["teacher.quantization=int8"]) + \
         ["a smaller train.batch_size", "distill.on_policy_fraction=0 (off-policy, no resident teacher)"]
