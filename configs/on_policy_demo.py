@@ -2,11 +2,13 @@
 
   python -m kdjax.main --config=configs/on_policy_demo.py
 
-configs/demo.py's models and loss, the ground_truth arm only, 32 train + 8 validation questions, and half the
-steps on-policy: the student answers the step's questions itself (64 new tokens at most) and the teacher, primed
-with ground_truth and resident beside it, grades every token over the whole vocabulary. The eval-every hook
-records `val_on_policy_kd` (the teacher-graded KD of the student's own answers to the validation questions,
-one fixed sampling key) and `val_on_policy_teacher_logprob` in arms/ground_truth/train/metrics.jsonl.
+configs/demo.py's models and loss, the ground_truth arm only, 32 train + 8 validation questions, 8 epochs of
+4 steps, and half the steps on-policy: the student answers the step's questions itself (at temperature 0.7, 64
+new tokens at most) and the teacher, primed with ground_truth and resident beside it, grades every token over
+the whole vocabulary. The eval-every hook records, in arms/ground_truth/train/metrics.jsonl, `val_on_policy_kd`
+and `val_on_policy_teacher_logprob` (the teacher-graded KD and log-prob of the student's greedy answers to the
+validation questions) and the same on 8 of the train questions (`val_train_probe_*`); each on-policy step
+records the teacher's log-prob of the sampled answers (`teacher_logprob`). The curves are in the README.
 """
 
 import importlib.util
@@ -30,10 +32,11 @@ def get_config():
   c.data.num_validation = 8
   c.teacher.max_new_tokens = 64
   c.distill.on_policy_fraction = 0.5
-  c.distill.on_policy_temperature = 1.0
-  c.train.num_epochs = 4             # 16 steps of 8 questions
+  c.distill.on_policy_temperature = 0.7   # less noise in the sampled answers (and their teacher log-prob)
+  c.distill.on_policy_probe_questions = 8  # the student's greedy answers to 8 of its train questions, graded
+  c.train.num_epochs = 8             # 32 steps of 8 questions: each train question seen 8 times
   c.train.learning_rate = 1e-3       # the teacher is the student primed: a small gap, closed in few steps
-  c.train.eval_every = 3
-  c.train.checkpoint_every = 3
+  c.train.eval_every = 4
+  c.train.checkpoint_every = 4
   c.eval.batch_size = 8              # the decode slots the student samples with
   return c

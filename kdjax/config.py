@@ -103,6 +103,9 @@ def get_default_config() -> ml_collections.ConfigDict:
   # (dense KD, no CE); 0 is plain off-policy training. Samples are up to teacher.max_new_tokens long.
   c.distill.on_policy_fraction = 0.0
   c.distill.on_policy_temperature = 1.0  # the student's sampling temperature on on-policy steps (0: greedy)
+  # At each evaluation, also grade the student's greedy answers to the first N TRAIN questions (the questions it
+  # trains on, so what it learns from the primed teacher there shows): val_train_probe_* in metrics.jsonl.
+  c.distill.on_policy_probe_questions = 0
 
   c.train = ml_collections.ConfigDict()
   c.train.optimizer = "sgd"         # "sgd" (with momentum) or "adamw"

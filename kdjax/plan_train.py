@@ -232,17 +232,22 @@ class OnPolicyTeacher:
 
 
 def on_policy_parts(teacher: OnPolicyTeacher, student: model_lib.Llama, rows: int, mesh, rules,
-                    optimization_level: str | None) -> dict[str, int]:
+                    optimization_level: str | None, *, micro_rows: int | None = None,
+                    chunk_size: int = train_lib.TrainConfig.chunk_size) -> dict[str, int]:
   """Per-device bytes that on-policy steps add to the train step, for `rows` sampled responses per step.
 
   - teacher weights: the serving model (int8 projections when so quantized), placed by the same rules as the
     student's frozen base;
   - sampling KV cache: the engine's decode state (`plan.abstract_slots`) of the student, one slot per row at
     `sample_len` tokens;
-  - teacher scoring: the temporaries and output of the teacher's forward over [rows, sample_len] with the
-    log-softmax over its whole vocabulary (dense distillation needs every token's full distribution).
-  All three are counted as live during the update: the weights are, and the cache and the scored distributions
-  are what the update is made of; sampling and scoring run before it, so the sum is an upper bound.
+  - teacher scoring: the temporaries and output of the teacher's forward over [rows, sample_len]: its final
+    hidden states, which the on-policy step receives (`kdjax.distill.on_policy`), not logits;
+  - teacher logits in the loss: the on-policy loss projects those states onto the whole vocabulary chunk by
+    chunk (`losses.dense_teacher_logit_bytes` for one micro-batch of `micro_rows`, default `rows`, at
+    `chunk_size`: every chunk's float32 logits when kept for the backward pass, one chunk's when recomputed;
+    unsharded, an upper bound), beside the student's, which the compiled step already counts.
+  All are counted as live during the update: the weights are, and the cache and the scored states are what the
+  update is made of; sampling and scoring run before it, so the sum is an upper bound.
   """
   serving = plan_lib.abstract_serving_model(teacher.model, teacher.quantization, jnp.dtype(teacher.dtype))
   graphdef, state = nnx.split(serving)
@@ -252,17 +257,18 @@ def on_policy_parts(teacher: OnPolicyTeacher, student: model_lib.Llama, rows: in
   slots = plan_lib.abstract_slots(student, rows, teacher.sample_len, opts, mesh, rules)
 
   def score(state, input_ids, attention_mask):
-    logits = nnx.merge(graphdef, state).forward(input_ids, attention_mask=attention_mask).logits
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return nnx.merge(graphdef, state).forward(input_ids, attention_mask=attention_mask, return_logits=False).hidden
 
   ids = plan_lib._abstract((rows, teacher.sample_len), jnp.int32, ("batch", "seq"), mesh, rules)
   mask = plan_lib._abstract((rows, teacher.sample_len), jnp.bool_, ("batch", "seq"), mesh, rules)
-  out = parallel.named_sharding(("batch", "seq", "vocab"), (rows, teacher.sample_len, teacher.model.vocab_size),
+  out = parallel.named_sharding(("batch", "seq", "embed"), (rows, teacher.sample_len, teacher.model.hidden_size),
                                 mesh, rules)
   with plan_lib._optimization_level(optimization_level):
     scoring = plan_lib._step_memory(jax.jit(score, out_shardings=out).lower(state, ids, mask).compile())
+  logits = losses.dense_teacher_logit_bytes((micro_rows or rows) * teacher.sample_len, chunk_size,
+                                            teacher.model.vocab_size)
   return {"teacher weights": _shard_bytes(state), "sampling KV cache": _shard_bytes(slots),
-          "teacher scoring": scoring.temp_bytes + scoring.output_bytes}
+          "teacher scoring": scoring.temp_bytes + scoring.output_bytes, "teacher logits in the loss": logits}
 
 
 def _predict(step: _Step, device, num_devices: int, tokens_per_step: int, flops_per_token: dict) -> dict | None:
@@ -320,7 +326,7 @@ def make_train_plan(model: str | LlamaConfig, *, train_cfg: train_lib.TrainConfi
     if on_policy is None:
       return {}
     return on_policy_parts(on_policy, student, batch_size * train_cfg.grad_accum_steps, mesh, rules,
-                           optimization_level)
+                           optimization_level, micro_rows=batch_size, chunk_size=train_cfg.chunk_size)
 
   step = _compile_step(config, batch_size=train_cfg.batch_size, **settings)
   memory = _memory(step, hbm, hbm_fraction, on_policy_bytes(train_cfg.batch_size))
@@ -382,6 +388,8 @@ def _remedies(plan: TrainPlan, consumer: str) -> list[str]:
       remedies.append("student.remat=True")
     if plan.batch_size > 1:
       remedies.append("train.grad_accum_steps for the same tokens per step")
+  elif consumer == "teacher logits in the loss":
+    remedies = ["a smaller train.chunk_size", "a smaller train.batch_size"]
   elif consumer in ("teacher weights", "teacher scoring"):
     remedies = ([] if plan.on_policy_teacher["quantization"] == "int8" else ["teacher.quantization=int8"]) + \
         ["a smaller train.batch_size", "distill.on_policy_fraction=0 (off-policy, no resident teacher)"]

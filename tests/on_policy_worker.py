@@ -35,14 +35,14 @@ def make_teacher(seed: int = 7, head_scale: float = 10.0) -> model_lib.Llama:
 
 
 def make_on_policy(teacher, examples, fraction: float, *, temperature: float = 1.0, max_new_tokens: int = 6,
-                   seed: int = 0) -> on_policy.OnPolicy:
+                   seed: int = 0, teacher_scoring: str = "hidden") -> on_policy.OnPolicy:
   """Primed prompts: each question's student prompt behind a fixed random "priming" prefix."""
   vocab = teacher.config.vocab_size
   priming = np.random.default_rng(seed).integers(4, vocab, 5)
   prompts = {e.question_id: np.concatenate([priming, e.input_ids[:e.teacher_offset + 1]]) for e in examples}
   settings = on_policy.OnPolicySettings(fraction=fraction, temperature=temperature, max_new_tokens=max_new_tokens,
                                         decode_slots=4)
-  return on_policy.OnPolicy(teacher, prompts, settings, stop_ids=[STOP_ID], pad_id=0)
+  return on_policy.OnPolicy(teacher, prompts, settings, stop_ids=[STOP_ID], pad_id=0, teacher_scoring=teacher_scoring)
 
 
 def run_train(workdir: str, out: str | None, delay: float, steps: int) -> None:

@@ -81,6 +81,79 @@ def test_dense_distill_loss_matches_numpy(divergence):
   assert float(sums.num_tokens) == mask.sum()
 
 
+def _teacher_hidden_case(seed=1):
+  """A student [B, S, D] / [D, V] and a teacher of another width [B, S, Dt] / [Dt, V], some tokens masked."""
+  rng = np.random.default_rng(seed)
+  b, s, d, dt, v = 2, 9, 5, 6, 13
+  batch = {"target_ids": rng.integers(0, v, (b, s)).astype(np.int32),
+           "loss_mask": (rng.random((b, s)) < 0.7).astype(np.float32),
+           "teacher_hidden": rng.normal(size=(b, s, dt)).astype(np.float32)}
+  return (rng.normal(size=(b, s, d)).astype(np.float32), rng.normal(size=(d, v)).astype(np.float32), batch,
+          (rng.normal(size=(dt, v)) * 2).astype(np.float32))
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl"])
+def test_teacher_hidden_loss_matches_numpy_and_the_full_logits_path(divergence):
+  """Issue 14: the teacher's final hidden states and its head, projected chunk by chunk inside the loss, give
+  the KD, the teacher's log-prob of the targets and the gradient of the full-logits path, and float64 numpy."""
+  hidden, head, batch, teacher_head = _teacher_hidden_case()
+  mask = batch["loss_mask"]
+  cfg = losses.LossConfig(divergence=divergence, temperature=2.0, scale_by_t2=True, ce_weight=0.0)
+  full = {k: v for k, v in batch.items() if k != "teacher_hidden"}
+  full["teacher_logits"] = np.einsum("bsd,dv->bsv", batch["teacher_hidden"], teacher_head).astype(np.float32)
+
+  def kd(student_hidden, loss_batch, **kwargs):
+    sums, extra = losses.distill_loss(student_hidden, jax.numpy.asarray(head), loss_batch, cfg, chunk_size=4,
+                                      **kwargs)
+    return sums.kd_sum, (sums, extra)
+
+  (_, (sums, extra)), grad = jax.value_and_grad(kd, has_aux=True)(
+      jax.numpy.asarray(hidden), batch, teacher_head=jax.numpy.asarray(teacher_head))
+  (_, (full_sums, full_extra)), full_grad = jax.value_and_grad(kd, has_aux=True)(jax.numpy.asarray(hidden), full)
+  # float64 reference from first principles.
+  teacher_logits = np.einsum("bsd,dv->bsv", batch["teacher_hidden"].astype(np.float64), teacher_head.astype(np.float64))
+  student = np.einsum("bsd,dv->bsv", hidden.astype(np.float64), head.astype(np.float64))
+  p, q = np.exp(np_log_softmax(teacher_logits / 2.0)), np.exp(np_log_softmax(student / 2.0))
+  np.testing.assert_allclose(float(sums.kd_sum), (np_divergence(p, q, divergence) * 4.0 * mask).sum(), rtol=1e-5)
+  teacher_lp = np.take_along_axis(np_log_softmax(teacher_logits), batch["target_ids"][..., None], -1)[..., 0]
+  np.testing.assert_allclose(float(extra["teacher_logprob_sum"]), (teacher_lp * mask).sum(), rtol=1e-5)
+  # The full-logits path (before issue 14's change) agrees on every output.
+  np.testing.assert_allclose(float(sums.kd_sum), float(full_sums.kd_sum), rtol=1e-5)
+  for name in full_extra:
+    np.testing.assert_allclose(float(extra[name]), float(full_extra[name]), rtol=1e-5, atol=1e-6, err_msg=name)
+  np.testing.assert_allclose(np.asarray(grad), np.asarray(full_grad), rtol=1e-5, atol=1e-6)
+  assert float(np.abs(grad).max()) > 0
+
+
+def test_teacher_hidden_needs_a_head_of_the_vocabulary():
+  hidden, head, batch, teacher_head = _teacher_hidden_case()
+  cfg = losses.LossConfig(ce_weight=0.0)
+  with pytest.raises(ValueError, match="needs teacher_head"):
+    losses.distill_loss(jax.numpy.asarray(hidden), jax.numpy.asarray(head), batch, cfg)
+  with pytest.raises(ValueError, match="needs teacher_head"):
+    losses.distill_loss(jax.numpy.asarray(hidden), jax.numpy.asarray(head), batch, cfg,
+                        teacher_head=jax.numpy.asarray(teacher_head[:, :-1]))
+
+
+def test_on_policy_training_from_teacher_hidden_equals_full_teacher_logits(tmp_path):
+  """The train loop with scored batches of hidden states equals the one with [B, S, V] teacher logits."""
+  data = train_worker.synthetic_examples(8, seed=0)
+  cfg = _quiet(num_steps=3, learning_rate=0.5)
+  runs = {}
+  for scoring in ("logits", "hidden"):
+    student = train_worker.make_student()
+    result = train_lib.train(student, data, None, cfg, losses.LossConfig(divergence="reverse_kl", temperature=2.0),
+                             tmp_path / scoring,
+                             on_policy=worker.make_on_policy(worker.make_teacher(), data, 1.0, teacher_scoring=scoring))
+    runs[scoring] = (result.history, train_worker.lora_arrays(student))
+  (want_history, want_lora), (got_history, got_lora) = runs["logits"], runs["hidden"]
+  for key in ("kd", "teacher_logprob", "sampled_len"):
+    np.testing.assert_allclose([h[key] for h in got_history], [h[key] for h in want_history], rtol=1e-5, err_msg=key)
+  for name, want in want_lora.items():
+    np.testing.assert_allclose(got_lora[name], want, rtol=1e-5, atol=1e-7, err_msg=name)
+  assert any(np.abs(v).max() > 0 for name, v in got_lora.items() if "lora_b" in name)  # the steps trained
+
+
 # ------------------------------------------------------------------------------------------------ SmolLM2
 
 
@@ -130,7 +203,7 @@ def test_fraction_zero_is_bit_identical_and_never_samples(tmp_path, monkeypatch)
   def refuse(*args, **kwargs):
     raise AssertionError("fraction 0 touched the sampler or the teacher")
   monkeypatch.setattr(on_policy.generation, "generate", refuse)
-  monkeypatch.setattr(on_policy, "_teacher_logits", refuse)
+  monkeypatch.setattr(on_policy, "_teacher_hidden", refuse)
   scored = train_worker.make_student(dropout=0.1)
   result = train_lib.train(scored, data, None, cfg, losses.LossConfig(ce_weight=0.2), tmp_path / "zero",
                            on_policy=worker.make_on_policy(worker.make_teacher(), data, 0.0))

@@ -195,8 +195,13 @@ def test_on_policy_plan_adds_the_resident_teacher_its_scoring_and_the_sampling_c
   assert parts["teacher weights"] == 2 * teacher.num_params
   kv = 2 * student.num_layers * rows * student.num_kv_heads * length * student.head_dim * 2
   assert parts["sampling KV cache"] == kv + rows * (3 * 4 + 2 * 1 + 2 * 4 + new * 4)
-  # The scoring returns float32 log-probabilities over the whole vocabulary for every sampled token.
-  assert parts["teacher scoring"] >= rows * length * teacher.vocab_size * 4
+  # The scoring returns the teacher's final hidden states (bf16); a larger vocabulary only makes the loss's
+  # chunks of teacher logits larger (the scoring of logits would grow by rows x length x 768 x 4 bytes at least).
+  assert parts["teacher scoring"] >= rows * length * teacher.hidden_size * 2
+  # The loss forms float32 teacher logits chunk by chunk: 256 tokens of 64-token chunks, each chunk's kept for
+  # the backward pass (2 x 256 x V x 4 bytes is under the 256 MiB residual budget).
+  assert parts["teacher logits in the loss"] == rows * length * teacher.vocab_size * 4
+  assert losses.dense_teacher_logit_bytes(4096, 512, 128_256) == 512 * 128_256 * 4  # over budget: one chunk
   assert on.train["step_bytes"] == off.train["total_bytes"]
   assert on.train["total_bytes"] == off.train["total_bytes"] + sum(parts.values())
   assert on.on_policy_teacher == {"model": "tiny", "quantization": "none", "dtype": "bfloat16", "rows": 4,
@@ -208,6 +213,10 @@ def test_on_policy_plan_adds_the_resident_teacher_its_scoring_and_the_sampling_c
   int8 = plan_train.on_policy_parts(dataclasses.replace(on_policy, quantization="int8"), abstract, rows, mesh,
                                     plan_lib.parallel.DEFAULT_RULES, "O0")
   assert int8["teacher weights"] < parts["teacher weights"] and int8["sampling KV cache"] == kv + rows * (22 + 4 * new)
+  wide = plan_train.on_policy_parts(dataclasses.replace(on_policy, model=dataclasses.replace(teacher, vocab_size=1024)),
+                                    abstract, rows, mesh, plan_lib.parallel.DEFAULT_RULES, "O0", chunk_size=64)
+  assert wide["teacher scoring"] < parts["teacher scoring"] + rows * length * (1024 - 256) * 4
+  assert wide["teacher logits in the loss"] == 4 * parts["teacher logits in the loss"]
   assert not on.fits
   with pytest.raises(plan_lib.PlanDoesNotFit) as err:
     plan_train.check_fits(on)

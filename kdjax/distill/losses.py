@@ -314,15 +314,15 @@ def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array,
 
 
 def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.Array], cfg: LossConfig,
-                 chunk_size: int) -> None:
+                 chunk_size: int, teacher_head: jax.Array | None) -> None:
   if hidden.ndim != 3:
     raise ValueError(f"hidden must be [B, S, D], got shape {hidden.shape}")
   if lm_head.ndim != 2 or lm_head.shape[0] != hidden.shape[2]:
     raise ValueError(f"lm_head must be [D={hidden.shape[2]}, V], got shape {lm_head.shape}")
   if not isinstance(chunk_size, int) or chunk_size < 1:
     raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
-  dense = "teacher_logits" in batch
-  teacher_keys = ["teacher_logits"] if dense else ["teacher_ids", "teacher_logprobs"]
+  dense = _dense_teacher_key(batch)
+  teacher_keys = [dense] if dense else ["teacher_ids", "teacher_logprobs"]
   required = ["target_ids", "loss_mask"] + (teacher_keys if cfg.uses_teacher else [])
   missing = [key for key in required if key not in batch]
   if missing:
@@ -331,10 +331,17 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
   for key in ("target_ids", "loss_mask") + (("teacher_log_tail",) if "teacher_log_tail" in batch else ()):
     if batch[key].shape != tokens_shape:
       raise ValueError(f"batch[{key!r}] must be [B, S] = {tokens_shape}, got {batch[key].shape}")
-  if cfg.uses_teacher and dense:
+  if cfg.uses_teacher and dense == "teacher_logits":
     want = tokens_shape + (lm_head.shape[1],)
     if batch["teacher_logits"].shape != want:
       raise ValueError(f"batch['teacher_logits'] must be [B, S, V] = {want}, got {batch['teacher_logits'].shape}")
+  elif cfg.uses_teacher and dense:
+    if teacher_head is None or teacher_head.ndim != 2 or teacher_head.shape[1] != lm_head.shape[1]:
+      raise ValueError(f"batch['teacher_hidden'] needs teacher_head [D_teacher, V={lm_head.shape[1]}], got "
+                       f"{None if teacher_head is None else teacher_head.shape}")
+    want = tokens_shape + (teacher_head.shape[0],)
+    if batch["teacher_hidden"].shape != want:
+      raise ValueError(f"batch['teacher_hidden'] must be [B, S, D] = {want}, got {batch['teacher_hidden'].shape}")
   elif cfg.uses_teacher:
     ids_shape, lp_shape = batch["teacher_ids"].shape, batch["teacher_logprobs"].shape
     if ids_shape != lp_shape or ids_shape[:2] != tokens_shape or len(ids_shape) != 3:
@@ -344,9 +351,32 @@ def _check_batch(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       raise ValueError(f"top-k size {ids_shape[2]} exceeds the vocabulary size {lm_head.shape[1]}")
 
 
+def _dense_teacher_key(batch: Mapping[str, jax.Array]) -> str | None:
+  """The batch's resident-teacher entry: "teacher_hidden", "teacher_logits", or None (a top-k store batch)."""
+  return next((key for key in ("teacher_hidden", "teacher_logits") if key in batch), None)
+
+
+def _recomputes_chunks(num_tokens: int, chunk_size: int, vocab: int, itemsize: int, sides: int,
+                       budget: int) -> bool:
+  """Whether `distill_loss` recomputes each chunk's logits in the backward pass: keeping every chunk's
+  [chunk, V] residuals (`sides` of them: the student's, and the teacher's when it forms them from hidden states)
+  would take more than `budget` bytes."""
+  chunk = min(chunk_size, num_tokens)
+  return sides * -(-num_tokens // chunk) * chunk * vocab * itemsize > budget
+
+
+def dense_teacher_logit_bytes(num_tokens: int, chunk_size: int, vocab: int,
+                              budget: int = DEFAULT_RESIDUAL_BUDGET) -> int:
+  """Bytes of float32 teacher logits that `distill_loss` holds with `teacher_hidden` (an on-policy step of
+  `num_tokens` tokens): every chunk's, kept for the backward pass, or one chunk's when it recomputes them."""
+  chunk = min(chunk_size, num_tokens)
+  chunks = 1 if _recomputes_chunks(num_tokens, chunk_size, vocab, 4, 2, budget) else -(-num_tokens // chunk)
+  return chunks * chunk * vocab * 4
+
+
 def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.Array], cfg: LossConfig, *,
-                 chunk_size: int = 128, residual_budget_bytes: int = DEFAULT_RESIDUAL_BUDGET
-                 ) -> tuple[LossSums, dict[str, jax.Array]]:
+                 chunk_size: int = 128, residual_budget_bytes: int = DEFAULT_RESIDUAL_BUDGET,
+                 teacher_head: jax.Array | None = None) -> tuple[LossSums, dict[str, jax.Array]]:
   """Chunked KD + CE sums over loss tokens, never materialising [B, S, V] logits.
 
   Args:
@@ -357,9 +387,14 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       ``teacher_log_tail [B, S]`` (the tail's log-mass at cfg.temperature); teacher arrays at t describe the
       token predicted at t. A resident teacher (on-policy steps, `kdjax.distill.on_policy`) gives
       ``teacher_logits [B, S, V]`` instead: the KD term is then `dense_divergence` over the whole vocabulary,
-      with no top-k approximation (and no top-k mass metrics).
+      with no top-k approximation (and no top-k mass metrics). Better, it gives the teacher's final hidden
+      states ``teacher_hidden [B, S, D_teacher]`` (after its final norm) and `teacher_head`: each chunk then
+      computes its teacher logits ``teacher_hidden @ teacher_head`` itself (float32 accumulation), so no
+      [B, S, V] teacher array exists anywhere. Either dense form adds ``teacher_logprob_sum``: the teacher's
+      T = 1 log-prob of the target tokens.
     cfg: loss configuration.
     chunk_size: tokens per chunk (capped at B * S); the token count is padded with masked tokens.
+    teacher_head: [D_teacher, V] the resident teacher's output projection, with ``teacher_hidden``.
     residual_budget_bytes: when keeping every chunk's float32 [chunk, V] residuals for the backward pass
       would take more than this, each chunk's logits are recomputed in the backward pass instead.
 
@@ -369,7 +404,7 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
     (student argmax == teacher's top id), ``teacher_topk_mass_sum`` and ``student_topk_mass_sum``
     (probability at T = 1 on the teacher's k ids).
   """
-  _check_batch(hidden, lm_head, batch, cfg, chunk_size)
+  _check_batch(hidden, lm_head, batch, cfg, chunk_size, teacher_head)
   batch_size, seq_len, _ = hidden.shape
   num = batch_size * seq_len
   chunk = min(chunk_size, num)
@@ -383,9 +418,9 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
 
   xs = {"hidden": to_chunks(hidden), "target_ids": to_chunks(batch["target_ids"]),
         "weight": to_chunks(jnp.asarray(batch["loss_mask"]).astype(jnp.float32))}
-  dense = "teacher_logits" in batch
+  dense = _dense_teacher_key(batch)
   if cfg.uses_teacher and dense:
-    xs["teacher_logits"] = to_chunks(batch["teacher_logits"])
+    xs[dense] = to_chunks(batch[dense])
   elif cfg.uses_teacher:
     xs["teacher_ids"] = to_chunks(batch["teacher_ids"])
     xs["teacher_logprobs"] = to_chunks(batch["teacher_logprobs"])
@@ -413,11 +448,18 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
       out["kd"] = jnp.zeros((), logits_dtype)
       return out
     if dense:
+      if dense == "teacher_hidden":  # this chunk's teacher logits: its hidden states times its output projection
+        teacher_dtype = jnp.promote_types(part["teacher_hidden"].dtype, teacher_head.dtype)
+        teacher_logits = jnp.matmul(part["teacher_hidden"].astype(teacher_dtype), teacher_head.astype(teacher_dtype),
+                                    preferred_element_type=jnp.float32)
+      else:
+        teacher_logits = part["teacher_logits"]
       # Masked tokens may hold anything: zero logits keep the divergence and its gradient finite there.
-      teacher_logits = jnp.where(valid[:, None], part["teacher_logits"].astype(logits_dtype), 0.0)
+      teacher_logits = jax.lax.stop_gradient(jnp.where(valid[:, None], teacher_logits.astype(logits_dtype), 0.0))
       out["kd"] = masked_sum(dense_divergence(logits, teacher_logits, cfg))
       teacher_top1 = jnp.argmax(teacher_logits, axis=-1)
       out["teacher_top1_agree_sum"] = masked_sum((student_top1 == teacher_top1).astype(logits_dtype))
+      out["teacher_logprob_sum"] = masked_sum(-token_cross_entropy(teacher_logits, part["target_ids"]))
       return out
     teacher_ids = jnp.clip(part["teacher_ids"], 0, logits.shape[-1] - 1)
     teacher_lp = jnp.where(valid[:, None], part["teacher_logprobs"].astype(logits_dtype), 0.0)
@@ -437,8 +479,9 @@ def distill_loss(hidden: jax.Array, lm_head: jax.Array, batch: Mapping[str, jax.
   # The backward pass needs each chunk's [chunk, V] probabilities. Kept for every chunk they would cost
   # about `residual_bytes`; above the budget each chunk recomputes its logits in the backward pass instead
   # (prevent_cse=False is safe, and faster, inside scan, which already keeps the recomputation apart).
-  residual_bytes = num_chunks * chunk * lm_head.shape[1] * jnp.dtype(logits_dtype).itemsize
-  recompute = residual_bytes > residual_budget_bytes
+  sides = 2 if cfg.uses_teacher and dense == "teacher_hidden" else 1  # the chunk's teacher logits are residuals too
+  recompute = _recomputes_chunks(num, chunk_size, lm_head.shape[1], jnp.dtype(logits_dtype).itemsize, sides,
+                                 residual_budget_bytes)
   chunk_fn = jax.checkpoint(chunk_sums, prevent_cse=False) if recompute else chunk_sums
 
   def step(carry: dict[str, jax.Array], part: dict[str, jax.Array]):

@@ -211,13 +211,17 @@ def make_optimizer(cfg: TrainConfig, total_steps: int) -> optax.GradientTransfor
 
 
 def _loss_sums(graphdef: nnx.GraphDef, states: Sequence[nnx.State], batch: Mapping[str, jax.Array],
-               loss_cfg: losses.LossConfig, chunk_size: int, dropout_key: jax.Array | None):
-  """Loss sums of one batch: hidden states only, the vocabulary projection chunked inside `distill_loss`."""
+               loss_cfg: losses.LossConfig, chunk_size: int, dropout_key: jax.Array | None,
+               teacher_head: Mapping[str, jax.Array] | None = None):
+  """Loss sums of one batch: hidden states only, the vocabulary projection chunked inside `distill_loss`
+  (the resident teacher's too, with `teacher_head` (`on_policy.head_arrays`) and a batch of `teacher_hidden`)."""
   model = nnx.merge(graphdef, *states)
   out = model.forward(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False,
                       dropout_key=dropout_key)
   loss_batch = {k: v for k, v in batch.items() if k not in _MODEL_INPUTS}
-  return losses.distill_loss(out.hidden, model.lm_head_weight(), loss_batch, loss_cfg, chunk_size=chunk_size)
+  teacher_head = None if teacher_head is None else on_policy_lib.output_projection(teacher_head)
+  return losses.distill_loss(out.hidden, model.lm_head_weight(), loss_batch, loss_cfg, chunk_size=chunk_size,
+                             teacher_head=teacher_head)
 
 
 def _objective_sum(sums: losses.LossSums, loss_cfg: losses.LossConfig) -> jax.Array:
@@ -233,7 +237,8 @@ def _means(sums: losses.LossSums, extra: Mapping[str, jax.Array], loss_cfg: loss
   return out
 
 
-def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state, rest, batch, key):
+def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state, rest, batch, key,
+                teacher_head=None):
   """One optimizer step over `batch` arrays shaped [accum, micro_batch, ...]."""
   accum = batch["input_ids"].shape[0]
   keys = jax.random.split(key, accum)
@@ -241,7 +246,7 @@ def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state
   def micro_grads(micro, micro_key):
     def objective(lora_state):
       sums, extra = _loss_sums(graphdef, (lora_state, rest), micro, loss_cfg, chunk_size,
-                               micro_key if use_dropout else None)
+                               micro_key if use_dropout else None, teacher_head)
       return _objective_sum(sums, loss_cfg), (sums, extra)
     grads, aux = jax.grad(objective, has_aux=True)(lora)
     return grads, aux
@@ -266,7 +271,8 @@ def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state
 
 def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, use_dropout: bool, lora,
                     opt_state):
-  """The jitted step `(lora, opt_state, rest, batch, key) -> (lora, opt_state, metrics)` that `train` runs.
+  """The jitted step `(lora, opt_state, rest, batch, key) -> (lora, opt_state, metrics)` that `train` runs
+  (on-policy steps pass `teacher_head=` too: `losses.distill_loss`).
 
   The plan stage (`kdjax.plan_train`) compiles the step built here too, on abstract arguments, so the plan and
   the loop cannot drift apart. `lora` and `opt_state` (arrays, or ShapeDtypeStructs with shardings) give the
@@ -280,8 +286,8 @@ def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, 
 
 
 @functools.partial(jax.jit, static_argnums=(0, 3, 4))
-def _eval_sums(graphdef, state, batch, loss_cfg, chunk_size):
-  return _loss_sums(graphdef, (state,), batch, loss_cfg, chunk_size, None)
+def _eval_sums(graphdef, state, batch, loss_cfg, chunk_size, teacher_head=None):
+  return _loss_sums(graphdef, (state,), batch, loss_cfg, chunk_size, None, teacher_head)
 
 
 def _place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, leading: int = 0) -> dict[str, jax.Array]:
@@ -296,7 +302,8 @@ def _place_batch(batch: Mapping[str, np.ndarray], mesh: Mesh | None, leading: in
 
 
 def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]], loss_cfg: losses.LossConfig, *,
-                  chunk_size: int = 512, mesh: Mesh | None = None) -> dict[str, float]:
+                  chunk_size: int = 512, mesh: Mesh | None = None,
+                  teacher_head: Mapping[str, jax.Array] | None = None) -> dict[str, float]:
   """Token means over every loss token of `batches`: "kd", "ce", "loss" (cfg's total), accuracies, and counts.
 
   `batches` are `batches.collate` dicts; no dropout. Sums are accumulated in float64 on the host. A model
@@ -308,7 +315,7 @@ def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]]
     mesh = sharding.mesh if isinstance(sharding, NamedSharding) else None
   totals: dict[str, float] = {}
   for batch in batches:
-    sums, extra = _eval_sums(graphdef, state, _place_batch(batch, mesh), loss_cfg, chunk_size)
+    sums, extra = _eval_sums(graphdef, state, _place_batch(batch, mesh), loss_cfg, chunk_size, teacher_head)
     values = {"kd_sum": sums.kd_sum, "ce_sum": sums.ce_sum, "num_tokens": sums.num_tokens, **extra}
     for name, value in jax.device_get(values).items():
       totals[name] = totals.get(name, 0.0) + float(value)
@@ -446,14 +453,16 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
   if on_policy is not None:
     on_policy.check(model, train_data, val_data or [])
     dense_cfg = on_policy_lib.dense_loss_config(loss_cfg)
-    on_policy_step_fn = make_train_step(graphdef, tx, dense_cfg, cfg.chunk_size, use_dropout, lora, opt_state)
+    on_policy_step_fn = functools.partial(
+        make_train_step(graphdef, tx, dense_cfg, cfg.chunk_size, use_dropout, lora, opt_state),
+        teacher_head=on_policy.teacher_head)
   def validate(lora) -> dict:
     values = evaluate_loss(nnx.merge(graphdef, lora, rest), val_batches, loss_cfg, chunk_size=cfg.chunk_size, mesh=mesh)
     if on_policy is not None:  # the student's own answers to the validation questions, teacher-graded
-      scored, on_val = on_policy.validation_batches(nnx.merge(graphdef, lora, rest), val_data, cfg)
-      on_val["on_policy_kd"] = evaluate_loss(nnx.merge(graphdef, lora, rest), scored, dense_cfg,
-                                             chunk_size=cfg.chunk_size, mesh=mesh)["kd"]
-      values = {**values, **on_val}
+      dense_eval = lambda student, scored: evaluate_loss(student, scored, dense_cfg, chunk_size=cfg.chunk_size,
+                                                         mesh=mesh, teacher_head=on_policy.teacher_head)
+      values = {**values, **on_policy.validation_metrics(nnx.merge(graphdef, lora, rest), val_data, train_data,
+                                                         cfg, dense_eval)}
     return values
 
   log = train_files.MetricsLog(workdir, cfg, step, total_steps)
