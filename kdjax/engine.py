@@ -476,9 +476,9 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=not fixed_window)
       empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
+      scored_lengths = feed(np.asarray([len(continuations[i]) for i in members], np.int32)) if scored else None
       # Positional, score_window included (static by name): tests wrap prefill in lambdas of positional args.
-      k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty,
-                                   feed(np.asarray([len(continuations[i]) for i in members], np.int32)),
+      k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty, scored_lengths,
                                    score_window)
       if scored:  # read when the prompt finishes, so the host does not wait for the prefill here
         nll_sums.update((i, (sums, row)) for row, i in enumerate(members))
