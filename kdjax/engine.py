@@ -174,9 +174,10 @@ def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions,
 
 # ----------------------------------------------------------------------------- the three verbs
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "score_window"))
+@functools.partial(jax.jit, static_argnames=("graphdef", "score_window", "kv_length"))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, lengths: jax.Array,
-            empty: KVCache | None, continuation_lengths: jax.Array | None = None, score_window: int = 0
+            empty: KVCache | None, continuation_lengths: jax.Array | None = None, score_window: int = 0,
+            kv_length: int | None = None
             ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array | None]:
   """Prompts right-padded into `ids` [C, P] (real lengths [C]): (keys, values, logits [C, V] of each last token,
   continuation NLL sums [C] or None).
@@ -190,8 +191,9 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   `continuation_lengths[r]` tokens (<= `score_window`), and the fourth result is the summed cross-entropy of those
   tokens, each predicted from the position before it. The prompt's forward is then shared with the scoring pass
   it would otherwise repeat (the eval's reference NLL). `lengths` stay the prompt lengths: the last-token logits
-  are the prompt's, and the continuation's keys, written by `insert` at positions >= the slot's length, are
-  masked by decode until it overwrites them.
+  are the prompt's. `kv_length` (default P) keeps only the first positions' keys and values, the prompts'
+  bucket: the slots' windows then need no room for the continuations (whose keys decode would mask and
+  overwrite anyway, being at positions >= a slot's length).
   """
   model = nnx.merge(graphdef, state)
   if layers is None:
@@ -214,6 +216,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
     hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
   logits = generation.last_logits(model, last_hidden)
+  if kv_length is not None:
+    k, v = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, kv_length, axis=a.ndim - 2), (k, v))
   if not score_window:
     return k, v, logits, None
   return k, v, logits, _continuation_sums(model, hidden, ids, lengths, continuation_lengths, score_window)
@@ -413,8 +417,9 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   arm: a new model), where the demo's eval compiled a decode program per window and a prefill and insert per
   length bucket (~2-4 s each) to save about a second of work.
   `continuations` (one per prompt, may be empty): each is scored teacher-forced after its prompt in the same
-  prefill (`prefill`), and the prompt's Generation carries the summed NLL and token count; prefill lengths and
-  windows then count prompt + continuation, the decode is unchanged.
+  prefill (`prefill`), and the prompt's Generation carries the summed NLL and token count; the prefill's rows
+  are prompt + continuation (bucketed), but only the prompts' keys and values reach the slots, so windows,
+  insert and decode are those of the prompts alone.
   """
   unrolled = unrolled_layers_default() if unrolled is None else unrolled
   n = sampling.max_new_tokens
@@ -440,16 +445,16 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   score_window = round_up(max(1, *map(len, continuations)), length_bucket) if scored else 0
   prefilled = [list(p) + c for p, c in zip(prompts, continuations)]  # what each prefill row holds
   nll_sums: dict[int, tuple[jax.Array, int]] = {}  # prompt -> (its chunk's NLL sums on device, its row)
-  # Shortest first: a chunk's rows then share a length bucket.
-  queue = collections.deque(sorted(range(len(prompts)), key=lambda i: len(prefilled[i])))
+  # Shortest prompts first: a chunk's prompts then share a length bucket (continuations change no schedule).
+  queue = collections.deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
   held: list[int | None] = [None] * num_slots  # the prompt in each slot
   results: list[Generation | None] = [None] * len(prompts)
   fixed_window = few_programs and len(prompts) <= num_slots
-  longest = max(map(len, prefilled))
-  if fixed_window:  # the longest prefill's bucket and every new token
-    window = round_up(max(round_up(longest, length_bucket) + 1, max(map(len, prompts)) + n), window_bucket)
+  longest, longest_prefill = max(map(len, prompts)), max(map(len, prefilled))
+  if fixed_window:  # the longest prompt's bucket and every new token
+    window = round_up(max(round_up(longest, length_bucket) + 1, longest + n), window_bucket)
   else:
-    window = round_up(len(prefilled[queue[0]]) + 1, window_bucket)
+    window = round_up(len(prompts[queue[0]]) + 1, window_bucket)
   slots = _committed_like_outputs(empty_slots(model, num_slots, window, opts, unrolled), model)
   lengths = np.zeros(num_slots, np.int64)  # host copy of slots.lengths as of the last block
   start, tokens_done, examples_done = time.perf_counter(), 0, 0
@@ -467,19 +472,22 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       c = _chunk_size(len(free), len(queue), prefill_chunk)
       members = [queue.popleft() for _ in range(c)]
       where, free = free[:c], free[c:]
-      # few_programs, one wave: every chunk at the longest prefill's bucket (one prefill and insert compile).
-      length = round_up(longest if fixed_window else max(len(prefilled[i]) for i in members), length_bucket)
-      ids = np.full((c, length), pad_id, np.int32)
+      # few_programs, one wave: every chunk at the longest prompt's bucket (one prefill and insert compile).
+      length = round_up(longest if fixed_window else max(len(prompts[i]) for i in members), length_bucket)
+      # The prefill's rows: prompt + continuation (the cache keeps the prompts' `length` positions).
+      prefill_length = round_up(longest_prefill if fixed_window else max(len(prefilled[i]) for i in members),
+                                length_bucket)
+      ids = np.full((c, prefill_length), pad_id, np.int32)
       for row, i in enumerate(members):
         ids[row, :len(prefilled[i])] = prefilled[i]
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=not fixed_window)
-      empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
+      empty = None if unrolled else KVCache.init(model.config, c, prefill_length, model.dtype)
       scored_lengths = feed(np.asarray([len(continuations[i]) for i in members], np.int32)) if scored else None
       # Positional, score_window included (static by name): tests wrap prefill in lambdas of positional args.
       k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty, scored_lengths,
-                                   score_window)
+                                   score_window, length if scored else None)
       if scored:  # read when the prompt finishes, so the host does not wait for the prefill here
         nll_sums.update((i, (sums, row)) for row, i in enumerate(members))
       slots = insert(slots, feed(np.asarray(where, np.int32)), k, v, logits, feed(real),

@@ -46,14 +46,20 @@ def expected_nll(tiny) -> dict[int, tuple[float, int]]:
     (True, 4, False), (True, 8, True), pytest.param(False, 3, False, marks=pytest.mark.slow)],
     ids=["unrolled-refills", "unrolled-one-wave", "scanned-refills"])
 def test_prefill_scores_continuations_and_leaves_generation_unchanged(tiny, expected_nll, unrolled, slots,
-                                                                      few_programs):
+                                                                      few_programs, monkeypatch):
+  windows = []  # the cache window of every decode block: the prompts' alone, continuations or not
+  real_decode = engine.decode_block
+  monkeypatch.setattr(engine, "decode_block", lambda graphdef, state, layers, slots, *a, **k: (
+      windows.append(slots.k[0].shape[-2]), real_decode(graphdef, state, layers, slots, *a, **k))[1])
   run = lambda **extra: engine.run(tiny, PROMPTS, list(range(len(PROMPTS))), SamplingConfig(max_new_tokens=NEW),
                                    stop_ids=[], pad_id=PAD, num_slots=slots, topk_logprobs=0, length_bucket=8,
                                    window_bucket=8, prefill_chunk=slots, unrolled=unrolled,
                                    few_programs=few_programs, **extra)
   plain = run()
+  plain_windows, windows[:] = list(windows), []
   scored = run(continuations=[s + [END] for s in SOLUTIONS])
   assert [g.tokens for g in scored] == [g.tokens for g in plain]
+  assert windows == plain_windows
   assert all(g.continuation_nll is None and g.continuation_tokens is None for g in plain)
   for i, g in enumerate(scored):
     mean, count = expected_nll[i]
