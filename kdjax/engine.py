@@ -51,6 +51,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from kdjax import generation
 from kdjax import parallel
+from kdjax.distill import losses
 from kdjax.generation import FinishCallback, Generation, ProgressCallback, SamplingConfig, _DecodeOptions, round_up
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.model import KVCache, Llama
@@ -173,15 +174,26 @@ def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions,
 
 # ----------------------------------------------------------------------------- the three verbs
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
+@functools.partial(jax.jit, static_argnames=("graphdef", "score_window", "kv_length"))
 def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, lengths: jax.Array,
-            empty: KVCache | None) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array]:
-  """Prompts right-padded into `ids` [C, P] (real lengths [C]): (keys, values, logits [C, V] of each last token).
+            empty: KVCache | None, continuation_lengths: jax.Array | None = None, score_window: int = 0,
+            kv_length: int | None = None
+            ) -> tuple[tuple[jax.Array, ...], tuple[jax.Array, ...], jax.Array, jax.Array | None]:
+  """Prompts right-padded into `ids` [C, P] (real lengths [C]): (keys, values, logits [C, V] of each last token,
+  continuation NLL sums [C] or None).
 
   Right padding keeps every prompt at positions 0..len-1 and, attention being causal, out of the padding's way.
   Unrolled (`layers` given): keys and values per layer [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
   `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
   spends minutes folding), keys and values as one stacked array each.
+
+  Teacher-forced scoring (`score_window` > 0): row r's prompt is followed in `ids` by a continuation of
+  `continuation_lengths[r]` tokens (<= `score_window`), and the fourth result is the summed cross-entropy of those
+  tokens, each predicted from the position before it. The prompt's forward is then shared with the scoring pass
+  it would otherwise repeat (the eval's reference NLL). `lengths` stay the prompt lengths: the last-token logits
+  are the prompt's. `kv_length` (default P) keeps only the first positions' keys and values, the prompts'
+  bucket: the slots' windows then need no room for the continuations (whose keys decode would mask and
+  overwrite anyway, being at positions >= a slot's length).
   """
   model = nnx.merge(graphdef, state)
   if layers is None:
@@ -203,7 +215,33 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
     k, v = tuple(k), tuple(v)
     hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-  return k, v, generation.last_logits(model, last_hidden)
+  logits = generation.last_logits(model, last_hidden)
+  if kv_length is not None:
+    k, v = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, kv_length, axis=a.ndim - 2), (k, v))
+  if not score_window:
+    return k, v, logits, None
+  return k, v, logits, _continuation_sums(model, hidden, ids, lengths, continuation_lengths, score_window)
+
+
+def _continuation_sums(model: Llama, hidden: jax.Array, ids: jax.Array, lengths: jax.Array,
+                       continuation_lengths: jax.Array, window: int) -> jax.Array:
+  """Per row: the summed cross-entropy of the continuation ids[len .. len+n-1], position t predicting t + 1.
+  Only the `window` positions from each prompt's last token reach the output projection, one row at a time
+  (as `reference_nll._row_sums`), so no [C, P, vocab] logits are held."""
+  p = ids.shape[1]
+  offsets = jnp.arange(window)[None, :]
+  inside = offsets < continuation_lengths[:, None]
+  at = jnp.minimum(lengths[:, None] - 1 + offsets, p - 1)  # positions past the continuation count nothing
+  hidden = jnp.take_along_axis(hidden, at[:, :, None], axis=1)
+  targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
+  head = model.lm_head_weight().astype(model.dtype)
+
+  def row(args):
+    row_hidden, row_targets, row_inside = args
+    row_logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
+    return jnp.sum(jnp.where(row_inside, losses.token_cross_entropy(row_logits, row_targets), 0.0))
+
+  return jax.lax.map(row, (hidden, targets, inside))
 
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:
@@ -363,7 +401,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
         stop_ids: Sequence[int], pad_id: int, num_slots: int, topk_logprobs: int, length_bucket: int,
         tail_temperatures: tuple[float, ...] = (), progress: ProgressCallback | None = None,
         on_finish: FinishCallback | None = None, window_bucket: int = 128,
-        prefill_chunk: int = 4, unrolled: bool | None = None, few_programs: bool = False) -> list[Generation]:
+        prefill_chunk: int = 4, unrolled: bool | None = None, few_programs: bool = False,
+        continuations: Sequence[Sequence[int]] | None = None) -> list[Generation]:
   """Generates every prompt with `num_slots` decode slots (inputs already checked by `generation.generate`).
 
   Free slots take prompts up to `prefill_chunk` at a time, in chunks of a power of two (a refill is usually one
@@ -377,6 +416,10 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   attention over the whole window and of the padding. For callers that run each program once (an evaluation
   arm: a new model), where the demo's eval compiled a decode program per window and a prefill and insert per
   length bucket (~2-4 s each) to save about a second of work.
+  `continuations` (one per prompt, may be empty): each is scored teacher-forced after its prompt in the same
+  prefill (`prefill`), and the prompt's Generation carries the summed NLL and token count; the prefill's rows
+  are prompt + continuation (bucketed), but only the prompts' keys and values reach the slots, so windows,
+  insert and decode are those of the prompts alone.
   """
   unrolled = unrolled_layers_default() if unrolled is None else unrolled
   n = sampling.max_new_tokens
@@ -396,12 +439,18 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   graphdef, state = nnx.split(model)
   layers = layer_params(model, unrolled)
 
-  # Shortest prompts first: a chunk's prompts then share a length bucket.
+  scored = continuations is not None
+  continuations = [list(c) for c in continuations] if scored else [[] for _ in prompts]
+  # The one scoring window of every prefill (one compiled program): the longest continuation, bucketed.
+  score_window = round_up(max(1, *map(len, continuations)), length_bucket) if scored else 0
+  prefilled = [list(p) + c for p, c in zip(prompts, continuations)]  # what each prefill row holds
+  nll_sums: dict[int, tuple[jax.Array, int]] = {}  # prompt -> (its chunk's NLL sums on device, its row)
+  # Shortest prompts first: a chunk's prompts then share a length bucket (continuations change no schedule).
   queue = collections.deque(sorted(range(len(prompts)), key=lambda i: len(prompts[i])))
   held: list[int | None] = [None] * num_slots  # the prompt in each slot
   results: list[Generation | None] = [None] * len(prompts)
   fixed_window = few_programs and len(prompts) <= num_slots
-  longest = max(len(p) for p in prompts)
+  longest, longest_prefill = max(map(len, prompts)), max(map(len, prefilled))
   if fixed_window:  # the longest prompt's bucket and every new token
     window = round_up(max(round_up(longest, length_bucket) + 1, longest + n), window_bucket)
   else:
@@ -425,14 +474,22 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       where, free = free[:c], free[c:]
       # few_programs, one wave: every chunk at the longest prompt's bucket (one prefill and insert compile).
       length = round_up(longest if fixed_window else max(len(prompts[i]) for i in members), length_bucket)
-      ids = np.full((c, length), pad_id, np.int32)
+      # The prefill's rows: prompt + continuation (the cache keeps the prompts' `length` positions).
+      prefill_length = round_up(longest_prefill if fixed_window else max(len(prefilled[i]) for i in members),
+                                length_bucket)
+      ids = np.full((c, prefill_length), pad_id, np.int32)
       for row, i in enumerate(members):
-        ids[row, :len(prompts[i])] = prompts[i]
+        ids[row, :len(prefilled[i])] = prefilled[i]
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=not fixed_window)
-      empty = None if unrolled else KVCache.init(model.config, c, length, model.dtype)
-      k, v, logits = prefill(graphdef, state, layers, feed(ids), feed(real), empty)
+      empty = None if unrolled else KVCache.init(model.config, c, prefill_length, model.dtype)
+      scored_lengths = feed(np.asarray([len(continuations[i]) for i in members], np.int32)) if scored else None
+      # Positional, score_window included (static by name): tests wrap prefill in lambdas of positional args.
+      k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty, scored_lengths,
+                                   score_window, length if scored else None)
+      if scored:  # read when the prompt finishes, so the host does not wait for the prefill here
+        nll_sums.update((i, (sums, row)) for row, i in enumerate(members))
       slots = insert(slots, feed(np.asarray(where, np.int32)), k, v, logits, feed(real),
                      feed(np.asarray([example_ids[i] for i in members], np.int32)), values, opts=opts)
       for s, i, length_i in zip(where, members, real):
@@ -458,6 +515,10 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
     for row, s in enumerate(finished):
       count = int(steps[row])
       results[held[s]] = _generation(tokens[row, :count], bool(stopped[row]), [r[row, :count] for r in recorded])
+      if scored:
+        sums, at = nll_sums.pop(held[s])
+        results[held[s]].continuation_nll = float(_host_read(sums, spanning)[at])
+        results[held[s]].continuation_tokens = len(continuations[held[s]])
       tokens_done += count
       examples_done += 1
       if on_finish is not None:

@@ -65,6 +65,10 @@ class Generation:
   topk_logprobs: np.ndarray | None = None  # [n, k] float32, log-softmax at temperature 1
   tail_mass: np.ndarray | None = None    # [n] float32: probability outside the top k
   tail_log_mass: np.ndarray | None = None  # [n, len(tail_temperatures)] float32: log tail mass at each T
+  # With `continuations`: the summed NLL (nats, teacher-forced, T = 1) of the continuation after the prompt,
+  # and its number of tokens; None when none was asked for.
+  continuation_nll: float | None = None
+  continuation_tokens: int | None = None
 
 
 class _DecodeOptions(NamedTuple):
@@ -233,11 +237,20 @@ def _check_inputs(model: Llama, prompts: Sequence[Sequence[int]], example_ids: S
   return [int(e) for e in example_ids]
 
 
+def _check_continuations(continuations: Sequence[Sequence[int]], num_prompts: int, vocab: int) -> None:
+  if len(continuations) != num_prompts:
+    raise GenerationError(f"got {len(continuations)} continuations for {num_prompts} prompts")
+  for i, continuation in enumerate(continuations):
+    if len(continuation) and (min(continuation) < 0 or max(continuation) >= vocab):
+      raise GenerationError(f"continuation {i} has token ids outside the vocabulary [0, {vocab})")
+
+
 def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingConfig, *,
              stop_ids: Sequence[int], pad_id: int, example_ids: Sequence[int] | None = None,
              batch_size: int = 16, topk_logprobs: int = 0, tail_temperatures: Sequence[float] = (),
              progress: ProgressCallback | None = None, length_bucket: int = 64,
-             on_finish: FinishCallback | None = None, few_programs: bool = False) -> list[Generation]:
+             on_finish: FinishCallback | None = None, few_programs: bool = False,
+             continuations: Sequence[Sequence[int]] | None = None) -> list[Generation]:
   """Generates a response for every prompt (token ids, without padding), in the order given.
 
   stop_ids end a row (the stop token is kept in `tokens`); `pad_id` fills finished rows and padding.
@@ -251,10 +264,15 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   result (greedy rows are what a full forward gives, sampled rows depend on their example id and step alone).
   Prompt lengths round up to a multiple of `length_bucket`, so few prefill shapes compile. `few_programs`
   (`engine.run`) trades per-step work for fewer compiled programs, for callers that run them once.
+  `continuations` (one token list per prompt, may be empty) are scored teacher-forced after their prompts in
+  the prompts' own prefill: each Generation's `continuation_nll` is the summed cross-entropy of its
+  continuation's tokens and `continuation_tokens` their number. Generation itself is unchanged.
   """
   if length_bucket < 1:
     raise GenerationError(f"length_bucket must be >= 1, got {length_bucket}")
   ids_of_example = _check_inputs(model, prompts, example_ids, stop_ids, pad_id, batch_size, topk_logprobs)
+  if continuations is not None:
+    _check_continuations(continuations, len(prompts), model.config.vocab_size)
   if not prompts:
     return []
   from kdjax import engine  # the engine builds on this module's pieces
@@ -263,4 +281,4 @@ def generate(model: Llama, prompts: Sequence[Sequence[int]], sampling: SamplingC
   return engine.run(model, prompts, ids_of_example, sampling, stop_ids=stop_ids, pad_id=pad_id,
                     num_slots=num_slots, topk_logprobs=topk_logprobs,
                     tail_temperatures=tuple(float(x) for x in tail_temperatures), length_bucket=length_bucket,
-                    progress=progress, on_finish=on_finish, few_programs=few_programs)
+                    progress=progress, on_finish=on_finish, few_programs=few_programs, continuations=continuations)

@@ -348,8 +348,9 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   """Evaluates `model` on the questions `cfg` selects; returns (and writes) the summary.
 
   `questions` are records with `id`, `question`, `answer` (the reference solution, scored by its NLL) and `gold`
-  (else parsed from `answer`), as from `data.load_gsm8k`. The questions of each generate call get their
-  reference NLL (`reference_nll`) first, in batches of `cfg.batch_size` padded to one length. Resumable:
+  (else parsed from `answer`), as from `data.load_gsm8k`. Each question's reference NLL is scored in its
+  prompt's own prefill (generate's `continuations`); the separate `reference_nll` pass only backfills records
+  written without one (older folders). Resumable:
   questions already in `out_dir/samples.jsonl` (or a part) are not redone; a folder whose summary covers all
   selected questions is returned as is. Process `process_index` of `process_count` (default: jax's) evaluates its share and, under
   `jax.distributed`, meets the others for the merge (module docstring); a process other than 0 returns None
@@ -407,17 +408,16 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
   try:
     for first in range(0, len(todo), per_call):
       chunk = todo[first:first + per_call]
-      # Before generating, so each record is complete the moment its question finishes.
-      ref = ref_nll_of([q["id"] for q in chunk])
       last_finish = time.perf_counter()
 
-      def finished(index: int, gen: generation.Generation, chunk=chunk, ref=ref) -> None:
+      def finished(index: int, gen: generation.Generation, chunk=chunk) -> None:
         nonlocal last_finish
         now = time.perf_counter()
         q = chunk[index]
         # The time since the previous question finished, so a run's records sum to its generation time.
+        ref = (gen.continuation_nll / gen.continuation_tokens, gen.continuation_tokens)
         record = _sample_record(q, gen, tokenizer, prompts[q["id"]], cfg.rules, seconds=now - last_finish,
-                                ref=ref[q["id"]])
+                                ref=ref)
         last_finish = now
         sink.add(record)
         done[record["id"]] = record
@@ -425,7 +425,9 @@ def evaluate(model, tokenizer, questions: Sequence[Mapping], cfg: EvalConfig, ou
 
       generation.generate(model, [prompts[q["id"]] for q in chunk], sampling, stop_ids=stop_ids, pad_id=pad_id,
                           example_ids=[int(q["id"]) for q in chunk], batch_size=cfg.batch_size,
-                          on_finish=finished, few_programs=True)  # each arm's model compiles its own
+                          on_finish=finished, few_programs=True,  # each arm's model compiles its own
+                          # The reference NLL, scored in the prompt's prefill (a separate pass repeats the prompt).
+                          continuations=[reference_nll.continuation(references[q["id"]]) for q in chunk])
   finally:
     sink.flush()
     bar.close()

@@ -11,6 +11,10 @@ so the pass compiles once per model. Only the solution's positions reach the voc
 the longest solution of the question set, rounded up to 64, cut from each row at its solution's start): the
 prompt's logits are never used, and at the demo's shapes the projection of every position was a third of the
 pass. It runs one row at a time, so no [batch, seq, vocab] logits are held.
+
+The evaluation loop scores the same tokens (`continuation`) inside generation's prefill of the prompt
+(`generation.generate(..., continuations=...)`), which computes the prompt's forward anyway; `reference_nll`
+serves records that lack the NLL (folders written before it existed) and is the tested reference for that path.
 """
 
 from __future__ import annotations
@@ -35,6 +39,13 @@ def reference_example(prompt_ids: Sequence[int], answer: str, tokenizer, end_tok
   """The teacher-forced sequence of one question: prompt, annotation-free solution, end token."""
   solution = tokenizer.encode(data.strip_calculator_annotations(answer).strip(), add_special_tokens=False)
   return batches.ce_example(prompt_ids, solution, end_token_id, question_id=question_id)
+
+
+def continuation(example: batches.TrainExample) -> list[int]:
+  """The tokens `example` scores after its prompt (solution and end token): the continuation that
+  `generation.generate(..., continuations=...)` scores in the prompt's own prefill, the same sum as here."""
+  start, end = _loss_span(example)
+  return [int(t) for t in example.target_ids[start:end]]
 
 
 def padded_length(examples: Sequence[batches.TrainExample]) -> int:
