@@ -268,3 +268,15 @@ def test_is_correct():
   assert extract.is_correct(1e9 + 1, 1e9)  # relative tolerance for large values
   assert not extract.is_correct(float("nan"), 1.0)
   assert not extract.is_correct(-18.0, 18.0)
+
+
+def test_math_verify_worker_survives_an_interrupt_of_its_process_group():
+  """Ctrl-C (or a notebook kernel's interrupt) reaches the worker too; the parent owns its lifetime, so the worker
+  ignores it rather than dying with a traceback, and the next parse is answered by the same process."""
+  import os
+  import signal
+  assert extract.extract_answer("\\boxed{3}", "math_verify") == 3.0
+  worker = extract._MATH_VERIFY_WORKER._process
+  os.kill(worker.pid, signal.SIGINT)
+  assert extract.extract_answer("\\boxed{4}", "math_verify") == 4.0
+  assert extract._MATH_VERIFY_WORKER._process is worker and worker.is_alive()

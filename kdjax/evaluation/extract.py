@@ -32,6 +32,7 @@ import bisect
 import math
 import multiprocessing
 import re
+import signal
 import threading
 from typing import Optional
 
@@ -309,6 +310,9 @@ def _math_verify_value(text: str) -> Optional[float]:
 
 
 def _math_verify_worker_main(connection) -> None:
+  # The parent owns this process's lifetime (it closes the pipe or kills it); a Ctrl-C or a notebook kernel's
+  # interrupt reaches the whole process group and would otherwise print a traceback from here at every exit.
+  signal.signal(signal.SIGINT, signal.SIG_IGN)
   # Import before reporting ready, so the caller's time limit covers parsing only.
   import math_verify  # pylint: disable=import-outside-toplevel,unused-import
   import sympy  # pylint: disable=import-outside-toplevel,unused-import
