@@ -226,22 +226,15 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
 def _continuation_sums(model: Llama, hidden: jax.Array, ids: jax.Array, lengths: jax.Array,
                        continuation_lengths: jax.Array, window: int) -> jax.Array:
   """Per row: the summed cross-entropy of the continuation ids[len .. len+n-1], position t predicting t + 1.
-  Only the `window` positions from each prompt's last token reach the output projection, one row at a time
-  (as `reference_nll._row_sums`), so no [C, P, vocab] logits are held."""
+  Only the `window` positions from each prompt's last token reach the output projection
+  (`losses.window_cross_entropy_sums`, as in `reference_nll`)."""
   p = ids.shape[1]
   offsets = jnp.arange(window)[None, :]
   inside = offsets < continuation_lengths[:, None]
   at = jnp.minimum(lengths[:, None] - 1 + offsets, p - 1)  # positions past the continuation count nothing
-  hidden = jnp.take_along_axis(hidden, at[:, :, None], axis=1)
   targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
   head = model.lm_head_weight().astype(model.dtype)
-
-  def row(args):
-    row_hidden, row_targets, row_inside = args
-    row_logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
-    return jnp.sum(jnp.where(row_inside, losses.token_cross_entropy(row_logits, row_targets), 0.0))
-
-  return jax.lax.map(row, (hidden, targets, inside))
+  return losses.window_cross_entropy_sums(hidden, head, at, targets, inside)
 
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:

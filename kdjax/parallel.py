@@ -169,27 +169,39 @@ def sync(name: str) -> None:
   first use times out after 30 s. Every process calls the same syncs in the same order."""
   if jax.process_count() == 1:
     return
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  _syncs.append(name)
-  barrier = f"{name}#{len(_syncs)}"  # unique per call: a name may come up again (a stage per arm)
-  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
-  client = distributed.global_state.client
+  client, barrier, timeout_ms = _coordination(name)
   if client is None:  # started some other way: fall back to a device collective
     from jax.experimental import multihost_utils
     multihost_utils.sync_global_devices(barrier)
     return
-  client.wait_at_barrier(barrier, min(timeout_ms, 2**31 - 1))
+  client.wait_at_barrier(barrier, timeout_ms)
+
+
+def _coordination(name: str) -> tuple[Any, str, int]:
+  """(jax.distributed's coordination client or None, a key unique to this call of `name`, the wait in ms).
+
+  Keys are unique per call because a name may come up again (a stage per arm); every process makes the same
+  calls in the same order, so they agree on the keys."""
+  from jax._src import distributed  # pylint: disable=import-outside-toplevel
+  _syncs.append(name)
+  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
+  return distributed.global_state.client, f"{name}#{len(_syncs)}", min(timeout_ms, 2**31 - 1)
+
+
+def processes_of(devices: Iterable[Any]) -> set[int]:
+  """The indices of the processes (hosts) that hold `devices` (compile-only devices without one: process 0)."""
+  return {getattr(d, "process_index", 0) for d in devices}
 
 
 def spans_processes(mesh: Mesh | None) -> bool:
   """True when `mesh` holds devices of more than one process: every process must then run the same programs on it
   in the same order (one SPMD program across hosts), and no process can read another's shards directly."""
-  return mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+  return mesh is not None and len(processes_of(mesh.devices.flat)) > 1
 
 
 def covers_every_process(mesh: Mesh) -> bool:
   """True when every process of the run holds devices of `mesh`."""
-  return {d.process_index for d in mesh.devices.flat} == set(range(jax.process_count()))
+  return processes_of(mesh.devices.flat) == set(range(jax.process_count()))
 
 
 def broadcast_json(name: str, value: Any = None) -> Any:
@@ -200,17 +212,13 @@ def broadcast_json(name: str, value: Any = None) -> Any:
   if jax.process_count() == 1:
     return value
   import json  # pylint: disable=import-outside-toplevel
-  from jax._src import distributed  # pylint: disable=import-outside-toplevel
-  _syncs.append(name)
-  key = f"kdjax.broadcast:{name}#{len(_syncs)}"
-  client = distributed.global_state.client
+  client, key, timeout_ms = _coordination(f"kdjax.broadcast:{name}")
   if client is None:
     raise RuntimeError("broadcast_json needs jax.distributed (kdjax.parallel.initialize_distributed)")
   if jax.process_index() == 0:
     client.key_value_set(key, json.dumps(value))
     return value
-  timeout_ms = int(float(os.environ.get(SYNC_TIMEOUT_VARIABLE, 86400)) * 1000)
-  return json.loads(client.blocking_key_value_get(key, min(timeout_ms, 2**31 - 1)))
+  return json.loads(client.blocking_key_value_get(key, timeout_ms))
 
 
 def local_mesh(shape: Mapping[str, int] | None = None) -> Mesh:

@@ -211,7 +211,7 @@ def _prepare_compile_only(topology: str) -> None:
 
 def host_count(devices: Sequence[Any]) -> int:
   """How many processes (TPU VM hosts) hold `devices`."""
-  return len({getattr(d, "process_index", 0) for d in devices})
+  return len(parallel.processes_of(devices))
 
 
 def topology_devices(topology: str) -> list[Any]:

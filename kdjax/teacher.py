@@ -134,7 +134,7 @@ def _spans_processes(model: Llama) -> bool:
   if parallel.spans_processes(mesh):
     if not parallel.covers_every_process(mesh):
       raise TeacherError(
-          f"the teacher's mesh spans processes {sorted({d.process_index for d in mesh.devices.flat})} of "
+          f"the teacher's mesh spans processes {sorted(parallel.processes_of(mesh.devices.flat))} of "
           f"{jax.process_count()}; use a mesh over every process's devices or over each process's own")
     return True
   for leaf in jax.tree.leaves(nnx.state(model)):

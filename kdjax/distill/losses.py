@@ -309,6 +309,23 @@ def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array,
   return student_logsumexp.astype(logits.dtype) - picked
 
 
+def window_cross_entropy_sums(hidden: jax.Array, head: jax.Array, positions: jax.Array, target_ids: jax.Array,
+                              mask: jax.Array) -> jax.Array:
+  """Per row of `hidden` [C, P, D]: the summed `token_cross_entropy` of `target_ids` [C, W] predicted at
+  `positions` [C, W] (in [0, P)) through the output projection `head` [D, V], over the `mask` [C, W] (bool)
+  entries. Only those W positions reach the projection, one row at a time, so no [C, P, V] logits are held:
+  teacher-forced scoring of a continuation (the eval's reference NLL, in its own pass or in generation's
+  prefill)."""
+  hidden = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
+
+  def row(args):
+    row_hidden, targets, row_mask = args
+    logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
+    return jnp.sum(jnp.where(row_mask, token_cross_entropy(logits, targets), 0.0))
+
+  return jax.lax.map(row, (hidden, target_ids, mask))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Chunked loss over a batch.
 

@@ -75,16 +75,9 @@ def _row_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, at
   positions = loss_start[:, None] + jnp.arange(window)[None, :]
   inside = positions < input_ids.shape[1]  # a window that runs past the row's end: those positions count nothing
   positions = jnp.minimum(positions, input_ids.shape[1] - 1)
-  hidden = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
   target_ids = jnp.take_along_axis(target_ids, positions, axis=1)
-  loss_mask = jnp.where(inside, jnp.take_along_axis(loss_mask, positions, axis=1), 0.0)
-
-  def row(args):
-    row_hidden, targets, mask = args
-    logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
-    return jnp.sum(jnp.where(mask > 0, losses.token_cross_entropy(logits, targets), 0.0))
-
-  return jax.lax.map(row, (hidden, target_ids, loss_mask))
+  counted = inside & (jnp.take_along_axis(loss_mask, positions, axis=1) > 0)
+  return losses.window_cross_entropy_sums(hidden, head, positions, target_ids, counted)
 
 
 def reference_nll(model, examples: Sequence[batches.TrainExample], *, batch_size: int, length: int,
