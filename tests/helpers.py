@@ -15,6 +15,20 @@ import numpy as np
 from kdjax import storage
 
 
+def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[tuple[str, str]]:
+  """Each worker's (stdout, stderr) once it exits; any still running when one fails or times out is killed, so a
+  failed test leaves no worker waiting at a jax.distributed barrier."""
+  outputs = []
+  try:
+    for proc in procs:
+      outputs.append(proc.communicate(timeout=timeout_s))
+  finally:
+    for proc in procs:
+      if proc.poll() is None:
+        proc.kill()
+  return outputs
+
+
 def finished_checkpoints(workdir: str | pathlib.Path) -> list[int]:
   """The steps of the Orbax checkpoints finished under `workdir` (a local folder or a gs:// URL)."""
   folder = storage.path(workdir) / "checkpoints"

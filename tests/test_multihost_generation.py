@@ -23,6 +23,7 @@ import textwrap
 import numpy as np
 import pytest
 
+import helpers
 import multihost_worker
 import teacher_worker
 from kdjax import parallel, store
@@ -42,14 +43,7 @@ def _env(devices: int) -> dict:
 
 def _finish(procs: list[subprocess.Popen]) -> list[dict]:
   """Waits for every worker; returns each one's JSON line (the last of its stdout)."""
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=TIMEOUT_S))
-  finally:
-    for proc in procs:
-      if proc.poll() is None:
-        proc.kill()
+  outputs = helpers.communicate_all(procs, TIMEOUT_S)
   return [worker_summary(proc, *out) for proc, out in zip(procs, outputs)]
 
 

@@ -25,6 +25,7 @@ import pytest
 from flax import nnx
 
 import kdjax
+import helpers
 import teacher_worker
 from kdjax import data, generation, priming, store, teacher
 from kdjax.evaluation import extract
@@ -322,13 +323,7 @@ def test_two_processes_fill_one_store(tiny_reference, tokenizer_dir, gsm8k_dir, 
                                            "--process-id", str(i), "--port", port),
                             env=worker_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
            for i in range(2)]
-  outputs = []
-  try:
-    for proc in procs:
-      outputs.append(proc.communicate(timeout=WORKER_TIMEOUT_S))
-  finally:
-    for proc in procs:
-      proc.kill()
+  outputs = helpers.communicate_all(procs, WORKER_TIMEOUT_S)
   summaries = [worker_summary(proc, *out) for proc, out in zip(procs, outputs)]
   assert [s["shards_written"] for s in summaries] == [[0, 2], [1]]
   assert all(s["finalized"] and s["process_count"] == 2 for s in summaries)
