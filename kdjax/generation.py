@@ -199,11 +199,21 @@ def filter_logits(scaled: jax.Array, top_k: int, top_p: jax.Array | float, use_t
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
 
+def greedy_tokens(logits: jax.Array) -> jax.Array:
+  """`jnp.argmax(logits, axis=-1)` (the first maximum; the first NaN if a row has one) as plain reductions: XLA:CPU
+  lowers argmax to a reduction over (value, index) pairs that does not vectorise, 1.7 ms on [16, 49152] against
+  0.35 ms for a max and then the smallest index holding it (AMD EPYC, once per decode step)."""
+  nan = jnp.isnan(logits)
+  top = jnp.max(jnp.where(nan, -jnp.inf, logits), axis=-1, keepdims=True)
+  hits = jnp.where(jnp.any(nan, axis=-1, keepdims=True), nan, logits == top)
+  return jnp.min(jnp.where(hits, jnp.arange(logits.shape[-1], dtype=jnp.int32), logits.shape[-1]), axis=-1)
+
+
 def choose_tokens(logits: jax.Array, keys: jax.Array, temperature: jax.Array, top_p: jax.Array,
                   opts: _DecodeOptions) -> jax.Array:
   """Next token per row of `logits` [B, V]: argmax when greedy, else a filtered sample with key per row."""
   if opts.greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    return greedy_tokens(logits)
   scaled = logits.astype(jnp.float32) / temperature
   filtered = filter_logits(scaled, opts.top_k, top_p, opts.use_top_p)
   return jax.vmap(jax.random.categorical)(keys, filtered).astype(jnp.int32)

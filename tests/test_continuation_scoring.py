@@ -50,7 +50,7 @@ def test_prefill_scores_continuations_and_leaves_generation_unchanged(tiny, expe
   windows = []  # the cache window of every decode block: the prompts' alone, continuations or not
   real_decode = engine.decode_block
   monkeypatch.setattr(engine, "decode_block", lambda graphdef, state, layers, slots, *a, **k: (
-      windows.append(slots.k[0].shape[-2]), real_decode(graphdef, state, layers, slots, *a, **k))[1])
+      windows.append(engine.window_of(slots)), real_decode(graphdef, state, layers, slots, *a, **k))[1])
   run = lambda **extra: engine.run(tiny, PROMPTS, list(range(len(PROMPTS))), SamplingConfig(max_new_tokens=NEW),
                                    stop_ids=[], pad_id=PAD, num_slots=slots, topk_logprobs=0, length_bucket=8,
                                    window_bucket=8, prefill_chunk=slots, unrolled=unrolled,

@@ -120,7 +120,7 @@ def test_engine_few_programs_decodes_one_wave_in_one_window(tiny):
   real_resize, real_decode, real_prefill = engine.resize_window, engine.decode_block, engine.prefill
   engine.resize_window = lambda slots, window: (resized.append(window), real_resize(slots, window=window))[1]
   engine.decode_block = lambda graphdef, state, layers, slots, *a, **k: (
-      windows.add(slots.k[0].shape[-2]), real_decode(graphdef, state, layers, slots, *a, **k))[1]
+      windows.add(engine.window_of(slots)), real_decode(graphdef, state, layers, slots, *a, **k))[1]
   engine.prefill = lambda graphdef, state, layers, ids, *a: (
       prefilled.add(ids.shape[1]), real_prefill(graphdef, state, layers, ids, *a))[1]
   try:
@@ -269,6 +269,23 @@ def test_sampling_is_independent_of_batch_size_and_order(tiny):
   # The draws really come from the seed and the example id.
   assert run(prompts, [20, 21, 22, 23, 24, 25], 4) != whole
   assert run(prompts, example_ids, 4, seed=124) != whole
+
+
+def test_greedy_tokens_equal_numpy_argmax_with_ties_and_nans():
+  """The two-reduction argmax against numpy's: the first maximum of each row, the first NaN in a row that has one."""
+  rng = np.random.default_rng(3)
+  logits = rng.standard_normal((6, 1000)).astype(np.float32)
+  logits[1, [10, 500, 999]] = 9.0           # a three-way tie: the first wins
+  logits[2, [0, 7]] = 8.0                   # a tie at column 0
+  logits[3, 999] = 7.0                      # the last column
+  logits[4, [3, 40]] = np.nan               # NaN: numpy returns the first NaN
+  logits[5, :] = -np.inf                    # every entry equal
+  logits[5, 600] = np.nan
+  got = np.asarray(generation.greedy_tokens(jnp.asarray(logits)))
+  np.testing.assert_array_equal(got, np.argmax(logits, axis=-1))
+  assert got[1] == 10 and got[2] == 0 and got[3] == 999 and got[4] == 3 and got[5] == 600
+  flat = np.full((1, 50), -np.inf, np.float32)
+  assert int(generation.greedy_tokens(jnp.asarray(flat))[0]) == 0
 
 
 def test_top_k_one_equals_greedy(tiny):
