@@ -7,8 +7,8 @@ Two commands, the first writing the teacher the second distils from:
 
 1. `:teacher` (runs/on_policy_teacher): kdjax's `finetune` control arm on the GSM8K gold solutions of the first
    128 train questions (1 epoch of 16 steps, LoRA r 16 on every projection), so that the teacher writes in
-   GSM8K's style ("<<48/2=24>>", "#### 72"), which plain SmolLM2 does not: a teacher clearly stronger than the
-   student, as GKD's (Agarwal et al. 2024 fine-tuned each teacher before distilling it).
+   GSM8K's terse style with its "#### 72" answer line, which plain SmolLM2 does not: a teacher clearly stronger
+   than the student, as GKD's (Agarwal et al. 2024 fine-tuned each teacher before distilling it).
 2. (runs/on_policy_demo): the teacher is SmolLM2 with that adapter merged into its weights at conversion
    (`teacher.adapter`; its bytes enter the teacher's record, so stores and training made under another teacher
    are never reused); the student is plain SmolLM2 with a fresh LoRA. configs/demo.py's loss, the ground_truth

@@ -389,6 +389,15 @@ def test_convert_merges_an_adapter_as_peft_merge_and_unload_does(base_dir, tmp_p
   record = provenance.read(tmp_path / "ckpt")
   assert record["settings"]["adapter"] == provenance.folder_content(tmp_path / "adapter")
   assert "adapter" not in convert.conversion_record(str(base_dir), dtype="float32", quantize=False)["settings"]
+  # An int8 teacher: quantized after the merge (int8 weights cannot take W + scale B A), so each dequantized
+  # weight is within half a quantization step of the float64 merged weight.
+  convert.convert(str(base_dir), str(tmp_path / "int8"), quantize=True, adapter=str(tmp_path / "adapter"))
+  quantized, _ = checkpoint.load_model(tmp_path / "int8")
+  q, scale = np.asarray(quantized.layers.wv[...])[1], np.asarray(quantized.layers.wv_scale[...])[1]
+  assert q.dtype == np.int8
+  dequantized = (q.astype(np.float64) * scale[None]).reshape(TINY_HF["hidden_size"], -1).T
+  step = np.broadcast_to(scale.reshape(-1)[:, None], expected.shape)
+  assert np.all(np.abs(dequantized - expected) <= 0.5 * step + 1e-6)
 
 
 def test_convert_refuses_a_bad_adapter_in_one_line_before_reading_weights(base_dir, tmp_path, monkeypatch):
