@@ -156,6 +156,12 @@ def _adapter(c, role: str) -> str | None:
   return (c.teacher.adapter or None) if role == "teacher" else None
 
 
+def _source_line(c, role: str) -> str:
+  """`role`'s source as the log shows it, with the adapter merged into it."""
+  adapter = _adapter(c, role)
+  return c[role].source + (f" + adapter {adapter}" if adapter else "")
+
+
 def _writer() -> bool:
   return parallel.is_writer()
 
@@ -206,10 +212,10 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
       continue
     if provenance.claim(target, wd.name(target), expected, writer=_writer()) and \
         checkpoint.is_kdjax_checkpoint(target):
-      log(f"convert: {wd.name(target)} already converted from {c[role].source}")
+      log(f"convert: {wd.name(target)} already converted from {_source_line(c, role)}")
       continue
     quantize, dtype = settings.convert_settings(c, role)
-    log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
+    log(f"convert: {role} {_source_line(c, role)} -> {target}{' (int8)' if quantize else ''}")
     # On the mesh of every device: each array shard has one holder, and Orbax has only it write the shard.
     convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected,
                     mesh=make_mesh(c), adapter=_adapter(c, role))
