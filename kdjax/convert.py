@@ -3,7 +3,11 @@
   python -m kdjax.convert --source=path/to/hf_dir_or.gguf --output=ckpt/ [--dtype=bfloat16] [--quantize]
   python -m kdjax.convert --source=ckpt/ --export_hf=hf_out/
   python -m kdjax.convert --source=smollm2            # fetches SmolLM2-135M-Instruct first
+  python -m kdjax.convert --source=smollm2 --adapter=runs/x/arms/finetune/adapter --output=ckpt/
 
+`--adapter`: a PEFT LoRA adapter folder (as the train stage exports it) merged into the weights before they are
+saved (`W + (alpha / r) B A`, in float32; int8 quantization, if asked, comes after the merge); this is how a
+fine-tuned teacher is used (`teacher.adapter`). It is checked against the source's shapes before any weight is read.
 Tensors are read one at a time onto their target sharding; a progress bar counts them. The output folder holds
 provenance.json (kdjax/provenance.py: the source's content identity, quantization and dtype), written before the
 conversion starts: converting another source, or the same one otherwise, into a folder made before is refused.
@@ -11,6 +15,7 @@ conversion starts: converting another source, or the same one otherwise, into a 
 
 from __future__ import annotations
 
+import json
 import pathlib
 import sys
 import time
@@ -24,6 +29,7 @@ _OUTPUT = flags.DEFINE_string("output", None, "Folder for the kdjax checkpoint."
 _EXPORT_HF = flags.DEFINE_string("export_hf", None, "Also write an HF safetensors directory here.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "Parameter dtype.")
 _QUANTIZE = flags.DEFINE_bool("quantize", False, "int8 weight-only quantization while loading.")
+_ADAPTER = flags.DEFINE_string("adapter", None, "PEFT LoRA adapter folder merged into the weights before saving.")
 
 
 def resolve_source(source: str) -> pathlib.Path:
@@ -33,8 +39,13 @@ def resolve_source(source: str) -> pathlib.Path:
   return storage.path(source)
 
 
-def conversion_record(source: str, *, dtype: str, quantize: bool, output: str | None = None) -> dict:
+def conversion_record(source: str, *, dtype: str, quantize: bool, output: str | None = None,
+                      adapter: str | None = None) -> dict:
   """The provenance record of converting `source` (its bytes, not its path or mtime) with these settings.
+
+  `adapter`: a PEFT adapter merged into the weights; its files' content hash is the setting "adapter" (absent
+  without one, so records of plain conversions are unchanged), and every record embedding this one (a store's, a
+  training's) changes with it.
 
   `output`: the folder it converts into; the source files whose stamps its record holds unchanged are not read
   again (provenance.source_identity), so deciding that a finished conversion is current costs no source reads."""
@@ -45,25 +56,33 @@ def conversion_record(source: str, *, dtype: str, quantize: bool, output: str | 
       known = (provenance.read(output) or {}).get("source")
     except provenance.ProvenanceError:  # an unreadable record: hash everything; claim then says what to do
       known = None
-  return provenance.make_record("convert", settings={"quantize": bool(quantize), "param_dtype": dtype},
+  merged = {"adapter": provenance.folder_content(adapter)} if adapter else {}
+  return provenance.make_record("convert", settings={"quantize": bool(quantize), "param_dtype": dtype, **merged},
                                 source=provenance.source_identity(resolve_source(source), known=known))
 
 
 def convert(source: str, output: str | None, export_hf: str | None = None, dtype: str = "float32",
-            quantize: bool = False, record: dict | None = None, mesh=None) -> None:
-  """Converts `source` into `output` (and/or exports HF safetensors); `record`: its provenance, if already made.
+            quantize: bool = False, record: dict | None = None, mesh=None, adapter: str | None = None) -> None:
+  """Converts `source` into `output` (and/or exports HF safetensors); `record`: its provenance, if already made;
+  `adapter`: a PEFT LoRA adapter folder merged into the weights first (module doc).
 
   `mesh`: where the tensors are read to (default: one local device). On several processes give a mesh of every
   process's devices: Orbax then writes each array shard once, from the one process that holds it."""
   from tqdm import tqdm
 
   from kdjax import checkpoint, provenance
+  from kdjax.distill import lora
   from kdjax.models.llama import weights
 
   path = resolve_source(source)
+  merge = bool(adapter) and not (output and checkpoint.is_kdjax_checkpoint(output))
+  if adapter:  # a missing, malformed or misfitting adapter: one line before the output folder is claimed
+    lora.read_peft_config(adapter)
+    if merge:
+      _check_mergeable(path, adapter)
   if output:
     expected = record if record is not None else conversion_record(source, dtype=dtype, quantize=quantize,
-                                                                      output=output)
+                                                                      output=output, adapter=adapter)
     provenance.claim(output, str(output), expected, writer=_is_process_zero())
   if output and checkpoint.is_kdjax_checkpoint(output):
     print(f"kdjax.convert: {output} is already a finished checkpoint; nothing to do")
@@ -78,9 +97,16 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
     src_params = weights.model_params(config)
     weights.check_source(src, config, src_params)  # fail with one line before the progress bar starts
   bar = tqdm(total=len(src_params) if src_params else None, desc="convert", unit="tensor")
-  model, config = checkpoint.load_model(path, dtype=dtype, quantize=quantize, mesh=mesh,
+  # With an adapter the weights load in float and are quantized after the merge: int8 weights cannot take it.
+  model, config = checkpoint.load_model(path, dtype=dtype, quantize=quantize and not merge, mesh=mesh,
                                         progress=lambda name: (bar.update(1), bar.set_postfix_str(name)))
   bar.close()
+  if merge:
+    lora.merge_lora(lora.import_peft(model, adapter), inplace=True)
+    if quantize:
+      from kdjax import quantization
+      quantization.quantize_model(model)
+    print(f"kdjax.convert: merged the LoRA adapter {adapter}")
   if output and not checkpoint.is_kdjax_checkpoint(output):
     tokenizer = None
     try:
@@ -95,6 +121,24 @@ def convert(source: str, output: str | None, export_hf: str | None = None, dtype
     print(f"kdjax.convert: exported HF safetensors to {export_hf}")
 
 
+def _check_mergeable(path, adapter: str) -> None:
+  """Refuses, before any weight is read, an adapter whose shapes do not fit the source, or an int8 checkpoint
+  (a merge needs the float weights): lora.LoraError, one line."""
+  from kdjax import checkpoint
+  from kdjax.distill import lora
+  from kdjax.models.llama import weights
+  from kdjax.models.llama.config import LlamaConfig
+  if checkpoint.is_kdjax_checkpoint(path):
+    meta = checkpoint.read_metadata(path)
+    if meta.get("quantized"):
+      raise lora.LoraError(f"{path} is an int8 checkpoint: merge the adapter {adapter} into its float source "
+                           f"(and quantize after the merge)")
+    config = LlamaConfig.from_json(json.dumps(meta["config"]))
+  else:
+    config = weights.config_from_source(weights.open_source(path))
+  lora.check_peft(adapter, config)
+
+
 def _is_process_zero() -> bool:
   import jax
   return jax.process_index() == 0
@@ -107,7 +151,7 @@ def main(argv):
   if not _OUTPUT.value and not _EXPORT_HF.value:
     raise app.UsageError("give --output and/or --export_hf")
   try:
-    convert(_SOURCE.value, _OUTPUT.value, _EXPORT_HF.value, _DTYPE.value, _QUANTIZE.value)
+    convert(_SOURCE.value, _OUTPUT.value, _EXPORT_HF.value, _DTYPE.value, _QUANTIZE.value, adapter=_ADAPTER.value)
   except (ValueError, OSError) as e:  # CheckpointError, UnsupportedArchitecture, GGUF errors, missing files
     print(f"kdjax.convert: error: {e}", file=sys.stderr)
     sys.exit(2)

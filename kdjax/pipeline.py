@@ -92,9 +92,10 @@ class Records:
   """The provenance record each output of this run should have, from the config and the sources (cached).
 
   What each stage's record holds (kdjax/provenance.py): convert <- the source's bytes, quantization, parameter
-  dtype; generate <- the teacher's record, the teacher, data and seed settings, the train and validation
-  questions; train <- the student's (and the store's) record, the student, train, data and seed settings, the
-  distill settings for kd arms (finetune's loss does not read them), its questions where no store holds them;
+  dtype, the content hash of an adapter merged into the teacher (`teacher.adapter`); generate <- the teacher's
+  record, the teacher, data and seed settings, the train and validation questions; train <- the student's (and
+  the store's) record, the student, train, data and seed settings, the distill settings for kd arms (finetune's
+  loss does not read them), its questions where no store holds them;
   eval <- the student's and the adapter's records and the adapter's bytes, the eval settings and student dtype,
   every question of the evaluated split.
   """
@@ -110,9 +111,9 @@ class Records:
   def model(self, role: str) -> dict:
     from kdjax import convert
     quantize, dtype = settings.convert_settings(self.c, role)
-    return self._cached(("model", role),
-                        lambda: convert.conversion_record(self.c[role].source, dtype=dtype, quantize=quantize,
-                                                          output=self.wd.model(role)))
+    return self._cached(("model", role), lambda: convert.conversion_record(
+        self.c[role].source, dtype=dtype, quantize=quantize, output=self.wd.model(role),
+        adapter=_adapter(self.c, role)))
 
   def store(self, strategy: str) -> dict:
     def make():
@@ -148,6 +149,17 @@ class Records:
         "eval", settings=provenance.settings(self.c, ["eval", "student.dtype"]), inputs=inputs,
         questions={self.c.eval.split: settings.questions(self.c, self.c.eval.split)})
     return provenance.with_content(record, "adapter", adapter) if "adapter" in inputs else record
+
+
+def _adapter(c, role: str) -> str | None:
+  """The PEFT adapter merged into `role`'s weights at conversion (`teacher.adapter`; the student has none)."""
+  return (c.teacher.adapter or None) if role == "teacher" else None
+
+
+def _source_line(c, role: str) -> str:
+  """`role`'s source as the log shows it, with the adapter merged into it."""
+  adapter = _adapter(c, role)
+  return c[role].source + (f" + adapter {adapter}" if adapter else "")
 
 
 def _writer() -> bool:
@@ -200,13 +212,13 @@ def stage_convert(c, wd: Workdir, records: Records) -> None:
       continue
     if provenance.claim(target, wd.name(target), expected, writer=_writer()) and \
         checkpoint.is_kdjax_checkpoint(target):
-      log(f"convert: {wd.name(target)} already converted from {c[role].source}")
+      log(f"convert: {wd.name(target)} already converted from {_source_line(c, role)}")
       continue
     quantize, dtype = settings.convert_settings(c, role)
-    log(f"convert: {role} {c[role].source} -> {target}{' (int8)' if quantize else ''}")
+    log(f"convert: {role} {_source_line(c, role)} -> {target}{' (int8)' if quantize else ''}")
     # On the mesh of every device: each array shard has one holder, and Orbax has only it write the shard.
     convert.convert(c[role].source, str(target), dtype=dtype, quantize=quantize, record=expected,
-                    mesh=make_mesh(c))
+                    mesh=make_mesh(c), adapter=_adapter(c, role))
 
 
 def _require_model(wd: Workdir, records: Records, role: str) -> None:

@@ -98,6 +98,12 @@ def validate(c: ml_collections.ConfigDict) -> None:
       raise ConfigError(f"--config.{role}.source is empty: give an HF directory, a .gguf file or a kdjax checkpoint")
     if not storage.path(source).exists():
       raise ConfigError(f"{role} model not found: {source}")
+  if needs_teacher and c.teacher.adapter:  # its bytes are in the teacher's record, which these stages compute
+    from kdjax.distill import lora
+    try:
+      lora.read_peft_config(c.teacher.adapter)
+    except lora.LoraError as e:
+      raise ConfigError(f"teacher.adapter: {e}") from None
 
 
 def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None:

@@ -350,3 +350,87 @@ def test_relative_update_norms_match_float64_reference(base_dir):
   # A fresh adapter (B = 0) has moved nothing.
   fresh = lora.add_lora(_kdjax_model(base_dir), lora.LoraConfig(targets=("wq",)), seed=0)
   assert lora.relative_update_norms(fresh) == {"0.wq": 0.0, "1.wq": 0.0}
+
+
+# ------------------------------------------------------------------------------------------ a fine-tuned teacher
+
+def _peft_adapter(base_dir, directory, targets=("q_proj", "v_proj", "gate_proj", "down_proj"), r=3, alpha=7):
+  """A PEFT LoRA adapter with non-zero B, saved by PEFT itself; returns PEFT's merged torch model."""
+  torch.manual_seed(11)
+  peft_model = peft.get_peft_model(_torch_base(base_dir), peft.LoraConfig(
+      r=r, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets), task_type="CAUSAL_LM"))
+  with torch.no_grad():
+    for name, p in peft_model.named_parameters():
+      if "lora_B" in name:
+        p.normal_(0, 0.2)
+  peft_model.save_pretrained(directory)
+  return peft_model.merge_and_unload().eval()
+
+
+def test_convert_merges_an_adapter_as_peft_merge_and_unload_does(base_dir, tmp_path):
+  """`convert --adapter` (the fine-tuned teacher of `teacher.adapter`) equals PEFT's own merge of that adapter."""
+  from kdjax import checkpoint, convert, provenance
+  merged_torch = _peft_adapter(base_dir, tmp_path / "adapter")
+  convert.convert(str(base_dir), str(tmp_path / "ckpt"), adapter=str(tmp_path / "adapter"))
+  model, _ = checkpoint.load_model(tmp_path / "ckpt")
+  assert lora.lora_targets(model) == ()  # merged into the weights, no factors left
+  np.testing.assert_allclose(_logits(model), _torch_logits(merged_torch), atol=1e-4, rtol=0)
+  base_logits = _torch_logits(_torch_base(base_dir))
+  assert np.abs(_logits(model) - base_logits).max() > 1e-2  # the adapter did change the model
+  # The merged weights themselves, against numpy float64 W + (alpha / r) B A from the adapter's file.
+  tensors = load_file(tmp_path / "adapter" / lora.ADAPTER_WEIGHTS)
+  base = load_file(next(base_dir.glob("*.safetensors")))
+  prefix = "base_model.model.model.layers.1.self_attn.v_proj"
+  expected = (base["model.layers.1.self_attn.v_proj.weight"].astype(np.float64) + 7 / 3 *
+              tensors[f"{prefix}.lora_B.weight"].astype(np.float64) @ tensors[f"{prefix}.lora_A.weight"])
+  ours = np.asarray(model.layers.wv[...])[1].reshape(TINY_HF["hidden_size"], -1).T  # [kv heads * head_dim, d]
+  np.testing.assert_allclose(ours, expected, atol=1e-6, rtol=0)
+  # The adapter's bytes are in the conversion's record: another adapter is another teacher.
+  record = provenance.read(tmp_path / "ckpt")
+  assert record["settings"]["adapter"] == provenance.folder_content(tmp_path / "adapter")
+  assert "adapter" not in convert.conversion_record(str(base_dir), dtype="float32", quantize=False)["settings"]
+  # An int8 teacher: quantized after the merge (int8 weights cannot take W + scale B A), so each dequantized
+  # weight is within half a quantization step of the float64 merged weight.
+  convert.convert(str(base_dir), str(tmp_path / "int8"), quantize=True, adapter=str(tmp_path / "adapter"))
+  quantized, _ = checkpoint.load_model(tmp_path / "int8")
+  q, scale = np.asarray(quantized.layers.wv[...])[1], np.asarray(quantized.layers.wv_scale[...])[1]
+  assert q.dtype == np.int8
+  dequantized = (q.astype(np.float64) * scale[None]).reshape(TINY_HF["hidden_size"], -1).T
+  step = np.broadcast_to(scale.reshape(-1)[:, None], expected.shape)
+  assert np.all(np.abs(dequantized - expected) <= 0.5 * step + 1e-6)
+
+
+def test_convert_refuses_a_bad_adapter_in_one_line_before_reading_weights(base_dir, tmp_path, monkeypatch):
+  from kdjax import checkpoint, convert, quantization
+  _peft_adapter(base_dir, tmp_path / "adapter", r=2, alpha=4)
+  read = []
+  monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: read.append(a) or pytest.fail("weights read"))
+
+  def refused(adapter, match, source=base_dir):
+    with pytest.raises(lora.LoraError, match=match) as info:
+      convert.convert(str(source), str(tmp_path / "out"), adapter=str(adapter))
+    assert "\n" not in str(info.value)
+    assert not (tmp_path / "out").exists()  # nothing claimed: a corrected adapter can use the folder
+
+  refused(tmp_path / "missing", "needs adapter_config.json")
+  config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+  (tmp_path / "adapter" / "adapter_config.json").write_text("{not json")
+  refused(tmp_path / "adapter", "not JSON")
+  (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "r": 4}))  # rank mismatch
+  refused(tmp_path / "adapter", "expects")
+  (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps({**config, "target_modules": ["k_proj"]}))
+  refused(tmp_path / "adapter", "k_proj.lora_A.weight is missing")  # target mismatch
+  (tmp_path / "adapter" / "adapter_config.json").write_text(json.dumps(config))
+  # An adapter made for another model (other widths).
+  torch.manual_seed(0)
+  other = tmp_path / "other_base"
+  transformers.LlamaForCausalLM(transformers.LlamaConfig(**{**TINY_HF, "hidden_size": 48})).save_pretrained(other)
+  refused(tmp_path / "adapter", "expects", source=other)
+  # An int8 kdjax checkpoint: the merge needs float weights.
+  monkeypatch.undo()
+  model = _kdjax_model(base_dir)
+  quantization.quantize_model(model)
+  checkpoint.save_model(model, tmp_path / "int8")
+  monkeypatch.setattr(checkpoint, "load_model", lambda *a, **k: pytest.fail("weights read"))
+  refused(tmp_path / "adapter", "int8 checkpoint", source=tmp_path / "int8")
+  assert read == []

@@ -310,3 +310,37 @@ def test_eight_cpu_devices_match_single_device_on_policy(tmp_path, compile_cache
   for name, want in result["single"]["lora"].items():
     want, got = np.asarray(want), np.asarray(result["mesh"]["lora"][name])
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
+
+
+def test_demo_config_parses_in_both_parts_and_the_run_reads_the_teacher_part_s_adapter(gsm8k_dir, tmp_path):
+  """configs/on_policy_demo.py as the command line reads it: `:teacher` (the finetune arm that makes the teacher)
+  and the on-policy run, whose teacher.adapter is where the first part's train stage exports its adapter."""
+  from absl import flags
+  from ml_collections import config_flags
+  from kdjax import settings
+
+  def parse(arg):
+    values = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", flag_values=values)
+    values(["kdjax", f"--config={REPO / 'configs' / 'on_policy_demo.py'}{arg}"])
+    values.config.data.source = str(gsm8k_dir)  # the demo's relative path, from the test's folder
+    return values.config
+
+  first, second = parse(":teacher"), parse("")
+  assert (first.arms, first.stages, first.data.num_train_questions) == ("finetune", "convert,train", 128)
+  assert (second.arms, second.distill.on_policy_fraction, second.teacher.adapter) == (
+      "ground_truth", 0.5, str(pathlib.Path(first.workdir) / "arms" / "finetune" / "adapter"))
+  assert second.data.num_train_questions >= 32 and second.distill.on_policy_probe_questions > 0
+  settings.validate(first)
+  second.teacher.adapter = str(tmp_path / "absent")  # the teacher part has not run there
+  with pytest.raises(settings.ConfigError, match="^teacher.adapter: .*needs adapter_config.json"):
+    settings.validate(second)
+  adapter = tmp_path / "adapter"  # what validate reads of an adapter: its config, and that its weights exist
+  adapter.mkdir()
+  (adapter / lora.ADAPTER_CONFIG).write_text(json.dumps({"peft_type": "LORA", "r": 16, "lora_alpha": 32,
+                                                         "target_modules": ["q_proj", "down_proj"]}))
+  (adapter / lora.ADAPTER_WEIGHTS).write_bytes(b"")
+  second.teacher.adapter = str(adapter)
+  settings.validate(second)
+  with pytest.raises(flags.Error, match="unknown part 'student'"):
+    parse(":student")

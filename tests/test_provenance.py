@@ -409,3 +409,39 @@ def test_the_command_line_refuses_with_one_line_and_exit_code_2(work, sources):
   assert proc.returncode == 2 and len(lines) == 1, proc.stderr
   assert lines[0] == (f"kdjax: error: models/student was made with source {sources['model']}, this run has {other} "
                       f"(other bytes): use a new --config.workdir or delete models/student")
+
+
+def test_a_teacher_adapter_is_part_of_the_teacher_and_of_every_store_made_by_it(sources, tmp_path):
+  """`teacher.adapter` (a fine-tuned teacher): its bytes enter models/teacher's record and, through it, the store's;
+  another adapter, or none, is another teacher, refused as a changed teacher.source is."""
+  from safetensors.numpy import load_file, save_file
+  from kdjax import checkpoint
+  from kdjax.distill import lora
+  adapter = tmp_path / "adapter"
+  model, _ = checkpoint.load_model(sources["model"])
+  lora.add_lora(model, lora.LoraConfig(rank=2, targets=("wq", "w_up")), seed=1)
+  lora.export_peft(model, adapter)  # B = 0: the merge is exact; only its bytes matter here
+  work = tmp_path / "work"
+  pipeline.run(tiny_config(work, sources, stages="convert,generate", **{"teacher.adapter": str(adapter)}))
+  teacher = provenance.read(work / "models/teacher")
+  assert not (work / "models/teacher").is_symlink()  # not the student's conversion: another model
+  assert teacher["settings"]["adapter"] == provenance.folder_content(adapter)
+  store_record = provenance.read(work / "stores/ground_truth")
+  assert store_record["inputs"]["teacher"]["settings"]["adapter"] == teacher["settings"]["adapter"]
+  store = _files(work / "stores/ground_truth")
+  # The adapter is retrained (its bytes change): the store and the teacher are refused, nothing is rewritten.
+  weights = adapter / lora.ADAPTER_WEIGHTS
+  tensors = load_file(weights)
+  tensors = {name: value + 0.5 if "lora_B" in name else value for name, value in tensors.items()}
+  save_file(tensors, weights, metadata={"format": "pt"})
+  old, new = teacher["settings"]["adapter"], provenance.folder_content(adapter)
+  message = _refused(tiny_config(work, sources, stages="generate", **{"teacher.adapter": str(adapter)}),
+                     f"stores/ground_truth was made with models/teacher's adapter=\"{old}\", this run has \"{new}\"")
+  assert message.endswith("delete stores/ground_truth")
+  _refused(tiny_config(work, sources, stages="convert", **{"teacher.adapter": str(adapter)}),
+           f"models/teacher was made with adapter=\"{old}\", this run has \"{new}\"")
+  _refused(tiny_config(work, sources, stages="generate"), "models/teacher's adapter=\"", "this run has (unset)")
+  assert _files(work / "stores/ground_truth") == store
+  # A missing adapter: one line before any stage.
+  with pytest.raises(pipeline.ConfigError, match="^teacher.adapter: .*needs adapter_config.json"):
+    pipeline.run(tiny_config(work, sources, stages="generate", **{"teacher.adapter": str(tmp_path / "none")}))

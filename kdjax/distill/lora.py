@@ -324,34 +324,48 @@ def export_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
   return directory
 
 
-def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
-                rules=parallel.DEFAULT_RULES) -> model_lib.Llama:
-  """Loads a PEFT LoRA adapter directory into `model` (in place), replacing any adapters it had.
-
-  Supports plain LoRA on the seven Llama projections with one rank and alpha for all of them.
-  """
-  from safetensors.numpy import load
+def read_peft_config(directory: str | os.PathLike) -> LoraConfig:
+  """The LoraConfig of a PEFT LoRA adapter directory; LoraError (one line) for a missing file or an option kdjax
+  does not support. Reads only `adapter_config.json`: a cheap check before any model is loaded."""
   directory = storage.path(directory)
   config_path, weights_path = directory / ADAPTER_CONFIG, directory / ADAPTER_WEIGHTS
   if not config_path.exists() or not weights_path.exists():
-    raise LoraError(f"{directory}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")
-  hf = json.loads(config_path.read_text())
-  if hf.get("peft_type") != "LORA":
-    raise LoraError(f"{directory}: peft_type {hf.get('peft_type')!r} is not LORA")
+    raise LoraError(f"{directory}: needs {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS} (a PEFT LoRA adapter folder)")
+  try:
+    hf = json.loads(config_path.read_text())
+  except ValueError as e:
+    raise LoraError(f"{config_path}: not JSON ({e})") from None
+  if not isinstance(hf, dict) or hf.get("peft_type") != "LORA":
+    raise LoraError(f"{directory}: peft_type {hf.get('peft_type') if isinstance(hf, dict) else None!r} is not LORA")
   unsupported = [k for k in ("use_dora", "use_rslora", "rank_pattern", "alpha_pattern", "layers_to_transform",
                              "modules_to_save", "fan_in_fan_out") if hf.get(k)]
   if unsupported or hf.get("bias", "none") != "none":
     raise LoraError(f"{directory}: unsupported PEFT options {unsupported or ['bias']}")
-  targets = hf["target_modules"]
+  targets = hf.get("target_modules") or []
   targets = [targets] if isinstance(targets, str) else list(targets)
-  if any(t not in _FROM_HF for t in targets):
+  if not targets or any(t not in _FROM_HF for t in targets):
     raise LoraError(f"{directory}: target_modules {targets} include modules kdjax does not adapt")
-  cfg = LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout", 0.0)),
-                   targets=tuple(t for t in _FROM_HF if t in targets))  # kdjax order
-  tensors = load(weights_path.read_bytes())
+  try:
+    return LoraConfig(rank=int(hf["r"]), alpha=float(hf["lora_alpha"]), dropout=float(hf.get("lora_dropout", 0.0)),
+                      targets=tuple(t for t in _FROM_HF if t in targets))  # kdjax order
+  except (KeyError, TypeError, ValueError) as e:
+    raise LoraError(f"{directory}: adapter_config.json has no usable r / lora_alpha ({e})") from None
+
+
+def read_peft(directory: str | os.PathLike,
+              model: model_lib.Llama) -> tuple[LoraConfig, dict[str, tuple[np.ndarray, np.ndarray]]]:
+  """(LoraConfig, {projection: (A [layers, in dims..., r], B [layers, r, out dims...])}) of a PEFT adapter,
+  every tensor checked against `model`'s projection shapes (an abstract model will do: `check_peft`)."""
+  from safetensors.numpy import load
+  cfg = read_peft_config(directory)
+  directory = storage.path(directory)
+  try:
+    tensors = load((directory / ADAPTER_WEIGHTS).read_bytes())
+  except Exception as e:  # safetensors raises its own error types for a truncated or foreign file
+    raise LoraError(f"{directory / ADAPTER_WEIGHTS}: unreadable ({type(e).__name__}: {e})") from None
   # PEFT versions differ in whether the adapter name appears in saved keys; accept ".lora_A.default.weight".
   tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
-  factors = {}  # read and check everything before the model is touched
+  factors = {}
   for name in cfg.targets:
     base = getattr(model.layers, name)
     ins, outs = _split_dims(tuple(base.shape), name)
@@ -369,6 +383,21 @@ def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
       a_layers.append(a_hf.T.reshape(ins + (rank,)))
       b_layers.append(b_hf.T.reshape((rank,) + outs))
     factors[name] = (np.stack(a_layers), np.stack(b_layers))
+  return cfg, factors
+
+
+def check_peft(directory: str | os.PathLike, config: "model_lib.LlamaConfig") -> LoraConfig:
+  """Checks a PEFT adapter against a model config without loading the model (its shapes only); LoraError."""
+  return read_peft(directory, model_lib.abstract_model(config))[0]
+
+
+def import_peft(model: model_lib.Llama, directory: str | os.PathLike, *,
+                rules=parallel.DEFAULT_RULES) -> model_lib.Llama:
+  """Loads a PEFT LoRA adapter directory into `model` (in place), replacing any adapters it had.
+
+  Supports plain LoRA on the seven Llama projections with one rank and alpha for all of them.
+  """
+  cfg, factors = read_peft(directory, model)  # read and check everything before the model is touched
   remove_lora(model)
   add_lora(model, cfg, rules=rules)
   for name, arrays in factors.items():
