@@ -130,9 +130,12 @@ def _feed(value, mesh: Mesh | None) -> jax.Array:
   return jax.device_put(np.asarray(value), NamedSharding(mesh, PartitionSpec()))
 
 
-@functools.partial(jax.jit, static_argnames=("mesh",))
-def _replicated(arrays, mesh: Mesh):
+def _replicate(arrays, mesh: Mesh):
+  """Inside a program: `arrays` replicated over `mesh`, so every process holds the whole value."""
   return jax.lax.with_sharding_constraint(arrays, NamedSharding(mesh, PartitionSpec()))
+
+
+_replicated = jax.jit(_replicate, static_argnames=("mesh",))
 
 
 def _host_read(arrays, mesh: Mesh | None):
@@ -170,10 +173,11 @@ def place_slots(slots: Slots, mesh: Mesh | None) -> Slots:
 
 def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool) -> Slots:
   config, n = model.config, opts.max_new_tokens
-  shape = (num_slots, config.num_kv_heads, window, config.head_dim)
   layers = config.num_layers if unrolled else 1
-  key_shape = shape[:2] + (config.head_dim, window) if unrolled else (config.num_layers,) + shape
-  shape = shape if unrolled else (config.num_layers,) + shape
+  shape = (num_slots, config.num_kv_heads, window, config.head_dim)  # the values'; the keys' transposed
+  key_shape = (num_slots, config.num_kv_heads, config.head_dim, window)
+  if not unrolled:  # one stacked array each, keys as values
+    shape = key_shape = (config.num_layers,) + shape
   recorded = ()
   if opts.topk_logprobs:  # the shapes of generation.topk_logprobs's outputs, with a step axis
     probe = jax.eval_shape(lambda x: generation.topk_logprobs(x, opts.topk_logprobs, opts.tail_temperatures),
@@ -258,8 +262,9 @@ def _continuation_sums(model: Llama, hidden: jax.Array, ids: jax.Array, lengths:
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:
   """`cache` [S, ...] with row r of `new` [C, ...] in slot `where[r]`, at the start of every other axis
-  (positions 0..P-1, in either the keys' or the values' layout). One dynamic-update-slice per row: the writes of a scatter, but XLA:CPU compiles the 60 of
-  an unrolled 30-layer insert about twice as fast (a scatter-built insert took 2.1-3.6 s on the demo's shapes)."""
+  (positions 0..P-1, in either the keys' or the values' layout). One dynamic-update-slice per row: the writes
+  of a scatter, but XLA:CPU compiles the 60 of an unrolled 30-layer insert about twice as fast (a scatter-built
+  insert took 2.1-3.6 s on the demo's shapes)."""
   for row in range(new.shape[0]):
     cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1].astype(cache.dtype), (where[row], 0, 0, 0))
   return cache
@@ -556,14 +561,14 @@ def _committed_like_outputs(slots: Slots, model: Llama) -> Slots:
   sharding = getattr(model.embed.get_value(), "sharding", None)
   if model_mesh(model) is not None or not isinstance(sharding, NamedSharding):
     return slots
-  return jax.device_put(slots, NamedSharding(sharding.mesh, jax.sharding.PartitionSpec()))
+  return jax.device_put(slots, NamedSharding(sharding.mesh, PartitionSpec()))
 
 
 @functools.partial(jax.jit, static_argnames=("mesh",))
 def _take_rows(arrays, rows: jax.Array, mesh: Mesh | None = None):
   """The slot rows `rows` of every array; with `mesh` (one spanning processes) replicated, so every host reads them."""
   taken = jax.tree.map(lambda a: a[rows], arrays)
-  return taken if mesh is None else jax.lax.with_sharding_constraint(taken, NamedSharding(mesh, PartitionSpec()))
+  return taken if mesh is None else _replicate(taken, mesh)
 
 
 def _generation(tokens: np.ndarray, stopped: bool, recorded: list[np.ndarray]) -> Generation:
