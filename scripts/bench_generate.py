@@ -169,8 +169,10 @@ def main() -> None:
     floor = useful_floor(model.config, list(map(len, prompts)), useful, args.slots)
     floor_s = floor.seconds() if jax.devices()[0].platform == "cpu" else None
     if floor_s is not None:
+      streamed_s = floor.seconds(streamed_rows=args.slots)
       print(f"compute floor of the useful tokens: {floor_s:.2f} s ({floor.total_flops() / 1e9:.0f} GFLOP); "
-            f"kdjax runs at {floor_s / kdjax_s:.0%} of it")
+            f"kdjax runs at {floor_s / kdjax_s:.0%} of it; with the {args.slots}-row products' weights read from "
+            f"memory, as in a decode step: {streamed_s:.2f} s ({streamed_s / kdjax_s:.0%})")
     if hf_model is None:
       continue
     import torch

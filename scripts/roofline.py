@@ -1,7 +1,8 @@
 """How fast any framework could run the benchmarked SmolLM2 workloads on this CPU (fp32): a compute floor.
 
 The floor of a workload is the sum, over its matrix products, of FLOPs divided by the fp32 GEMM rate that
-this machine reaches on that product's shape, measured here with both jax and torch and taking the faster.
+this machine reaches on that product's shape, measured here with both jax and torch and taking the faster, over
+enough back-to-back products that one call's dispatch does not count (`gemm_rate`).
 A training step adds one pass its loss cannot skip: the log-normaliser (logsumexp) of every logit row and its
 gradient, timed the same way. Everything else (softmax, norms, rotary, memory traffic, overhead) is free,
 attention is counted causally (no work above the diagonal) at the best rate seen, and the GEMM probes reuse
@@ -39,19 +40,61 @@ def _best_seconds(fn, repeats: int) -> float:
   return best
 
 
-@functools.cache
-def gemm_rate(shape: Shape, repeats: int = 5) -> float:
-  """The faster of jax's and torch's fp32 FLOP/s on one [m, k] @ [k, n] product (operands in cache)."""
+# A rate is timed over this many FLOPs at least (up to PROBE_PRODUCTS products of the shape per timing), so a
+# small product's rate is its own and not the dispatch of one call: timed one call at a time, 16-row decode products
+# (0.1 ms each) measured anywhere from 115 to 290 GFLOP/s in one process (AMD EPYC, 2 cores), as the wake-up of the
+# thread pool and the per-call overhead came and went, and the decode floor built from them from 3.9 to 5.3 s. A
+# decode step runs its ~200 products inside one compiled program and pays no per-product dispatch either.
+PROBE_FLOPS = 1e9
+PROBE_PRODUCTS = 32
+
+
+def probe_products(shape: Shape) -> int:
+  """How many products of `shape` one timing of `gemm_rate` runs back to back."""
+  m, k, n = shape
+  return int(min(PROBE_PRODUCTS, max(1, -(-PROBE_FLOPS // (2.0 * m * k * n)))))
+
+
+def _products_rate(shape: Shape, lefts: int, rights: int, repeats: int) -> float:
+  """The faster of jax's and torch's fp32 FLOP/s over max(lefts, rights) products [m, k] @ [k, n] of `lefts`
+  distinct left and `rights` distinct right operands (one of the two counts is 1), timed together: in jax as one
+  compiled program (XLA may run independent products side by side, as it does in a decode step), in torch as a
+  loop of calls."""
   import torch
   m, k, n = shape
+  count = max(lefts, rights)
   rng = np.random.default_rng(0)
-  a, b = rng.standard_normal((m, k), np.float32), rng.standard_normal((k, n), np.float32)
-  ja, jb = jnp.asarray(a), jnp.asarray(b)
-  matmul = jax.jit(jnp.matmul)
-  jax_s = _best_seconds(lambda: matmul(ja, jb).block_until_ready(), repeats)
-  ta, tb = torch.from_numpy(a), torch.from_numpy(b)
-  torch_s = _best_seconds(lambda: torch.matmul(ta, tb), repeats)
-  return 2.0 * m * k * n / min(jax_s, torch_s)
+  xs = [rng.standard_normal((m, k), np.float32) for _ in range(lefts)]
+  ws = [rng.standard_normal((k, n), np.float32) for _ in range(rights)]
+  pairs = lambda a, b: [(a[i % len(a)], b[i % len(b)]) for i in range(count)]
+  products = jax.jit(lambda a, b: tuple(x @ w for x, w in pairs(a, b)))
+  jax_xs, jax_ws = [jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws]
+  jax_s = _best_seconds(lambda: jax.block_until_ready(products(jax_xs, jax_ws)), repeats)
+  torch_xs, torch_ws = [torch.from_numpy(x) for x in xs], [torch.from_numpy(w) for w in ws]
+  torch_s = _best_seconds(lambda: [torch.matmul(x, w) for x, w in pairs(torch_xs, torch_ws)], repeats)
+  return 2.0 * m * k * n * count / min(jax_s, torch_s)
+
+
+@functools.cache
+def gemm_rate(shape: Shape, repeats: int = 5) -> float:
+  """The faster of jax's and torch's fp32 FLOP/s on [m, k] @ [k, n] products with their operands in cache:
+  `probe_products(shape)` products of distinct left operands and one right operand per timing."""
+  return _products_rate(shape, lefts=probe_products(shape), rights=1, repeats=repeats)
+
+
+# Right operands per timing of `streamed_gemm_rate`: several times the last-level cache (32 MB on this project's
+# CPUs), so the weights come from memory.
+STREAM_BYTES = 256e6
+
+
+@functools.cache
+def streamed_gemm_rate(shape: Shape, repeats: int = 3) -> float:
+  """Like `gemm_rate`, but with distinct right operands, STREAM_BYTES of float32 of them per timing, so each
+  product reads its weights from memory as a decode step does (it reads all 538 MB of SmolLM2's weights once
+  per token). Not part of the floor, which keeps operands in cache: it shows how much slower the libraries run
+  a decode's products as the decode has them."""
+  m, k, n = shape
+  return _products_rate(shape, lefts=1, rights=int(-(-STREAM_BYTES // (4 * k * n))), repeats=repeats)
 
 
 @functools.cache
@@ -83,8 +126,11 @@ class Floor:
       if weight_grad:
         self.flops[(k, m, n)] += 2.0 * m * k * n * count
 
-  def seconds(self) -> float:
-    gemm_s = sum(flops / gemm_rate(shape) for shape, flops in self.flops.items())
+  def seconds(self, streamed_rows: int = 0) -> float:
+    """The floor. With `streamed_rows`, products of at most that many rows count at `streamed_gemm_rate` (weights
+    read from memory) instead: no longer a floor, the same work at the rates a decode step's products get."""
+    rate = lambda shape: streamed_gemm_rate(shape) if shape[0] <= streamed_rows else gemm_rate(shape)
+    gemm_s = sum(flops / rate(shape) for shape, flops in self.flops.items())
     best = max(gemm_rate(shape) for shape in self.flops) if self.flops else 1.0
     return gemm_s + self.attention_flops / best + sum(normalizer_seconds(*shape) for shape in self.normalizers)
 
@@ -164,6 +210,9 @@ def main() -> None:
                                                         (512, 576, 49152), (16, 576, 49152)]}
   print("fp32 GEMM rate, best of jax and torch (GFLOP/s): " +
         ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in rates.items()))
+  streamed = {shape: streamed_gemm_rate(shape) / 1e9 for shape in [(16, 576, 1536), (16, 576, 49152)]}
+  print("the same with the weights read from memory, as in a decode step (GFLOP/s): " +
+        ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in streamed.items()))
   print(f"logsumexp + gradient over [1024, {config.vocab_size}], best of jax and torch: "
         f"{normalizer_seconds(1024, config.vocab_size) * 1000:.0f} ms")
   import kdjax  # the prompts of bench_decode, for their lengths
@@ -177,6 +226,8 @@ def main() -> None:
                        ("LoRA step 4x256, frozen base", train_floor(config, 4, 256, frozen_base=True)),
                        ("decode 16 x 128 new tokens", decode_floor(config, [len(p) for p in prompts], 128))]:
     print(f"{label:32s} {floor.total_flops() / 1e9:7.0f} GFLOP   floor {floor.seconds() * 1000:8.0f} ms")
+  decode = decode_floor(config, [len(p) for p in prompts], 128)
+  print(f"{'  its 16-row products streamed':32s} {'':13s} {decode.seconds(streamed_rows=16) * 1000:8.0f} ms")
 
 
 if __name__ == "__main__":
