@@ -68,10 +68,12 @@ def _env(base: dict, scratch: pathlib.Path, **extra) -> dict:
   return env
 
 
-def _command(workdir: str, model: str, data: str) -> list[str]:
+def _command(workdir: str, model: str, data: str, extra: tuple[str, ...] = ()) -> list[str]:
+  """kdjax.main on the shrunk demo; `extra` overrides replace OVERRIDES' settings of the same keys."""
+  keys = {a.split("=", 1)[0] for a in extra}
   return [sys.executable, "-m", "kdjax.main", f"--config={REPO / 'configs' / 'demo.py'}", f"--config.workdir={workdir}",
           f"--config.teacher.source={model}", f"--config.student.source={model}", f"--config.data.source={data}",
-          *OVERRIDES]
+          *[a for a in OVERRIDES if a.split("=", 1)[0] not in keys], *extra]
 
 
 class Pod:
@@ -81,7 +83,7 @@ class Pod:
     self.emulator, self.root, self.bucket = emulator, root, bucket
     self.model, self.data = f"gs://{bucket}/models/smollm2.gguf", f"gs://{bucket}/gsm8k"
 
-  def start(self, workdir: str, run: str) -> list[subprocess.Popen]:
+  def start(self, workdir: str, run: str, extra: tuple[str, ...] = ()) -> list[subprocess.Popen]:
     port = _free_port()
     procs = []
     for process in (0, 1):
@@ -90,7 +92,7 @@ class Pod:
       env = _env(self.emulator.env(), host / "scratch", KDJAX_COORDINATOR=f"127.0.0.1:{port}",
                  KDJAX_NUM_PROCESSES="2", KDJAX_PROCESS_ID=str(process))
       log = open(host.with_suffix(".log"), "wb")
-      procs.append(subprocess.Popen(_command(workdir, self.model, self.data), cwd=host, env=env, stdout=log,
+      procs.append(subprocess.Popen(_command(workdir, self.model, self.data, extra), cwd=host, env=env, stdout=log,
                                     stderr=subprocess.STDOUT))
       log.close()
     return procs
@@ -122,15 +124,20 @@ class Pod:
 
 
 @pytest.fixture(scope="module")
-def pod(gcs_emulator, gsm8k_dir, smollm2_gguf, tmp_path_factory):
-  """The bucket with the model and GSM8K in it, and the uninterrupted pod run of the shrunk demo."""
+def pod_hosts(gcs_emulator, gsm8k_dir, smollm2_gguf, tmp_path_factory):
+  """The two hosts and the bucket with the model and GSM8K in it."""
   bucket = gcs_emulator.create_bucket("kdjax-pod")
   storage.write_bytes(f"gs://{bucket}/models/smollm2.gguf", pathlib.Path(smollm2_gguf).read_bytes())
   for split in ("train", "test"):
     storage.write_bytes(f"gs://{bucket}/gsm8k/{split}.jsonl", (gsm8k_dir / f"{split}.jsonl").read_bytes())
-  pod = Pod(gcs_emulator, tmp_path_factory.mktemp("pod"), bucket)
-  pod.finish(pod.start(f"gs://{bucket}/run", "run"), "run")
-  return pod
+  return Pod(gcs_emulator, tmp_path_factory.mktemp("pod"), bucket)
+
+
+@pytest.fixture(scope="module")
+def pod(pod_hosts):
+  """The uninterrupted pod run of the shrunk demo, in gs://<bucket>/run."""
+  pod_hosts.finish(pod_hosts.start(f"gs://{pod_hosts.bucket}/run", "run"), "run")
+  return pod_hosts
 
 
 def _pod_file(pod: Pod, name: str) -> bytes:
@@ -281,6 +288,43 @@ def test_pod_of_two_processes_equals_one_process_on_local_disk(pod, gsm8k_dir, s
     assert _pod_file(pod, f"analysis/{plot}").startswith(b"\x89PNG"), plot
   runs = [json.loads(p.read_text()) for p in storage.path(f"gs://{pod.bucket}/run/run_records").iterdir()]
   assert [r["status"] for r in runs] == ["ok"]  # one record: only process 0 writes it
+
+
+# One teacher over all 8 devices of the pod (2 processes x 4), as a teacher larger than a host's memory runs.
+SPANNING = ("--config.teacher.spans_processes=true", "--config.stages=convert,generate")
+
+
+@pytest.mark.slow  # two pod processes and one local process, convert and generate: ~6 min
+def test_pod_with_a_teacher_spanning_both_hosts_writes_one_store(pod_hosts, gsm8k_dir, smollm2_gguf, tmp_path):
+  """kdjax.main with --config.teacher.spans_processes=true on the pod: both processes run every shard of the
+  store on one 8-device teacher, process 0 writes it into the bucket, and it equals, array for array and byte for
+  byte, the store of one local process over 8 devices of its own (jax.distributed with one process, so both sum in
+  gloo's order)."""
+  import io
+  pod_hosts.finish(pod_hosts.start(f"gs://{pod_hosts.bucket}/spanning", "spanning", SPANNING), "spanning")
+  local = tmp_path / "local"
+  env = _env(dict(os.environ), tmp_path / "scratch", KDJAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
+             KDJAX_NUM_PROCESSES="1", KDJAX_PROCESS_ID="0",
+             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  proc = subprocess.run(_command(str(local / "run"), str(smollm2_gguf), str(gsm8k_dir), SPANNING), cwd=tmp_path,
+                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  store = local / "run" / "stores" / "ground_truth"
+  shards = _store_shards(store)
+  assert shards
+  pod_store = f"gs://{pod_hosts.bucket}/spanning/stores/ground_truth"
+  names = sorted(p.name for p in storage.path(pod_store).iterdir())
+  assert [n for n in names if n.startswith("shard")] == shards
+  # One writer (process 0) for the whole store: two process-local teachers would each have left a manifest part.
+  assert [n for n in names if n.startswith("manifest")] == ["manifest-0.json", "manifest.json"]
+  assert storage.path(f"{pod_store}/teacher_job.json").read_bytes() == (store / "teacher_job.json").read_bytes()
+  for name in shards:
+    want, got = np.load(store / name), np.load(io.BytesIO(storage.path(f"{pod_store}/{name}").read_bytes()))
+    assert sorted(want.files) == sorted(got.files)
+    for key in want.files:
+      if want[key].dtype.kind == "f":
+        print(f"measured: {name}:{key} max |spanning pod - local| = {np.abs(got[key] - want[key]).max():.2e}")
+      assert np.array_equal(got[key], want[key]) and got[key].dtype == want[key].dtype, f"{name}:{key}"
 
 
 def _tree_difference(got, want) -> float:
