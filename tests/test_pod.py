@@ -294,7 +294,7 @@ def test_pod_of_two_processes_equals_one_process_on_local_disk(pod, gsm8k_dir, s
 SPANNING = ("--config.teacher.spans_processes=true", "--config.stages=convert,generate")
 
 
-@pytest.mark.slow  # two pod processes and one local process, convert and generate: ~6 min
+@pytest.mark.slow  # two pod processes and one local process, convert and generate: ~3 min
 def test_pod_with_a_teacher_spanning_both_hosts_writes_one_store(pod_hosts, gsm8k_dir, smollm2_gguf, tmp_path):
   """kdjax.main with --config.teacher.spans_processes=true on the pod: both processes run every shard of the
   store on one 8-device teacher, process 0 writes it into the bucket, and it equals, array for array and byte for
