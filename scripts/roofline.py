@@ -8,6 +8,8 @@ gradient, timed the same way. Everything else (softmax, norms, rotary, memory tr
 attention is counted causally (no work above the diagonal) at the best rate seen, and the GEMM probes reuse
 weights that stay in cache. So the floor is optimistic, and `reference seconds / floor` is an upper bound
 on the speed-up any implementation can reach over that reference: the ceiling the benchmarks print.
+`streamed_gemm_rate` times the same products with their weights read from memory, as a decode step has them
+(its 538 MB of weights do not fit in any cache); it is not part of the floor.
 
   python scripts/roofline.py   # prints the floors of the four benchmarked workloads
 """
