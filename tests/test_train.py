@@ -327,7 +327,7 @@ def test_train_stage_with_num_validation_zero_exports_the_final_adapter(smollm2_
                                                                        capsys):
   """The CLI's train stage end to end (finetune arm) without a validation split: no best-checkpoint selection."""
   import dataclasses as dc
-  from kdjax import checkpoint, pipeline
+  from kdjax import checkpoint, pipeline, provenance
   from kdjax import config as config_lib
   from kdjax.models.llama import config as llama_config, model as model_lib
   tokenizer = checkpoint.load_tokenizer(smollm2_gguf)
@@ -338,7 +338,13 @@ def test_train_stage_with_num_validation_zero_exports_the_final_adapter(smollm2_
   c.data.num_train_questions, c.data.num_validation = 3, 0
   c.student.dtype, c.student.remat = "float32", False
   c.train.max_len, c.train.num_epochs, c.train.log_every = 256, 1, 1
-  pipeline.stage_train(c, pipeline.Workdir(tmp_path))
+  c.student.source = str(smollm2_gguf)
+  wd = pipeline.Workdir(tmp_path)
+  records = pipeline.Records(c, wd)
+  # The record the convert stage leaves with a converted model (here a tiny random one in its place): train
+  # refuses a student folder without it.
+  provenance.write(wd.model("student"), records.model("student"))
+  pipeline.stage_train(c, wd, records)
   arm = tmp_path / "arms" / "finetune"
   assert (arm / "adapter" / "adapter_config.json").is_file()
   norms = json.loads((arm / "train" / results.UPDATE_NORMS_FILE).read_text())
