@@ -307,8 +307,10 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   head_dim] x [head_dim, W] for the scores and [groups, W] x [W, head_dim] for the output, and XLA:CPU runs a
   batched dot as one small GEMM per batch element. With keys stored [W, head_dim] the scores' right operand
   must be transposed for every one of them (each then costs ~2.5x a plain one); stored [head_dim, W], both
-  products are plain. At W=384 this layer's attention over 30 layers took 12.6 ms instead of 17.6 ms with
-  multiply-reduce fusions (the previous form) and 16.6 ms with untransposed keys (16 slots, AMD EPYC, 2 cores).
+  products are plain. The gain is small and was measured whole: bench_decode run interleaved with the previous
+  form (multiply-reduce fusions over untransposed keys, and jnp.argmax before `generation.greedy_tokens`) took
+  6.58-6.96 s against 6.74-7.03 s, about 3% (AMD EPYC, 2 cores). Timed alone, 30 layers of attention at W=384
+  have come out either way between sessions (12.6 against 17.6 ms once, 13.2 against 11.7-12.1 ms later).
   """
   b = x.shape[0]
   n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim

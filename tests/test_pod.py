@@ -140,8 +140,8 @@ def pod(pod_hosts):
   return pod_hosts
 
 
-def _pod_file(pod: Pod, name: str) -> bytes:
-  return storage.path(f"gs://{pod.bucket}/run/{name}").read_bytes()
+def _pod_file(pod: Pod, name: str, run: str = "run") -> bytes:
+  return storage.path(f"gs://{pod.bucket}/{run}/{name}").read_bytes()
 
 
 def _samples(text: str) -> list[dict]:
@@ -153,18 +153,38 @@ def _adapter(data: bytes) -> dict[str, np.ndarray]:
   return load(data)
 
 
-def _local_env(tmp_path: pathlib.Path, *, distributed: bool) -> dict:
-  """A plain 1-process run's environment; `distributed`: jax.distributed started with one process (a localhost
-  coordinator), so its collectives take the pod processes' path (gloo) and it sums in their order."""
+def _local_env(tmp_path: pathlib.Path, *, distributed: bool, devices: int = 4) -> dict:
+  """A plain 1-process run's environment on `devices` CPU devices; `distributed`: jax.distributed started with one
+  process (a localhost coordinator), so its collectives take the pod processes' path (gloo) and it sums in their
+  order."""
   extra = dict(KDJAX_COORDINATOR=f"127.0.0.1:{_free_port()}", KDJAX_NUM_PROCESSES="1",
                KDJAX_PROCESS_ID="0") if distributed else {}
-  return _env(dict(os.environ), tmp_path / "scratch", **extra)
+  return _env(dict(os.environ), tmp_path / "scratch",
+              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", **extra)
 
 
-def _run_locally(command: list[str], tmp_path: pathlib.Path, *, distributed: bool) -> None:
-  proc = subprocess.run(command, cwd=tmp_path, env=_local_env(tmp_path, distributed=distributed),
+def _run_locally(command: list[str], tmp_path: pathlib.Path, *, distributed: bool, devices: int = 4) -> None:
+  proc = subprocess.run(command, cwd=tmp_path, env=_local_env(tmp_path, distributed=distributed, devices=devices),
                         capture_output=True, text=True, timeout=TIMEOUT_S)
   assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def _assert_pod_store_equals(pod: Pod, run: str, store: pathlib.Path, label: str) -> list[str]:
+  """The pod's store in gs://<bucket>/<run>/stores/ground_truth equals `store` on local disk: its job record and
+  every array of every shard (log-probs included) byte for byte; float differences are printed as `measured:`.
+  Returns the shards' names."""
+  import io
+  shards = _store_shards(store)
+  assert shards
+  assert _pod_file(pod, "stores/ground_truth/teacher_job.json", run) == (store / "teacher_job.json").read_bytes()
+  for name in shards:
+    want, got = np.load(store / name), np.load(io.BytesIO(_pod_file(pod, f"stores/ground_truth/{name}", run)))
+    assert sorted(want.files) == sorted(got.files)
+    for key in want.files:
+      if want[key].dtype.kind == "f":
+        print(f"measured: {name}:{key} max |{label} - local| = {np.abs(got[key] - want[key]).max():.2e}")
+      assert np.array_equal(got[key], want[key]) and got[key].dtype == want[key].dtype, f"{name}:{key}"
+  return shards
 
 
 def _store_shards(store: pathlib.Path) -> list[str]:
@@ -214,27 +234,16 @@ def test_store_top_k_compiles_on_a_vocabulary_sharded_mesh():
 
 @pytest.mark.slow  # two pod processes, one local run of the demo and one of its generate stage: ~18 min
 def test_pod_of_two_processes_equals_one_process_on_local_disk(pod, gsm8k_dir, smollm2_gguf, tmp_path):
-  import io
   local = tmp_path / "local"
   _run_locally(_command(str(local / "run"), str(smollm2_gguf), str(gsm8k_dir)), tmp_path, distributed=True)
   run = local / "run"
 
   store = run / "stores" / "ground_truth"
-  shards = _store_shards(store)
-  assert shards
-  assert _pod_file(pod, "stores/ground_truth/teacher_job.json") == (store / "teacher_job.json").read_bytes()
-  for name in shards:  # every array, log-probs included, byte for byte
-    want, got = np.load(store / name), np.load(io.BytesIO(_pod_file(pod, f"stores/ground_truth/{name}")))
-    assert sorted(want.files) == sorted(got.files)
-    for key in want.files:
-      if want[key].dtype.kind == "f":
-        print(f"measured: {name}:{key} max |pod - local| = {np.abs(got[key] - want[key]).max():.2e}")
-      assert np.array_equal(got[key], want[key]) and got[key].dtype == want[key].dtype, f"{name}:{key}"
+  shards = _assert_pod_store_equals(pod, "run", store, "pod")
 
   # For information: a plain process (no jax.distributed) all-reduces in another order than gloo does.
   plain = tmp_path / "plain"
-  _run_locally([a for a in _command(str(plain / "run"), str(smollm2_gguf), str(gsm8k_dir))
-                if not a.startswith("--config.stages=")] + ["--config.stages=convert,generate"],
+  _run_locally(_command(str(plain / "run"), str(smollm2_gguf), str(gsm8k_dir), ("--config.stages=convert,generate",)),
                tmp_path, distributed=False)
   plain_store = plain / "run" / "stores" / "ground_truth"
   assert _store_shards(plain_store) == shards
@@ -300,31 +309,15 @@ def test_pod_with_a_teacher_spanning_both_hosts_writes_one_store(pod_hosts, gsm8
   store on one 8-device teacher, process 0 writes it into the bucket, and it equals, array for array and byte for
   byte, the store of one local process over 8 devices of its own (jax.distributed with one process, so both sum in
   gloo's order)."""
-  import io
   pod_hosts.finish(pod_hosts.start(f"gs://{pod_hosts.bucket}/spanning", "spanning", SPANNING), "spanning")
   local = tmp_path / "local"
-  env = _env(dict(os.environ), tmp_path / "scratch", KDJAX_COORDINATOR=f"127.0.0.1:{_free_port()}",
-             KDJAX_NUM_PROCESSES="1", KDJAX_PROCESS_ID="0",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  proc = subprocess.run(_command(str(local / "run"), str(smollm2_gguf), str(gsm8k_dir), SPANNING), cwd=tmp_path,
-                        env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
-  assert proc.returncode == 0, proc.stderr[-3000:]
-  store = local / "run" / "stores" / "ground_truth"
-  shards = _store_shards(store)
-  assert shards
-  pod_store = f"gs://{pod_hosts.bucket}/spanning/stores/ground_truth"
-  names = sorted(p.name for p in storage.path(pod_store).iterdir())
+  _run_locally(_command(str(local / "run"), str(smollm2_gguf), str(gsm8k_dir), SPANNING), tmp_path,
+               distributed=True, devices=8)
+  shards = _assert_pod_store_equals(pod_hosts, "spanning", local / "run" / "stores" / "ground_truth", "spanning pod")
+  names = sorted(p.name for p in storage.path(f"gs://{pod_hosts.bucket}/spanning/stores/ground_truth").iterdir())
   assert [n for n in names if n.startswith("shard")] == shards
   # One writer (process 0) for the whole store: two process-local teachers would each have left a manifest part.
   assert [n for n in names if n.startswith("manifest")] == ["manifest-0.json", "manifest.json"]
-  assert storage.path(f"{pod_store}/teacher_job.json").read_bytes() == (store / "teacher_job.json").read_bytes()
-  for name in shards:
-    want, got = np.load(store / name), np.load(io.BytesIO(storage.path(f"{pod_store}/{name}").read_bytes()))
-    assert sorted(want.files) == sorted(got.files)
-    for key in want.files:
-      if want[key].dtype.kind == "f":
-        print(f"measured: {name}:{key} max |spanning pod - local| = {np.abs(got[key] - want[key]).max():.2e}")
-      assert np.array_equal(got[key], want[key]) and got[key].dtype == want[key].dtype, f"{name}:{key}"
 
 
 def _tree_difference(got, want) -> float:
