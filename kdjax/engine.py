@@ -21,6 +21,14 @@ costs more than the decode itself. Elsewhere the stacked layers run under `lax.s
 into their consumers and the weights are not duplicated. The unrolled layout also keeps each layer's keys
 transposed, [S, kv_heads, head_dim, W] (`_slot_layer` says why).
 
+CPU kernels. On one CPU device with float32 weights, the decode runs its weight products and its attention on
+`cpu_kernels` (our own kernels through XLA's FFI; that module says why): `layer_params` holds each layer's
+projections packed for the kernel (q, k, v as one product, gate and up as one), and the output projection too,
+reused while the model's arrays are the same; attention reads each slot's live positions only, not the window.
+The prefill, many rows at once, runs the model's own weights in the scanned layout, on XLA's GEMM, and hands the
+slots its caches split per layer. Without a compiler, with KDJAX_CPU_KERNELS=0, on a mesh or off CPU, XLA runs it
+all as below. Results differ from XLA's by float32 rounding only.
+
 Many devices: with the model on a mesh, the slot axis of every slot array is sharded like a batch (the data
 axis; `place_slots`), so each device decodes its own slots; results equal the single-device ones.
 
@@ -50,6 +58,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kdjax import decode_weights
 from kdjax import generation
 from kdjax import parallel
 from kdjax.distill import losses
@@ -85,12 +94,12 @@ def unrolled_layers_default() -> bool:
   return jax.default_backend() == "cpu"
 
 
-def layer_params(model: Llama, unrolled: bool):
-  """The decode step's layer weights: one dict per layer when unrolled, else None (the stacked arrays are used)."""
+def layer_params(model: Llama, unrolled: bool) -> decode_weights.UnrolledWeights | None:
+  """The decode's weights in the unrolled layout (`decode_weights`; on CPU kernels when it can), or None when
+  scanned: the stacked arrays are used."""
   if not unrolled:
     return None
-  stacked = model.layers.arrays()
-  return tuple({name: array[layer] for name, array in stacked.items()} for layer in range(model.config.num_layers))
+  return decode_weights.unrolled_weights(model, cpu_kernels=model_mesh(model) is None)
 
 
 def window_of(slots: Slots) -> int:
@@ -206,7 +215,10 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   Unrolled (`layers` given): per layer, keys [C, kv_heads, head_dim, P] (transposed, as the slots keep them) and
   values [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
   `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
-  spends minutes folding), keys and values as one stacked array each.
+  spends minutes folding), keys and values as one stacked array each. Unrolled weights packed for the CPU
+  kernels serve the decode only: the prefill then runs the scanned forward into `empty` too (faster here than the
+  unrolled layers, and quicker to compile: bench_decode's 4 prefills took 1.43-1.49 s against 1.49-1.54 s, and
+  5.4 s of compile against 6.2 s) and splits its caches per layer.
 
   Teacher-forced scoring (`score_window` > 0): row r's prompt is followed in `ids` by a continuation of
   `continuation_lengths[r]` tokens (<= `score_window`), and the fourth result is the summed cross-entropy of those
@@ -217,9 +229,11 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   overwrite anyway, being at positions >= a slot's length).
   """
   model = nnx.merge(graphdef, state)
-  if layers is None:
+  if layers is None or layers.uses_cpu_kernels:
     out = model.forward(ids, cache=empty, cache_is_empty=True, return_logits=False)
     k, v, hidden = (out.cache.k,), (out.cache.v,), out.hidden
+    if layers is not None:  # the decode's packed weights serve only it: the scanned forward, split per layer
+      k, v = tuple(k[0]), tuple(v[0])
   else:
     config, (c, p) = model.config, ids.shape
     causal = jnp.broadcast_to(jnp.tril(jnp.ones((p, p), bool)), (c, p, p))
@@ -227,7 +241,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
     inv_freq = jnp.asarray(model_lib.rope_inv_freq(config))
     x = jnp.take(model.embed[...], ids, axis=0).astype(model.dtype)
     k, v = [], []
-    for weights in layers:
+    for weights in layers.layers:
       x, (layer_k, layer_v), _ = model_lib.decoder_layer(
           weights, x, config=config, positions=positions, inv_freq=inv_freq, mask=causal, cached=None,
           dtype=model.dtype, lora_scale=model.lora_scale)
@@ -236,7 +250,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
     k, v = tuple(k), tuple(v)
     hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
   last_hidden = jnp.take_along_axis(hidden, (lengths - 1)[:, None, None], axis=1)
-  logits = generation.last_logits(model, last_hidden)
+  logits = decode_weights.last_logits(model, layers, last_hidden)
   if kv_length is not None:
     k, v = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, kv_length, axis=a.ndim - 2), (k, v))
   if layers is not None:
@@ -294,7 +308,8 @@ def insert(slots: Slots, where: jax.Array, k: tuple[jax.Array, ...], v: tuple[ja
 
 def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cache: jax.Array, *,
                 layer: jax.Array | None, write_at: jax.Array, valid: jax.Array, positions: jax.Array,
-                inv_freq: jax.Array, config, dtype, lora_scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+                inv_freq: jax.Array, config, dtype, lora_scale: float,
+                kernel_rope: tuple[jax.Array, jax.Array] | None = None) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decoder layer for one token per slot [S, 1, D]: (x, k_cache, v_cache) with this token written.
 
   The math of `model.decoder_layer`, ordered for slots: the token's key and value go into the cache at each
@@ -311,7 +326,12 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   form (multiply-reduce fusions over untransposed keys, and jnp.argmax before `generation.greedy_tokens`) took
   6.58-6.96 s against 6.74-7.03 s, about 3% (AMD EPYC, 2 cores). Timed alone, 30 layers of attention at W=384
   have come out either way between sessions (12.6 against 17.6 ms once, 13.2 against 11.7-12.1 ms later).
+  With `kernel_rope` (the CPU kernels: cos and sin of each slot's position) the layer is
+  `decode_weights.kernel_layer` over the same cache layout (`write_at` -1: a finished slot).
   """
+  if kernel_rope is not None:
+    return decode_weights.kernel_layer(p, x, k_cache, v_cache, write_at=write_at, cos=kernel_rope[0],
+                                       sin=kernel_rope[1], config=config)
   b = x.shape[0]
   n_kv, groups, head_dim = config.num_kv_heads, config.num_heads // config.num_kv_heads, config.head_dim
   rows = jnp.arange(b)
@@ -349,15 +369,20 @@ def _decode_step(model: Llama, layers, slots: Slots, sampling: _Sampling, opts: 
   num_slots, window = slots.lengths.shape[0], window_of(slots)
   live = ~slots.done
   rows = jnp.arange(num_slots)
+  inv_freq = jnp.asarray(model_lib.rope_inv_freq(config))
+  kernel_rope = None
+  if layers is not None and layers.uses_cpu_kernels:  # the rotary angles of every slot's position, once per step
+    angles = slots.lengths.astype(jnp.float32)[:, None] * inv_freq
+    kernel_rope = (jnp.cos(angles), jnp.sin(angles))
   layer = functools.partial(
-      _slot_layer, write_at=jnp.where(live, slots.lengths, window),  # finished slots write nowhere (dropped)
+      # finished slots write nowhere: past the window (dropped by XLA's scatter), or -1 for the CPU kernel
+      _slot_layer, write_at=jnp.where(live, slots.lengths, -1 if kernel_rope is not None else window),
       valid=jnp.arange(window)[None, :] <= slots.lengths[:, None], positions=slots.lengths[:, None],
-      inv_freq=jnp.asarray(model_lib.rope_inv_freq(config)), config=config, dtype=dtype,
-      lora_scale=model.lora_scale)
+      inv_freq=inv_freq, config=config, dtype=dtype, lora_scale=model.lora_scale, kernel_rope=kernel_rope)
   x = jnp.take(model.embed[...], slots.last[:, None], axis=0).astype(dtype)
   if layers is not None:  # unrolled: per-layer arrays, updated in place
     k, v = list(slots.k), list(slots.v)
-    for i, p in enumerate(layers):
+    for i, p in enumerate(layers.layers):
       x, k[i], v[i] = layer(p, x, k[i], v[i], layer=None)
     k, v = tuple(k), tuple(v)
   else:  # scanned: the stacked caches ride in the carry, so each step writes one token per layer in place
@@ -368,7 +393,7 @@ def _decode_step(model: Llama, layers, slots: Slots, sampling: _Sampling, opts: 
                                         (model.layers.arrays(), jnp.arange(config.num_layers)))
     k, v = (k_all,), (v_all,)
   hidden = model_lib.rms_norm(x, model.final_norm[...], config.rms_norm_eps)
-  logits = generation.last_logits(model, hidden)
+  logits = decode_weights.last_logits(model, layers, hidden)
   chosen, recorded = _choose_and_measure(logits, slots.keys, slots.steps, sampling, opts)
   chosen = jnp.where(live, chosen, opts.pad_id)
   record_at = jnp.where(live, slots.steps, opts.max_new_tokens)  # dropped for finished slots
@@ -510,7 +535,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=not fixed_window)
-      empty = None if unrolled else KVCache.init(model.config, c, prefill_length, model.dtype)
+      empty = (None if layers is not None and not layers.uses_cpu_kernels
+               else KVCache.init(model.config, c, prefill_length, model.dtype))
       scored_lengths = feed(np.asarray([len(continuations[i]) for i in members], np.int32)) if scored else None
       # Positional, score_window included (static by name): tests wrap prefill in lambdas of positional args.
       k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty, scored_lengths,

@@ -261,6 +261,18 @@ def atomic_writer(p, mode: str = "wb", *, encoding: str = "utf-8") -> Iterator[i
   _fsync_dir(p.parent)
 
 
+def publish(local_file, p) -> Path:
+  """Commits a file another program wrote (a compiler's output) as `p` on local disk: renamed into place and the
+  folder fsynced, so `p` appears whole or not at all. `local_file` must be on the same file system (the same
+  folder, or a temporary folder inside it)."""
+  p = path(p)
+  if is_remote(p):
+    raise ValueError(f"publish is for local files: {p}")
+  os.replace(local_file, p)
+  _fsync_dir(p.parent)
+  return p
+
+
 def _upload(p, data: bytes) -> None:
   fs, key = _fs_and_key(p)
   fs.pipe_file(key, data)  # one request, one object generation: all of `data` or nothing

@@ -1,7 +1,8 @@
 """How fast any framework could run the benchmarked SmolLM2 workloads on this CPU (fp32): a compute floor.
 
 The floor of a workload is the sum, over its matrix products, of FLOPs divided by the fp32 GEMM rate that
-this machine reaches on that product's shape, measured here with both jax and torch and taking the faster, over
+this machine reaches on that product's shape, measured here with jax, torch and (for a decode step's few rows)
+kdjax's own CPU kernel (kdjax.cpu_kernels), taking the fastest, over
 enough back-to-back products that one call's dispatch does not count (`gemm_rate`).
 A training step adds one pass its loss cannot skip: the log-normaliser (logsumexp) of every logit row and its
 gradient, timed the same way. Everything else (softmax, norms, rotary, memory traffic, overhead) is free,
@@ -27,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from kdjax import cpu_kernels
 from kdjax.models.llama.config import LlamaConfig, get_preset
 
 Shape = tuple[int, int, int]  # (m, k, n) of an [m, k] @ [k, n] product
@@ -58,10 +60,10 @@ def probe_products(shape: Shape) -> int:
 
 
 def _products_rate(shape: Shape, lefts: int, rights: int, repeats: int) -> float:
-  """The faster of jax's and torch's fp32 FLOP/s over max(lefts, rights) products [m, k] @ [k, n] of `lefts`
-  distinct left and `rights` distinct right operands (one of the two counts is 1), timed together: in jax as one
-  compiled program (XLA may run independent products side by side, as it does in a decode step), in torch as a
-  loop of calls."""
+  """The best fp32 FLOP/s of jax, torch and (for a decode's few rows) kdjax's CPU kernel over max(lefts, rights)
+  products [m, k] @ [k, n] of `lefts` distinct left and `rights` distinct right operands (one of the two counts
+  is 1), timed together: in jax as one compiled program (XLA may run independent products side by side, as it
+  does in a decode step), in torch as a loop of calls."""
   import torch
   m, k, n = shape
   count = max(lefts, rights)
@@ -74,12 +76,18 @@ def _products_rate(shape: Shape, lefts: int, rights: int, repeats: int) -> float
   jax_s = _best_seconds(lambda: jax.block_until_ready(products(jax_xs, jax_ws)), repeats)
   torch_xs, torch_ws = [torch.from_numpy(x) for x in xs], [torch.from_numpy(w) for w in ws]
   torch_s = _best_seconds(lambda: [torch.matmul(x, w) for x, w in pairs(torch_xs, torch_ws)], repeats)
-  return 2.0 * m * k * n * count / min(jax_s, torch_s)
+  best_s = min(jax_s, torch_s)
+  if m <= cpu_kernels.MAX_KERNEL_ROWS and n % cpu_kernels.TILE == 0 and cpu_kernels.available():
+    # kdjax's own kernel for a decode's few rows, on its packed weights: the floor is the best this machine does
+    packed = [cpu_kernels.pack(w, 1) for w in jax_ws]
+    kernel = jax.jit(lambda a, b: tuple(cpu_kernels.packed_matmul(x, w) for x, w in pairs(a, b)))
+    best_s = min(best_s, _best_seconds(lambda: jax.block_until_ready(kernel(jax_xs, packed)), repeats))
+  return 2.0 * m * k * n * count / best_s
 
 
 @functools.cache
 def gemm_rate(shape: Shape, repeats: int = 5) -> float:
-  """The faster of jax's and torch's fp32 FLOP/s on [m, k] @ [k, n] products with their operands in cache:
+  """The best fp32 FLOP/s (`_products_rate`) on [m, k] @ [k, n] products with their operands in cache:
   `probe_products(shape)` products of distinct left operands and one right operand per timing."""
   return _products_rate(shape, lefts=probe_products(shape), rights=1, repeats=repeats)
 
@@ -93,8 +101,8 @@ STREAM_BYTES = 256e6
 def streamed_gemm_rate(shape: Shape, repeats: int = 3) -> float:
   """Like `gemm_rate`, but with distinct right operands, STREAM_BYTES of float32 of them per timing, so each
   product reads its weights from memory as a decode step does (it reads all 538 MB of SmolLM2's weights once
-  per token). Not part of the floor, which keeps operands in cache: it shows how much slower the libraries run
-  a decode's products as the decode has them."""
+  per token). Not part of the floor, which keeps operands in cache: it shows how much slower the best of them
+  runs a decode's products as the decode has them."""
   m, k, n = shape
   return _products_rate(shape, lefts=1, rights=int(-(-STREAM_BYTES // (4 * k * n))), repeats=repeats)
 
@@ -210,7 +218,7 @@ def main() -> None:
   config = get_preset("smollm2-135m")
   rates = {shape: gemm_rate(shape) / 1e9 for shape in [(512, 576, 1536), (1024, 576, 1536), (16, 576, 1536),
                                                         (512, 576, 49152), (16, 576, 49152)]}
-  print("fp32 GEMM rate, best of jax and torch (GFLOP/s): " +
+  print("fp32 GEMM rate, best of jax, torch and kdjax's CPU kernel (GFLOP/s): " +
         ", ".join(f"{m}x{k}x{n} {r:.0f}" for (m, k, n), r in rates.items()))
   streamed = {shape: streamed_gemm_rate(shape) / 1e9 for shape in [(16, 576, 1536), (16, 576, 49152)]}
   print("the same with the weights read from memory, as in a decode step (GFLOP/s): " +

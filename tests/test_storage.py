@@ -6,6 +6,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import tempfile
 
 import numpy as np
 import pytest
@@ -95,6 +96,20 @@ def test_local_paths_take_the_plain_path(tmp_path):
   storage.write_json(target, {"x": [1, 2]}, indent=1)
   assert json.loads(target.read_text()) == {"x": [1, 2]}
   assert sorted(p.name for p in tmp_path.iterdir()) == ["a.json"]
+
+
+def test_publish_renames_another_programs_file_into_place(tmp_path):
+  """A compiler's output (kdjax.cpu_kernels) becomes the target whole, replacing an older one; no remote targets."""
+  (tmp_path / "lib.so").write_bytes(b"old")
+  with tempfile.TemporaryDirectory(dir=tmp_path) as scratch:
+    built = pathlib.Path(scratch) / "out.so"
+    built.write_bytes(b"new library")
+    assert storage.publish(built, tmp_path / "lib.so") == tmp_path / "lib.so"
+    assert not built.exists()
+  assert (tmp_path / "lib.so").read_bytes() == b"new library"
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["lib.so"]
+  with pytest.raises(ValueError, match="local"):
+    storage.publish(tmp_path / "lib.so", "gs://bucket/lib.so")
 
 
 def test_local_runs_never_load_the_cloud_libraries(tmp_path):
