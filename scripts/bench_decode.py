@@ -80,7 +80,7 @@ def main() -> None:
   if jax.devices()[0].platform == "cpu":  # the compute floor is measured from this CPU's GEMM rates
     import roofline
     floor = roofline.decode_floor(model.config, list(map(len, prompts)), args.new_tokens)
-    print(f"kdjax runs at {floor.seconds() / kdjax_s:.0%} of the compute floor ({floor.seconds():.2f} s)")
+    print(f"kdjax runs at {floor.seconds() / kdjax_s:.1%} of the compute floor ({floor.seconds():.2f} s)")
     streamed_s = floor.seconds(streamed_rows=args.batch_size)
     print(f"the floor's {args.batch_size}-row products at the rates they reach with their weights read from "
           f"memory, as in a decode step: {streamed_s:.2f} s (kdjax at {streamed_s / kdjax_s:.0%} of that)")
