@@ -22,18 +22,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 
-def best_seconds(fn, repeats: int = 7) -> float:
-  fn()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    fn()
-    best = min(best, time.perf_counter() - start)
-  return best
-
-
 def main() -> None:
   import bench_generate
+  from roofline import best_seconds
   from kdjax import cpu_kernels
   from kdjax.models.llama import model as model_lib
   from kdjax.models.llama.config import get_preset

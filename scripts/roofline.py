@@ -34,7 +34,7 @@ from kdjax.models.llama.config import LlamaConfig, get_preset
 Shape = tuple[int, int, int]  # (m, k, n) of an [m, k] @ [k, n] product
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int = 7) -> float:
   fn()
   best = float("inf")
   for _ in range(repeats):
@@ -73,15 +73,15 @@ def _products_rate(shape: Shape, lefts: int, rights: int, repeats: int) -> float
   pairs = lambda a, b: [(a[i % len(a)], b[i % len(b)]) for i in range(count)]
   products = jax.jit(lambda a, b: tuple(x @ w for x, w in pairs(a, b)))
   jax_xs, jax_ws = [jnp.asarray(x) for x in xs], [jnp.asarray(w) for w in ws]
-  jax_s = _best_seconds(lambda: jax.block_until_ready(products(jax_xs, jax_ws)), repeats)
+  jax_s = best_seconds(lambda: jax.block_until_ready(products(jax_xs, jax_ws)), repeats)
   torch_xs, torch_ws = [torch.from_numpy(x) for x in xs], [torch.from_numpy(w) for w in ws]
-  torch_s = _best_seconds(lambda: [torch.matmul(x, w) for x, w in pairs(torch_xs, torch_ws)], repeats)
+  torch_s = best_seconds(lambda: [torch.matmul(x, w) for x, w in pairs(torch_xs, torch_ws)], repeats)
   best_s = min(jax_s, torch_s)
   if m <= cpu_kernels.MAX_KERNEL_ROWS and n % cpu_kernels.TILE == 0 and cpu_kernels.available():
     # kdjax's own kernel for a decode's few rows, on its packed weights: the floor is the best this machine does
     packed = [cpu_kernels.pack(w, 1) for w in jax_ws]
     kernel = jax.jit(lambda a, b: tuple(cpu_kernels.packed_matmul(x, w) for x, w in pairs(a, b)))
-    best_s = min(best_s, _best_seconds(lambda: jax.block_until_ready(kernel(jax_xs, packed)), repeats))
+    best_s = min(best_s, best_seconds(lambda: jax.block_until_ready(kernel(jax_xs, packed)), repeats))
   return 2.0 * m * k * n * count / best_s
 
 
@@ -114,8 +114,8 @@ def normalizer_seconds(rows: int, cols: int, repeats: int = 3) -> float:
   x = np.random.default_rng(0).standard_normal((rows, cols), np.float32)
   jx, tx = jnp.asarray(x), torch.from_numpy(x).requires_grad_()
   grad = jax.jit(jax.grad(lambda v: jax.nn.logsumexp(v, axis=-1).sum()))
-  jax_s = _best_seconds(lambda: grad(jx).block_until_ready(), repeats)
-  torch_s = _best_seconds(lambda: torch.logsumexp(tx, dim=-1).sum().backward(), repeats)
+  jax_s = best_seconds(lambda: grad(jx).block_until_ready(), repeats)
+  torch_s = best_seconds(lambda: torch.logsumexp(tx, dim=-1).sum().backward(), repeats)
   return min(jax_s, torch_s)
 
 

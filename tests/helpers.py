@@ -89,3 +89,13 @@ def mesh_worker_results(worker: pathlib.Path, env: dict, tmp_path: pathlib.Path)
   result = json.loads(out.read_text())
   assert result["num_devices"] == 8
   return result
+
+
+def tiny_peaked_model():
+  """The "tiny" preset with random weights (seed 0), its head scaled up so distributions are peaked, not flat:
+  greedy decoding then has clear winners, so float32 rounding does not decide a token."""
+  from kdjax.models.llama import config as config_lib
+  from kdjax.models.llama import model as model_lib
+  model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
+  model.lm_head[...] = model.lm_head[...] * 20.0
+  return model

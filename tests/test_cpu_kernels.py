@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
+
 from kdjax import cpu_kernels, engine
 from kdjax.distill import lora
 from kdjax.generation import SamplingConfig
@@ -141,9 +143,7 @@ def test_decode_attention_equals_float64_rotary_write_and_softmax(groups, head_d
 
 @pytest.fixture(scope="module")
 def tiny() -> model_lib.Llama:
-  model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
-  model.lm_head[...] = model.lm_head[...] * 20.0
-  return model
+  return helpers.tiny_peaked_model()
 
 
 _forward = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)

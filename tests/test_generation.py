@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+import helpers
 from kdjax import generation
 from kdjax.generation import GenerationError, SamplingConfig, generate
 from kdjax.models.llama import config as config_lib
@@ -26,10 +27,7 @@ REFERENCE_ROWS, REFERENCE_LEN = 8, 32
 
 @pytest.fixture(scope="module")
 def tiny() -> model_lib.Llama:
-  """The "tiny" preset with random weights; the head is scaled up so distributions are peaked, not flat."""
-  model = model_lib.init_model(config_lib.get_preset("tiny"), seed=0)
-  model.lm_head[...] = model.lm_head[...] * 20.0
-  return model
+  return helpers.tiny_peaked_model()
 
 
 _forward = jax.jit(lambda graphdef, state, ids: nnx.merge(graphdef, state)(ids), static_argnums=0)
