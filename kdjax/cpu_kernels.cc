@@ -99,7 +99,8 @@ struct Shared {
 
 // Runs `work` (which takes the call's chunks until none are left) on this thread and on XLA's intra-op threads;
 // returns when all `count` chunks are finished. The calling thread takes chunks too, so the call finishes even
-// when no other thread is free; a thread that starts late finds nothing left (`work` holds what it needs).
+// when no other thread is free. A thread that starts after the call returned finds no chunk left: it touches
+// only `shared` (which `work` holds), never the call's buffers.
 // (Helpers of our own, spinning between calls, and pool tasks that linger for the next call were tried: no
 // faster, and spinning threads slowed XLA's own ops on a 2-core machine.)
 template <typename Work>
@@ -153,16 +154,17 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   // The left operand, transposed in row blocks of 16, zero-padded: block b is [K, 16]. A last block whose product
   // writes rows past M writes into scratch, copied out at the end.
   const int64_t blocks = (m + kTile - 1) / kTile;
-  auto xt = std::make_shared<std::vector<float>>(blocks * k_size * kTile, 0.f);
-  std::vector<float> row(k_size);
+  std::vector<float> xt_blocks(blocks * k_size * kTile, 0.f), row(k_size);
+  float* xt = xt_blocks.data();
   for (int64_t r = 0; r < m; ++r) {
     PrologueRow(xp + r * x_cols, k_size, prologue, norm.typed_data(), eps, row.data());
-    float* block = xt->data() + (r / kTile) * k_size * kTile + r % kTile;
+    float* block = xt + (r / kTile) * k_size * kTile + r % kTile;
     for (int64_t k = 0; k < k_size; ++k) block[k * kTile] = row[k];
   }
   const int64_t tail_rows = m - (blocks - 1) * kTile;
   const bool padded = RowsWritten(tail_rows) != tail_rows;
-  auto scratch = std::make_shared<std::vector<float>>(padded ? RowsWritten(tail_rows) * n : 0);
+  std::vector<float> scratch_rows(padded ? RowsWritten(tail_rows) * n : 0);
+  float* scratch = scratch_rows.data();
 
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
   // Two chunks per thread: bench_decode's decode took 2.53-2.58 s so, against 2.58-2.59 with four and 2.67-2.71
@@ -180,14 +182,14 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
       for (int64_t r = 0; r < ahead; ++r) __builtin_prefetch(first + r * kTile, 0, 0);
       for (int64_t b = 0; b < blocks; ++b) {
         const int64_t rows = std::min(kTile, m - b * kTile);
-        float* out = (b == blocks - 1 && padded) ? scratch->data() : yp + b * kTile * n;
-        Tiles(xt->data() + b * k_size * kTile, rows, k_size, wp, n, t0, t1, out);
+        float* out = (b == blocks - 1 && padded) ? scratch : yp + b * kTile * n;
+        Tiles(xt + b * k_size * kTile, rows, k_size, wp, n, t0, t1, out);
       }
       shared->finished.fetch_add(1);
     }
   };
   RunChunks(pool, shared, chunks, work);
-  if (padded) std::memcpy(yp + (blocks - 1) * kTile * n, scratch->data(), tail_rows * n * sizeof(float));
+  if (padded) std::memcpy(yp + (blocks - 1) * kTile * n, scratch, tail_rows * n * sizeof(float));
   if (residual.element_count() != 0) {  // residual + product, as XLA's `x + project(...)` adds them
     const float* rp = residual.typed_data();
     for (int64_t i = 0; i < m * n; ++i) yp[i] = rp[i] + yp[i];
@@ -239,68 +241,6 @@ inline void Softmax(float* s, int64_t n, float scale) {
   for (int64_t t = 0; t < n; ++t) s[t] /= total;
 }
 
-// scores[t] = q . keys[:, t] for t < n (keys [D, W], row d at keys + d * window): 64 positions at a time in
-// four registers over d, then 16, then one by one.
-inline void Scores(const float* q, const float* keys, int64_t head_dim, int64_t window, int64_t n, float* scores) {
-  int64_t t = 0;
-  for (; t + 4 * kTile <= n; t += 4 * kTile) {
-    Vec acc[4] = {};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      const float* row = keys + d * window + t;
-#pragma GCC unroll 4
-      for (int j = 0; j < 4; ++j) {
-        __builtin_prefetch(row + (4 + j) * kTile, 0, 0);  // the next block's positions of this row
-        Vec k;
-        std::memcpy(&k, row + j * kTile, sizeof(Vec));
-        acc[j] += q[d] * k;
-      }
-    }
-    std::memcpy(scores + t, acc, sizeof(acc));
-  }
-  for (; t + kTile <= n; t += kTile) {
-    Vec acc{};
-    for (int64_t d = 0; d < head_dim; ++d) {
-      Vec k;
-      std::memcpy(&k, keys + d * window + t, sizeof(Vec));
-      acc += q[d] * k;
-    }
-    std::memcpy(scores + t, &acc, sizeof(acc));
-  }
-  for (; t < n; ++t) {
-    float acc = 0.f;
-    for (int64_t d = 0; d < head_dim; ++d) acc += q[d] * keys[d * window + t];
-    scores[t] = acc;
-  }
-}
-
-// out[D] = sum over t < n of p[t] * values[t, :] (values [W, D]), D = 16 * V held in registers.
-template <int V>
-inline void Weighted(const float* p, const float* values, int64_t n, float* out) {
-  Vec acc[V] = {};
-  for (int64_t t = 0; t < n; ++t) {
-    const float* row = values + t * V * kTile;
-#pragma GCC unroll 8
-    for (int j = 0; j < V; ++j) {
-      __builtin_prefetch(row + (8 * V + j) * kTile, 0, 0);  // 8 positions ahead
-      Vec v;
-      std::memcpy(&v, row + j * kTile, sizeof(Vec));
-      acc[j] += p[t] * v;
-    }
-  }
-  std::memcpy(out, acc, sizeof(acc));
-}
-
-inline void WeightedAny(const float* p, const float* values, int64_t head_dim, int64_t n, float* out) {
-  switch (head_dim) {
-    case 64: return Weighted<4>(p, values, n, out);
-    case 128: return Weighted<8>(p, values, n, out);
-    default:
-      std::memset(out, 0, head_dim * sizeof(float));
-      for (int64_t t = 0; t < n; ++t)
-        for (int64_t d = 0; d < head_dim; ++d) out[d] += p[t] * values[t * head_dim + d];
-  }
-}
-
 // All G query heads of a kv head at once, in one pass over its keys and one over its values (they come from
 // memory once, not G times from L2): scores [G, n], then out [G, D], D = 16 * V, G * V accumulators in registers.
 template <int G, int V>
@@ -344,32 +284,52 @@ void GroupAttention(const float* q, const float* keys, const float* values, int6
   std::memcpy(out, acc, sizeof(acc));
 }
 
+// Any head_dim: one query head, the same sums one position and one dimension at a time.
+void PlainHeadAttention(const float* q, const float* keys, const float* values, int64_t head_dim, int64_t window,
+                        int64_t n, float scale, float* scores, float* out) {
+  for (int64_t t = 0; t < n; ++t) {
+    float acc = 0.f;
+    for (int64_t d = 0; d < head_dim; ++d) acc += q[d] * keys[d * window + t];
+    scores[t] = acc;
+  }
+  Softmax(scores, n, scale);
+  std::memset(out, 0, head_dim * sizeof(float));
+  for (int64_t t = 0; t < n; ++t)
+    for (int64_t d = 0; d < head_dim; ++d) out[d] += scores[t] * values[t * head_dim + d];
+}
+
+// The G query heads of a kv head with head_dim 16 * V, in batches of up to 16 / V heads (GroupAttention keeps
+// batch * V accumulators in registers): SmolLM2's 3 x 64 in one batch, Llama 3.1's 4 x 128 in two.
+template <int V>
+void BatchedGroupAttention(const float* q, const float* keys, const float* values, int64_t groups, int64_t window,
+                           int64_t n, float scale, float* scores, float* out) {
+  constexpr int64_t kBatch = 16 / V, kDim = V * kTile;
+  for (int64_t g = 0; g < groups; g += kBatch) {
+    const float* qg = q + g * kDim;
+    float* og = out + g * kDim;
+    switch (std::min(kBatch, groups - g)) {
+      case 1: GroupAttention<1, V>(qg, keys, values, window, n, scale, scores, og); break;
+      case 2: GroupAttention<2, V>(qg, keys, values, window, n, scale, scores, og); break;
+      case 3: if constexpr (kBatch >= 3) GroupAttention<3, V>(qg, keys, values, window, n, scale, scores, og); break;
+      default: if constexpr (kBatch >= 4) GroupAttention<4, V>(qg, keys, values, window, n, scale, scores, og);
+    }
+  }
+}
+
 // One (slot, kv head): out[G, D] = softmax(scale * q[G, D] @ keys[D, :n]) @ values[:n, D], reading only the
 // n live positions of the window (keys [D, W], values [W, D]). scores: scratch of G * n floats.
 void SlotHeadAttention(const float* q, const float* keys, const float* values, int64_t groups, int64_t head_dim,
                        int64_t window, int64_t n, float scale, float* scores, float* out) {
   if (n <= 0) {
     std::memset(out, 0, groups * head_dim * sizeof(float));
-    return;
-  }
-  if (head_dim == 64 && groups >= 1 && groups <= 4) {  // SmolLM2's 3 x 64 among them: G * 4 accumulators
-    switch (groups) {
-      case 1: return GroupAttention<1, 4>(q, keys, values, window, n, scale, scores, out);
-      case 2: return GroupAttention<2, 4>(q, keys, values, window, n, scale, scores, out);
-      case 3: return GroupAttention<3, 4>(q, keys, values, window, n, scale, scores, out);
-      case 4: return GroupAttention<4, 4>(q, keys, values, window, n, scale, scores, out);
+  } else if (head_dim == 64) {
+    BatchedGroupAttention<4>(q, keys, values, groups, window, n, scale, scores, out);
+  } else if (head_dim == 128) {
+    BatchedGroupAttention<8>(q, keys, values, groups, window, n, scale, scores, out);
+  } else {
+    for (int64_t g = 0; g < groups; ++g) {
+      PlainHeadAttention(q + g * head_dim, keys, values, head_dim, window, n, scale, scores, out + g * head_dim);
     }
-  }
-  if (head_dim == 128 && groups <= 2) {
-    switch (groups) {
-      case 1: return GroupAttention<1, 8>(q, keys, values, window, n, scale, scores, out);
-      case 2: return GroupAttention<2, 8>(q, keys, values, window, n, scale, scores, out);
-    }
-  }
-  for (int64_t g = 0; g < groups; ++g) {  // each query head of the group in turn: its keys and values stay in L2
-    Scores(q + g * head_dim, keys, head_dim, window, n, scores);
-    Softmax(scores, n, scale);
-    WeightedAny(scores, values, head_dim, n, out + g * head_dim);
   }
 }
 
@@ -429,8 +389,8 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi:
         std::memcpy(slot_values + position * head_dim, new_value, head_dim * sizeof(float));
       }
       for (int64_t g = 0; g < groups; ++g) {
-        Rotate(qkv_p + slot * row + ((i % heads) * groups + g) * head_dim, cp + slot * half, sp + slot * half, head_dim,
-               rotated.data() + g * head_dim);
+        const float* query = qkv_p + slot * row + ((i % heads) * groups + g) * head_dim;
+        Rotate(query, cp + slot * half, sp + slot * half, head_dim, rotated.data() + g * head_dim);
       }
       const int64_t n = position < 0 ? 0 : std::min<int64_t>(position + 1, window);
       SlotHeadAttention(rotated.data(), slot_keys, slot_values, groups, head_dim, window, n, scale, scores.data(),

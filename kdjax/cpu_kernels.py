@@ -39,11 +39,12 @@ import jaxlib
 import numpy as np
 
 from kdjax import fetch, storage
+from kdjax.models.llama import model as model_lib
 
 log = logging.getLogger(__name__)
 
 TILE = 16  # columns per packed tile (cpu_kernels.cc's kTile)
-MAX_KERNEL_ROWS = 64  # beyond this (a prefill), XLA's own GEMM on the packed layout is faster
+MAX_KERNEL_ROWS = 64  # more rows (more slots than this) run on XLA's GEMM over the packed layout
 _TARGET = "kdjax_packed_matmul"
 _ATTENTION_TARGET = "kdjax_decode_attention"
 _SOURCE = os.path.join(os.path.dirname(__file__), "cpu_kernels.cc")
@@ -133,7 +134,7 @@ def unpack(packed: jax.Array, shape: tuple[int, ...]) -> jax.Array:
 def _prologue(x: jax.Array, norm: jax.Array | None, eps: float, swiglu: bool) -> jax.Array:
   """What the kernel does to its left operand first, in XLA (the fallback for many rows)."""
   if norm is not None:
-    return norm * (x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + eps))
+    return model_lib.rms_norm(x, norm, eps)
   if swiglu:
     gate, up = jnp.split(x, 2, axis=-1)
     return jax.nn.silu(gate) * up

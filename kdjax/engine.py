@@ -229,7 +229,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   overwrite anyway, being at positions >= a slot's length).
   """
   model = nnx.merge(graphdef, state)
-  if layers is None or layers.uses_cpu_kernels:
+  if _prefills_scanned(layers):
     out = model.forward(ids, cache=empty, cache_is_empty=True, return_logits=False)
     k, v, hidden = (out.cache.k,), (out.cache.v,), out.hidden
     if layers is not None:  # the decode's packed weights serve only it: the scanned forward, split per layer
@@ -272,6 +272,12 @@ def _continuation_sums(model: Llama, hidden: jax.Array, ids: jax.Array, lengths:
   targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
   head = model.lm_head_weight().astype(model.dtype)
   return losses.window_cross_entropy_sums(hidden, head, at, targets, inside)
+
+
+def _prefills_scanned(layers: decode_weights.UnrolledWeights | None) -> bool:
+  """Whether `prefill` runs the scanned forward (into an `empty` cache): for the scanned layout, and for unrolled
+  weights packed for the CPU kernels, which serve the decode only."""
+  return layers is None or layers.uses_cpu_kernels
 
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:
@@ -535,8 +541,7 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
       real = np.asarray([len(prompts[i]) for i in members], np.int32)
       live = [lengths[s] for s in range(num_slots) if held[s] is not None]
       fit_window(max(live + [length]) + 1, shrink=not fixed_window)
-      empty = (None if layers is not None and not layers.uses_cpu_kernels
-               else KVCache.init(model.config, c, prefill_length, model.dtype))
+      empty = KVCache.init(model.config, c, prefill_length, model.dtype) if _prefills_scanned(layers) else None
       scored_lengths = feed(np.asarray([len(continuations[i]) for i in members], np.int32)) if scored else None
       # Positional, score_window included (static by name): tests wrap prefill in lambdas of positional args.
       k, v, logits, sums = prefill(graphdef, state, layers, feed(ids), feed(real), empty, scored_lengths,

@@ -2,8 +2,8 @@
 
 The floor of a workload is the sum, over its matrix products, of FLOPs divided by the fp32 GEMM rate that
 this machine reaches on that product's shape, measured here with jax, torch and (for a decode step's few rows)
-kdjax's own CPU kernel (kdjax.cpu_kernels), taking the fastest, over
-enough back-to-back products that one call's dispatch does not count (`gemm_rate`).
+kdjax's own CPU kernel (kdjax.cpu_kernels), taking the fastest, over enough back-to-back products that one
+call's dispatch does not count (`gemm_rate`).
 A training step adds one pass its loss cannot skip: the log-normaliser (logsumexp) of every logit row and its
 gradient, timed the same way. Everything else (softmax, norms, rotary, memory traffic, overhead) is free,
 attention is counted causally (no work above the diagonal) at the best rate seen, and the GEMM probes reuse
