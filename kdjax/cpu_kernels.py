@@ -11,7 +11,8 @@ output projection (`scripts/bench_cpu_kernels.py` measures both in one run; this
 between runs). It also takes what a decoder layer does around its products (the RMS norm or the SwiGLU before,
 the residual add after), each otherwise one more XLA op and its dispatch. `decode_attention` writes the new
 token's key and value, applies the rotary embedding and attends over each slot's live positions only, where
-XLA's form reads the whole cache window at every step (1.4x faster with 250 of 384 positions live).
+XLA's form reads the whole cache window at every step (1.6x faster with 250 of 384 positions live). Its
+keys are kept in blocks of 16 positions (`block_keys`), so that a slot's live keys are one contiguous read.
 Nothing in XLA, YNNPACK or oneDNN (their flags were tried) does this for a handful of rows.
 
 The source is compiled on first use with the system's C++ compiler for this CPU (`-march=native`) into the cache
@@ -158,19 +159,39 @@ def packed_matmul(x: jax.Array, packed: jax.Array, *, norm: jax.Array | None = N
       prologue=np.int32(1 if norm is not None else 2 if swiglu else 0), eps=np.float32(eps))
 
 
+def block_keys(keys: jax.Array) -> jax.Array:
+  """Keys [..., P, D] as `decode_attention` keeps them: [..., ceil(P / 16), D, 16], positions in blocks of 16
+  (block b holding positions 16b..16b+15, lane p % 16 of each of the D rows), zero-padded to whole blocks."""
+  *lead, p, d = keys.shape
+  blocks = -(-p // TILE)
+  padded = jnp.pad(keys, [(0, 0)] * len(lead) + [(0, blocks * TILE - p), (0, 0)])
+  return jnp.swapaxes(padded.reshape(*lead, blocks, TILE, d), -1, -2)
+
+
+def unblock_keys(blocked: jax.Array, positions: int) -> jax.Array:
+  """`block_keys`'s inverse: keys [..., positions, D]."""
+  *lead, blocks, d, _ = blocked.shape
+  return jnp.swapaxes(blocked, -1, -2).reshape(*lead, blocks * TILE, d)[..., :positions, :]
+
+
+def key_blocks(window: int) -> int:
+  """The blocks of 16 positions that hold a window of `window` positions."""
+  return -(-window // TILE)
+
+
 def decode_attention(qkv: jax.Array, keys: jax.Array, values: jax.Array, positions: jax.Array, cos: jax.Array,
                      sin: jax.Array, scale: float) -> tuple[jax.Array, jax.Array, jax.Array]:
   """One decode token per slot: its key and value written into the slot's cache, then attention over its own
   positions. qkv [S, (groups + 2) * kv_heads * head_dim]: the query heads (kv head h's groups first), the keys,
   the values, as the fused q/k/v product gives them, q and k before the rotary embedding, which is applied here
-  from cos and sin [S, head_dim / 2] (HF's rotate-half layout). The caches: keys [S, kv_heads, head_dim, W]
-  (the engine's transposed layout) and values [S, kv_heads, W, head_dim]; positions [S], each slot's new
-  token's (< 0: a finished or empty slot, nothing written, output zeros).
+  from cos and sin [S, head_dim / 2] (HF's rotate-half layout). The caches: keys [S, kv_heads, ceil(W / 16),
+  head_dim, 16] (`block_keys`: a slot's live keys are one contiguous read) and values [S, kv_heads, W, head_dim];
+  positions [S], each slot's new token's (< 0: a finished or empty slot, nothing written, output zeros).
   Returns (softmax(scale * q k) v over positions 0..position, [S, kv_heads * groups * head_dim]; keys; values),
   the caches updated in place (their buffers are the results'). Only live positions are read, not the window.
   `available()` must hold; everything is float32."""
   f32 = lambda a: a.astype(jnp.float32)
-  slots, heads, head_dim = keys.shape[:3]
+  slots, heads, _, head_dim = values.shape
   queries = qkv.shape[1] - 2 * heads * head_dim
   return jax.ffi.ffi_call(
       _ATTENTION_TARGET, (jax.ShapeDtypeStruct((slots, queries), jnp.float32),

@@ -106,7 +106,8 @@ def kernel_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_ca
                  write_at: jax.Array, cos: jax.Array, sin: jax.Array, config) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`engine._slot_layer` on the CPU kernels, for x [S, 1, D]: four products with the norms, the SwiGLU and the
   residual adds folded in, and one attention call that applies the rotary embedding (cos, sin: [S, head_dim/2]),
-  writes the token's key and value at `write_at` (-1: a finished slot) and reads each slot's live positions."""
+  writes the token's key and value at `write_at` (-1: a finished slot) and reads each slot's live positions.
+  The keys in blocks of 16 positions (`cpu_kernels.block_keys`), the values [S, kv_heads, W, head_dim]."""
   b, d, eps = x.shape[0], config.hidden_size, config.rms_norm_eps
   h = x.reshape(b, d).astype(jnp.float32)
   qkv = kernels.packed_matmul(h, p[packed_key(QKV)], norm=p["attn_norm"], eps=eps)

@@ -19,7 +19,8 @@ Layer layout. On CPU the layers are unrolled and each layer's weights and cache 
 copies every `dynamic-slice` of a scanned layer stack (all weights and the layer's cache, every step), which
 costs more than the decode itself. Elsewhere the stacked layers run under `lax.scan`, where the slices fuse
 into their consumers and the weights are not duplicated. The unrolled layout also keeps each layer's keys
-transposed, [S, kv_heads, head_dim, W] (`_slot_layer` says why).
+transposed, [S, kv_heads, head_dim, W] (`_slot_layer` says why), or on the CPU kernels in blocks of 16 positions,
+[S, kv_heads, ceil(W / 16), head_dim, 16] (`cpu_kernels.block_keys`), so that a slot's live keys are one read.
 
 CPU kernels. On one CPU device with float32 weights, the decode runs its weight products and its attention on
 `cpu_kernels` (our own kernels through XLA's FFI; that module says why): `layer_params` holds each layer's
@@ -58,6 +59,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from kdjax import cpu_kernels
 from kdjax import decode_weights
 from kdjax import generation
 from kdjax import parallel
@@ -69,7 +71,8 @@ from kdjax.models.llama.model import KVCache, Llama
 
 class Slots(NamedTuple):
   """The decode state: S slots, each a row of every array."""
-  k: tuple[jax.Array, ...]   # unrolled: one [S, kv_heads, head_dim, W] per layer (transposed); scanned: one
+  k: tuple[jax.Array, ...]   # unrolled: one [S, kv_heads, head_dim, W] per layer (transposed), or on the CPU
+                             # kernels [S, kv_heads, ceil(W / 16), head_dim, 16] (blocked); scanned: one
                              # [L, S, kv_heads, W, head_dim]
   v: tuple[jax.Array, ...]   # unrolled: one [S, kv_heads, W, head_dim] per layer; scanned: one [L, S, ...]
   lengths: jax.Array         # [S] int32: tokens in the slot's cache = rotary position of the token fed next
@@ -107,9 +110,11 @@ def window_of(slots: Slots) -> int:
   return slots.v[0].shape[-2]
 
 
-def _keys_transposed(slots: Slots) -> bool:
-  """The unrolled layout stores keys [S, kv_heads, head_dim, W]."""
-  return slots.k[0].ndim == 4
+def _key_layout(slots: Slots) -> str:
+  """How the slots hold their keys (`Slots.k`): "stacked" (scanned, as the values), "transposed" (unrolled) or
+  "blocked" (unrolled, on the CPU kernels)."""
+  k, v = slots.k[0], slots.v[0]
+  return "blocked" if k.ndim == v.ndim + 1 else "transposed" if k.ndim == 4 else "stacked"
 
 
 def _row_keys(seed: jax.Array, example_ids: jax.Array) -> jax.Array:
@@ -169,8 +174,11 @@ def place_slots(slots: Slots, mesh: Mesh | None) -> Slots:
   def place(array: jax.Array, axes: tuple[str | None, ...]) -> jax.Array:
     return jax.device_put(array, parallel.named_sharding(axes, array.shape, mesh))
   value_axes = ("batch", "kv_heads", "seq", "head_dim")
-  if _keys_transposed(slots):
+  layout = _key_layout(slots)
+  if layout == "transposed":
     key_axes = ("batch", "kv_heads", "head_dim", "seq")
+  elif layout == "blocked":
+    key_axes = ("batch", "kv_heads", None, "head_dim", None)
   else:
     value_axes = key_axes = ("layers",) + value_axes
   per_slot = lambda a: place(a, ("batch",) + (None,) * (a.ndim - 1))
@@ -180,12 +188,17 @@ def place_slots(slots: Slots, mesh: Mesh | None) -> Slots:
                tokens=per_slot(slots.tokens), recorded=tuple(map(per_slot, slots.recorded)))
 
 
-def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool) -> Slots:
+def empty_slots(model: Llama, num_slots: int, window: int, opts: _DecodeOptions, unrolled: bool,
+                keys_blocked: bool = False) -> Slots:
+  """Empty slots in the keys' layout (`Slots.k`) of the unrolled layers (blocked for the CPU kernels) or of the
+  scanned ones."""
   config, n = model.config, opts.max_new_tokens
   layers = config.num_layers if unrolled else 1
   shape = (num_slots, config.num_kv_heads, window, config.head_dim)  # the values'; the keys' transposed
   key_shape = (num_slots, config.num_kv_heads, config.head_dim, window)
-  if not unrolled:  # one stacked array each, keys as values
+  if keys_blocked:
+    key_shape = (num_slots, config.num_kv_heads, cpu_kernels.key_blocks(window), config.head_dim, cpu_kernels.TILE)
+  elif not unrolled:  # one stacked array each, keys as values
     shape = key_shape = (config.num_layers,) + shape
   recorded = ()
   if opts.topk_logprobs:  # the shapes of generation.topk_logprobs's outputs, with a step axis
@@ -212,8 +225,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   continuation NLL sums [C] or None).
 
   Right padding keeps every prompt at positions 0..len-1 and, attention being causal, out of the padding's way.
-  Unrolled (`layers` given): per layer, keys [C, kv_heads, head_dim, P] (transposed, as the slots keep them) and
-  values [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
+  Unrolled (`layers` given): per layer, keys [C, kv_heads, head_dim, P] (transposed, as the slots keep them; for
+  the CPU kernels in blocks, `cpu_kernels.block_keys`) and values [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
   `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
   spends minutes folding), keys and values as one stacked array each. Unrolled weights packed for the CPU
   kernels serve the decode only: the prefill then runs the scanned forward into `empty` too (faster here than the
@@ -254,7 +267,7 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   if kv_length is not None:
     k, v = jax.tree.map(lambda a: jax.lax.slice_in_dim(a, 0, kv_length, axis=a.ndim - 2), (k, v))
   if layers is not None:
-    k = tuple(jnp.swapaxes(a, -1, -2) for a in k)
+    k = tuple(cpu_kernels.block_keys(a) if layers.uses_cpu_kernels else jnp.swapaxes(a, -1, -2) for a in k)
   if not score_window:
     return k, v, logits, None
   return k, v, logits, _continuation_sums(model, hidden, ids, lengths, continuation_lengths, score_window)
@@ -282,11 +295,12 @@ def _prefills_scanned(layers: decode_weights.UnrolledWeights | None) -> bool:
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:
   """`cache` [S, ...] with row r of `new` [C, ...] in slot `where[r]`, at the start of every other axis
-  (positions 0..P-1, in either the keys' or the values' layout). One dynamic-update-slice per row: the writes
+  (positions 0..P-1, in any of the unrolled keys' layouts or the values'). One dynamic-update-slice per row: the writes
   of a scatter, but XLA:CPU compiles the 60 of an unrolled 30-layer insert about twice as fast (a scatter-built
   insert took 2.1-3.6 s on the demo's shapes)."""
   for row in range(new.shape[0]):
-    cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1].astype(cache.dtype), (where[row], 0, 0, 0))
+    start = (where[row],) + (0,) * (cache.ndim - 1)
+    cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1].astype(cache.dtype), start)
   return cache
 
 
@@ -295,7 +309,7 @@ def insert(slots: Slots, where: jax.Array, k: tuple[jax.Array, ...], v: tuple[ja
            lengths: jax.Array, example_ids: jax.Array, sampling: _Sampling, opts: _DecodeOptions) -> Slots:
   """Puts prefilled prompts (`prefill`'s keys and values) into slots `where` [C]; chooses their first tokens."""
   c, p = logits.shape[0], v[0].shape[-2]
-  if _keys_transposed(slots):  # unrolled (CPU): one array per layer
+  if _key_layout(slots) != "stacked":  # unrolled (CPU): one array per layer
     k = tuple(_put_rows(layer, new, where) for layer, new in zip(slots.k, k))
     v = tuple(_put_rows(layer, new, where) for layer, new in zip(slots.v, v))
   else:  # scanned (accelerators): a scatter
@@ -333,7 +347,7 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   6.58-6.96 s against 6.74-7.03 s, about 3% (AMD EPYC, 2 cores). Timed alone, 30 layers of attention at W=384
   have come out either way between sessions (12.6 against 17.6 ms once, 13.2 against 11.7-12.1 ms later).
   With `kernel_rope` (the CPU kernels: cos and sin of each slot's position) the layer is
-  `decode_weights.kernel_layer` over the same cache layout (`write_at` -1: a finished slot).
+  `decode_weights.kernel_layer`, its keys in blocks (`cpu_kernels.block_keys`; `write_at` -1: a finished slot).
   """
   if kernel_rope is not None:
     return decode_weights.kernel_layer(p, x, k_cache, v_cache, write_at=write_at, cos=kernel_rope[0],
@@ -428,23 +442,24 @@ def decode_block(graphdef: nnx.GraphDef, state: nnx.State, layers, slots: Slots,
 
 def resize_window(slots: Slots, window: int) -> Slots:
   """The same slots in a window of `window` positions (every slot's tokens must fit)."""
-  k, v = _resize_caches((slots.k, slots.v), window=window, keys_transposed=_keys_transposed(slots))
+  k, v = _resize_caches((slots.k, slots.v), window=window, key_layout=_key_layout(slots))
   return slots._replace(k=k, v=v)
 
 
 # Not donated: a cache of another window cannot reuse the old buffers (XLA would only warn that it did not).
-@functools.partial(jax.jit, static_argnames=("window", "keys_transposed"))
-def _resize_caches(caches, window: int, keys_transposed: bool):
-  def fit(a, axis):
+@functools.partial(jax.jit, static_argnames=("window", "key_layout"))
+def _resize_caches(caches, window: int, key_layout: str):
+  def fit(a, axis, size):
     have = a.shape[axis]
-    if window <= have:
-      return jax.lax.slice_in_dim(a, 0, window, axis=axis)
+    if size <= have:
+      return jax.lax.slice_in_dim(a, 0, size, axis=axis)
     pad = [(0, 0)] * a.ndim
-    pad[axis] = (0, window - have)
+    pad[axis] = (0, size - have)
     return jnp.pad(a, pad)
   k, v = caches
-  key_axis = -1 if keys_transposed else -2
-  return tuple(fit(a, key_axis % a.ndim) for a in k), tuple(fit(a, a.ndim - 2) for a in v)
+  key_axis, key_size = {"transposed": (3, window), "blocked": (2, cpu_kernels.key_blocks(window)),
+                        "stacked": (3, window)}[key_layout]
+  return tuple(fit(a, key_axis, key_size) for a in k), tuple(fit(a, a.ndim - 2, window) for a in v)
 
 
 # ----------------------------------------------------------------------------- the host loop
@@ -513,7 +528,8 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
     window = round_up(max(round_up(longest, length_bucket) + 1, longest + n), window_bucket)
   else:
     window = round_up(len(prompts[queue[0]]) + 1, window_bucket)
-  slots = _committed_like_outputs(empty_slots(model, num_slots, window, opts, unrolled), model)
+  slots = _committed_like_outputs(empty_slots(model, num_slots, window, opts, unrolled,
+                                              keys_blocked=layers is not None and layers.uses_cpu_kernels), model)
   lengths = np.zeros(num_slots, np.int64)  # host copy of slots.lengths as of the last block
   start, tokens_done, examples_done = time.perf_counter(), 0, 0
 

@@ -89,20 +89,38 @@ def _rotate64(x, cos, sin):
 
 
 def _decode_attention64(q, k, v, keys, values, positions, cos, sin, scale):
-  """float64, from the definition: rotate q and k, write k and v at each slot's position, softmax over 0..position."""
+  """float64, from the definition: rotate q and k, write k and v at each slot's position, softmax over 0..position.
+  keys and values [S, H, W, D]."""
   keys, values = keys.astype(np.float64), values.astype(np.float64)
   out = np.zeros(q.shape)
   for s, at in enumerate(positions):
     if at < 0:
       continue
     c, sn = cos[s].astype(np.float64), sin[s].astype(np.float64)
-    keys[s, :, :, at] = _rotate64(k[s].astype(np.float64), c, sn)
+    keys[s, :, at] = _rotate64(k[s].astype(np.float64), c, sn)
     values[s, :, at] = v[s]
     for h in range(q.shape[1]):
-      scores = _rotate64(q[s, h].astype(np.float64), c, sn) @ keys[s, h, :, :at + 1] * scale
+      scores = _rotate64(q[s, h].astype(np.float64), c, sn) @ keys[s, h, :at + 1].T * scale
       p = np.exp(scores - scores.max(-1, keepdims=True))
       out[s, h] = (p / p.sum(-1, keepdims=True)) @ values[s, h, :at + 1]
   return out, keys, values
+
+
+def _blocked_by_hand(keys, blocks):
+  """keys [S, H, W, D] in blocks of 16 positions [S, H, blocks, D, 16], one position at a time; NaN past W."""
+  out = np.full(keys.shape[:2] + (blocks, keys.shape[3], 16), np.nan, keys.dtype)
+  for position in range(keys.shape[2]):
+    out[:, :, position // 16, :, position % 16] = keys[:, :, position]
+  return out
+
+
+def test_block_keys_puts_sixteen_positions_per_block_and_unblocks():
+  keys = np.arange(2 * 37 * 3, dtype=np.float32).reshape(2, 37, 3)  # [H, P, D]: 37 positions -> 3 blocks
+  blocked = np.asarray(cpu_kernels.block_keys(jnp.asarray(keys)))
+  assert blocked.shape == (2, 3, 3, 16) and cpu_kernels.key_blocks(37) == 3
+  assert blocked[1, 2, 1, 4] == keys[1, 36, 1] and blocked[0, 1, 2, 0] == keys[0, 16, 2]
+  assert not blocked[:, 2, :, 5:].any()  # zeros past position 36
+  np.testing.assert_array_equal(np.asarray(cpu_kernels.unblock_keys(jnp.asarray(blocked), 37)), keys)
 
 
 @pytest.mark.parametrize("groups,head_dim", [(3, 64), (1, 64), (2, 128), (4, 128), (1, 16), (2, 24)])
@@ -117,10 +135,10 @@ def test_decode_attention_equals_float64_rotary_write_and_softmax(groups, head_d
   q[::2] *= 6.0  # some slots with sharp distributions: scores far below the max exercise the exp's range
   k = rng.standard_normal((slots, heads, head_dim)).astype(np.float32)
   v = rng.standard_normal((slots, heads, head_dim)).astype(np.float32)
-  keys = rng.standard_normal((slots, heads, head_dim, window)).astype(np.float32)
+  keys = rng.standard_normal((slots, heads, window, head_dim)).astype(np.float32)
   values = rng.standard_normal((slots, heads, window, head_dim)).astype(np.float32)
   for s, at in enumerate(positions):  # garbage from each slot's position on (the position itself is written)
-    keys[s, :, :, max(at, 0):] = 1e30
+    keys[s, :, max(at, 0):] = 1e30
     values[s, :, max(at, 0):] = np.nan
   angles = positions.astype(np.float32)[:, None] * (10000.0 ** -(np.arange(head_dim // 2) / (head_dim // 2)))
   cos, sin = np.cos(angles).astype(np.float32), np.sin(angles).astype(np.float32)
@@ -128,12 +146,14 @@ def test_decode_attention_equals_float64_rotary_write_and_softmax(groups, head_d
   expected, expected_keys, expected_values = _decode_attention64(q, k, v, keys, values, positions, cos, sin, scale)
   qkv = np.concatenate([a.reshape(slots, -1) for a in (q, k, v)], axis=1)  # as the fused product gives them
   step = jax.jit(lambda *a: cpu_kernels.decode_attention(*a, scale), donate_argnums=(1, 2))
-  out, new_keys, new_values = map(np.asarray, step(qkv, keys, values, positions, cos, sin))
+  blocks = -(-window // 16)  # 13 blocks for 200 positions: the last has 8 lanes past the window, NaN
+  out, new_keys, new_values = map(np.asarray, step(qkv, _blocked_by_hand(keys, blocks), values, positions, cos, sin))
   out = out.reshape(q.shape)
   np.testing.assert_allclose(out, expected, rtol=0, atol=2e-5)
   assert not out[0].any()
   finite = np.isfinite(expected_values)  # the untouched garbage compares as itself
-  np.testing.assert_allclose(new_keys, expected_keys, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(new_keys, _blocked_by_hand(expected_keys.astype(np.float32), blocks), rtol=1e-6,
+                             atol=1e-6)
   np.testing.assert_allclose(new_values[finite], expected_values[finite], rtol=0, atol=0)
   assert np.isnan(new_values[~finite]).all()
 
