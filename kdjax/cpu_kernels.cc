@@ -115,13 +115,19 @@ void RunChunks(ffi::ThreadPool& pool, const std::shared_ptr<Shared>& shared, int
 // normalised and scaled by `norm` (1: rms_norm, as model.rms_norm computes it); or silu(gate) * up of the
 // input's halves [gate | up] (2: the MLP's SwiGLU, as jax.nn.silu(gate) * up), whose input has 2K columns.
 void PrologueRow(const float* x, int64_t k_size, int prologue, const float* norm, float eps, float* out) {
-  if (prologue == 1) {
-    float lanes[kTile] = {};
-    for (int64_t k = 0; k < k_size; ++k) lanes[k % kTile] += x[k] * x[k];
+  if (prologue == 1) {  // lane i sums x[i]^2, x[i + 16]^2, ... in turn, 16 lanes at a time
+    Vec lanes{};
+    int64_t k = 0;
+    for (; k + kTile <= k_size; k += kTile) {
+      Vec v;
+      std::memcpy(&v, x + k, sizeof(Vec));
+      lanes += v * v;
+    }
+    for (; k < k_size; ++k) lanes[k % kTile] += x[k] * x[k];
     float total = 0.f;
     for (int i = 0; i < kTile; ++i) total += lanes[i];
     const float inverse = 1.f / __builtin_sqrtf(total / static_cast<float>(k_size) + eps);
-    for (int64_t k = 0; k < k_size; ++k) out[k] = norm[k] * (x[k] * inverse);
+    for (k = 0; k < k_size; ++k) out[k] = norm[k] * (x[k] * inverse);
   } else if (prologue == 2) {
     for (int64_t k = 0; k < k_size; ++k) {  // sigmoid(g) from exp(-|g|) <= 1, so the exp's argument is <= 0
       const float g = x[k], e = ExpNonPositive(g < 0.f ? g : -g);
@@ -152,14 +158,23 @@ ffi::Error PackedMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buff
   const float* wp = w.typed_data();
   float* yp = y->typed_data();
   // The left operand, transposed in row blocks of 16, zero-padded: block b is [K, 16]. A last block whose product
-  // writes rows past M writes into scratch, copied out at the end.
+  // writes rows past M writes into scratch, copied out at the end. The calling thread builds it alone (the
+  // helpers start after), so it is built row by row and then transposed reading 16 rows at once and writing
+  // whole lines: 1.5-2.2 us for 16 rows of 576, where writing each row into the block's columns took 2.9-5.9.
   const int64_t blocks = (m + kTile - 1) / kTile;
-  std::vector<float> xt_blocks(blocks * k_size * kTile, 0.f), row(k_size);
+  std::vector<float> xt_blocks(blocks * k_size * kTile), rows(kTile * k_size);
   float* xt = xt_blocks.data();
-  for (int64_t r = 0; r < m; ++r) {
-    PrologueRow(xp + r * x_cols, k_size, prologue, norm.typed_data(), eps, row.data());
-    float* block = xt + (r / kTile) * k_size * kTile + r % kTile;
-    for (int64_t k = 0; k < k_size; ++k) block[k * kTile] = row[k];
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int64_t in_block = std::min(kTile, m - b * kTile);
+    for (int64_t r = 0; r < in_block; ++r) {
+      PrologueRow(xp + (b * kTile + r) * x_cols, k_size, prologue, norm.typed_data(), eps, &rows[r * k_size]);
+    }
+    std::fill(rows.begin() + in_block * k_size, rows.end(), 0.f);
+    float* block = xt + b * k_size * kTile;
+    for (int64_t k = 0; k < k_size; ++k) {
+#pragma GCC unroll 16
+      for (int64_t r = 0; r < kTile; ++r) block[k * kTile + r] = rows[r * k_size + k];
+    }
   }
   const int64_t tail_rows = m - (blocks - 1) * kTile;
   const bool padded = RowsWritten(tail_rows) != tail_rows;
@@ -241,33 +256,6 @@ inline void Softmax(float* s, int64_t n, float scale) {
   for (int64_t t = 0; t < n; ++t) s[t] /= total;
 }
 
-// Reads ahead the live keys and values of the task a thread takes next while it computes the current one, a few
-// lines per loop step, so that the next task finds them in cache: its reads then overlap this task's arithmetic
-// instead of waiting on memory at its start (in a C++ probe of a decode step's 30 layers: 15.0 ms against 15.5).
-struct NextTask {
-  const char* regions[2] = {nullptr, nullptr};  // the next task's live keys and values
-  int64_t lines[2] = {0, 0};
-  int64_t per_step = 0;  // lines requested per loop step of the current task
-  int64_t issued = 0;
-
-  // The next task reads `key_floats` floats from `keys` and `value_floats` from `values`; the current one runs
-  // `steps` loop steps.
-  void Set(const float* keys, int64_t key_floats, const float* values, int64_t value_floats, int64_t steps) {
-    regions[0] = reinterpret_cast<const char*>(keys);
-    regions[1] = reinterpret_cast<const char*>(values);
-    lines[0] = (key_floats * 4 + 63) / 64;
-    lines[1] = (value_floats * 4 + 63) / 64;
-    per_step = steps > 0 ? (lines[0] + lines[1] + steps - 1) / steps : 0;
-    issued = 0;
-  }
-  void Step() {
-    for (int64_t i = 0; i < per_step && issued < lines[0] + lines[1]; ++i, ++issued) {
-      const int which = issued < lines[0] ? 0 : 1;
-      __builtin_prefetch(regions[which] + (issued - (which ? lines[0] : 0)) * 64, 0, 3);
-    }
-  }
-};
-
 // All G query heads of a kv head at once, in one pass over its keys and one over its values (they come from
 // memory once, not G times from L2): scores [G, n], then out [G, D], D = 16 * V, G * V accumulators in registers.
 // Keys in blocks of 16 positions [D, 16] (`DecodeAttention`): a block's 16 scores of a head are one vector, and
@@ -275,11 +263,10 @@ struct NextTask {
 // positions, whatever they hold) are computed and not stored.
 template <int G, int V>
 void GroupAttention(const float* q, const float* keys, const float* values, int64_t n, float scale, float* scores,
-                    float* out, NextTask& next) {
+                    float* out) {
   constexpr int64_t kDim = V * kTile;
   for (int64_t t = 0; t < n; t += kTile) {
     const float* block = keys + t * kDim;
-    next.Step();
     Vec acc[G] = {};
     for (int64_t d = 0; d < kDim; ++d) {
       const float* row = block + d * kTile;
@@ -296,7 +283,6 @@ void GroupAttention(const float* q, const float* keys, const float* values, int6
   for (int g = 0; g < G; ++g) Softmax(scores + g * n, n, scale);
   Vec acc[G][V] = {};
   for (int64_t t = 0; t < n; ++t) {
-    next.Step();
     const float* row = values + t * kDim;
 #pragma GCC unroll 8
     for (int j = 0; j < V; ++j) {
@@ -329,16 +315,16 @@ void PlainHeadAttention(const float* q, const float* keys, const float* values, 
 // batch * V accumulators in registers): SmolLM2's 3 x 64 in one batch, Llama 3.1's 4 x 128 in two.
 template <int V>
 void BatchedGroupAttention(const float* q, const float* keys, const float* values, int64_t groups, int64_t n,
-                           float scale, float* scores, float* out, NextTask& next) {
+                           float scale, float* scores, float* out) {
   constexpr int64_t kBatch = 16 / V, kDim = V * kTile;
   for (int64_t g = 0; g < groups; g += kBatch) {
     const float* qg = q + g * kDim;
     float* og = out + g * kDim;
     switch (std::min(kBatch, groups - g)) {
-      case 1: GroupAttention<1, V>(qg, keys, values, n, scale, scores, og, next); break;
-      case 2: GroupAttention<2, V>(qg, keys, values, n, scale, scores, og, next); break;
-      case 3: if constexpr (kBatch >= 3) GroupAttention<3, V>(qg, keys, values, n, scale, scores, og, next); break;
-      default: if constexpr (kBatch >= 4) GroupAttention<4, V>(qg, keys, values, n, scale, scores, og, next);
+      case 1: GroupAttention<1, V>(qg, keys, values, n, scale, scores, og); break;
+      case 2: GroupAttention<2, V>(qg, keys, values, n, scale, scores, og); break;
+      case 3: if constexpr (kBatch >= 3) GroupAttention<3, V>(qg, keys, values, n, scale, scores, og); break;
+      default: if constexpr (kBatch >= 4) GroupAttention<4, V>(qg, keys, values, n, scale, scores, og);
     }
   }
 }
@@ -346,13 +332,13 @@ void BatchedGroupAttention(const float* q, const float* keys, const float* value
 // One (slot, kv head): out[G, D] = softmax(scale * q[G, D] @ keys[:n]^T) @ values[:n, D], reading only the n
 // live positions (keys in blocks [ceil(W / 16), D, 16], values [W, D]). scores: scratch of G * n floats.
 void SlotHeadAttention(const float* q, const float* keys, const float* values, int64_t groups, int64_t head_dim,
-                       int64_t n, float scale, float* scores, float* out, NextTask& next) {
+                       int64_t n, float scale, float* scores, float* out) {
   if (n <= 0) {
     std::memset(out, 0, groups * head_dim * sizeof(float));
   } else if (head_dim == 64) {
-    BatchedGroupAttention<4>(q, keys, values, groups, n, scale, scores, out, next);
+    BatchedGroupAttention<4>(q, keys, values, groups, n, scale, scores, out);
   } else if (head_dim == 128) {
-    BatchedGroupAttention<8>(q, keys, values, groups, n, scale, scores, out, next);
+    BatchedGroupAttention<8>(q, keys, values, groups, n, scale, scores, out);
   } else {
     for (int64_t g = 0; g < groups; ++g) {
       PlainHeadAttention(q + g * head_dim, keys, values, head_dim, n, scale, scores, out + g * head_dim);
@@ -376,9 +362,9 @@ inline void Rotate(const float* x, const float* cos, const float* sin, int64_t h
 // (positions in blocks of 16, B = ceil(W / 16)) and values [S, H, W, D] (updated in place: aliased to results 1
 // and 2), positions [S] int32, cos and sin [S, D/2] -> out [S, H * G * D].
 // Why blocks: a slot's live keys are then one contiguous read, as its values are; stored [D, W] they were D
-// strided streams, which the prefetchers follow badly. With the blocks and NextTask, scripts/bench_cpu_kernels.py's
-// 30 layers of 16 slots with 250 of 384 positions live took 5.13-5.61 ms against 6.34-6.62 (AMD EPYC, 2 cores;
-// the same with the whole window live: 8.06-8.29 against 8.20-8.29).
+// strided streams, which the prefetchers follow badly. (Reading the next task's keys and values ahead during the
+// current one, as well, gained nothing more: 3.65-3.76 ms against 3.65 at 192 of 384 positions live, and
+// 6.80-7.21 against 6.01-6.10 with the whole window live.)
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi::Buffer<ffi::F32> keys_in,
                            ffi::Buffer<ffi::F32> values_in, ffi::Buffer<ffi::S32> positions,
                            ffi::Buffer<ffi::F32> cos, ffi::Buffer<ffi::F32> sin, ffi::ResultBuffer<ffi::F32> out,
@@ -408,16 +394,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi:
   float *keys_p = keys->typed_data(), *values_p = values->typed_data(), *op = out->typed_data();
   const int64_t tasks = slots * heads, half = head_dim / 2;
   auto shared = std::make_shared<Shared>();
-  const auto live = [=](int64_t task) {  // positions task (slot, kv head) attends to
-    const int64_t position = at[task / heads];
-    return position < 0 ? int64_t{0} : std::min<int64_t>(position + 1, window);
-  };
   auto work = [=]() {
     std::vector<float> scores(groups * window), rotated(groups * head_dim), key(head_dim);
-    NextTask next;
-    // Each thread claims its next task before it computes the current one, and reads it ahead (NextTask).
-    for (int64_t i = shared->next.fetch_add(1), j; i < tasks; i = j) {
-      j = shared->next.fetch_add(1);
+    for (int64_t i; (i = shared->next.fetch_add(1)) < tasks;) {
       const int64_t slot = i / heads, position = at[slot];
       float* slot_keys = keys_p + i * blocks * head_dim * kTile;
       float* slot_values = values_p + i * window * head_dim;
@@ -434,17 +413,9 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> qkv, ffi:
         const float* query = qkv_p + slot * row + ((i % heads) * groups + g) * head_dim;
         Rotate(query, cp + slot * half, sp + slot * half, head_dim, rotated.data() + g * head_dim);
       }
-      // The next task's live keys and values, over this task's loop steps (GroupAttention's: one per block of
-      // keys, one per position of values).
-      const int64_t n = live(i);
-      if (j < tasks) {
-        next.Set(keys_p + j * blocks * head_dim * kTile, (live(j) + kTile - 1) / kTile * kTile * head_dim,
-                 values_p + j * window * head_dim, live(j) * head_dim, (n + kTile - 1) / kTile + n);
-      } else {
-        next = NextTask{};
-      }
+      const int64_t n = position < 0 ? 0 : std::min<int64_t>(position + 1, window);
       SlotHeadAttention(rotated.data(), slot_keys, slot_values, groups, head_dim, n, scale, scores.data(),
-                        op + i * groups * head_dim, next);
+                        op + i * groups * head_dim);
       shared->finished.fetch_add(1);
     }
   };
