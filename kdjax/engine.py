@@ -34,12 +34,10 @@ Many devices: with the model on a mesh, the slot axis of every slot array is sha
 axis; `place_slots`), so each device decodes its own slots; results equal the single-device ones.
 
 Many hosts: a model whose mesh spans processes (a teacher larger than one host's memory) runs ONE program on all
-of them. Every process calls `run` with the same prompts, so the host loop takes the same decisions everywhere and
-every process dispatches the same programs in the same order (the SPMD contract). What the host feeds in (prompt
-ids, lengths, slot indices, example ids, sampling values) goes in as replicated global arrays of the same value on
-every process (`_feed`); what it reads back (done flags, lengths, the finished rows) is first replicated on device
-(`_host_read`, `_take_rows`), since a process cannot read slots held by another's devices. On a process-local mesh
-both are the plain single-process calls.
+of them. Every process calls `run` with the same prompts, so every host loop takes the same decisions and
+dispatches the same programs in the same order (the SPMD contract). What the host feeds in goes in as replicated
+global arrays (`_feed`); what it reads back is first replicated on device (`_host_read`, `_take_rows`), since a
+process cannot read slots held by another's devices. On a process-local mesh both are the plain local calls.
 
 Sampling is as before: the token of example e at response step t draws with
 `fold_in(fold_in(PRNGKey(seed), e), t)`, so outputs do not depend on the number of slots or on scheduling.
@@ -229,9 +227,8 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
   the CPU kernels in blocks, `cpu_kernels.block_keys`) and values [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
   `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
   spends minutes folding), keys and values as one stacked array each. Unrolled weights packed for the CPU
-  kernels serve the decode only: the prefill then runs the scanned forward into `empty` too (faster here than the
-  unrolled layers, and quicker to compile: bench_decode's 4 prefills took 1.43-1.49 s against 1.49-1.54 s, and
-  5.4 s of compile against 6.2 s) and splits its caches per layer.
+  kernels serve the decode only: the prefill then runs the scanned forward into `empty` too (bench_decode's 4
+  prefills: 1.43-1.49 s against 1.49-1.54 s unrolled, 5.4 s of compile against 6.2) and splits its caches.
 
   Teacher-forced scoring (`score_window` > 0): row r's prompt is followed in `ids` by a continuation of
   `continuation_lengths[r]` tokens (<= `score_window`), and the fourth result is the summed cross-entropy of those
@@ -270,21 +267,9 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
     k = tuple(cpu_kernels.block_keys(a) if layers.uses_cpu_kernels else jnp.swapaxes(a, -1, -2) for a in k)
   if not score_window:
     return k, v, logits, None
-  return k, v, logits, _continuation_sums(model, hidden, ids, lengths, continuation_lengths, score_window)
-
-
-def _continuation_sums(model: Llama, hidden: jax.Array, ids: jax.Array, lengths: jax.Array,
-                       continuation_lengths: jax.Array, window: int) -> jax.Array:
-  """Per row: the summed cross-entropy of the continuation ids[len .. len+n-1], position t predicting t + 1.
-  Only the `window` positions from each prompt's last token reach the output projection
-  (`losses.window_cross_entropy_sums`, as in `reference_nll`)."""
-  p = ids.shape[1]
-  offsets = jnp.arange(window)[None, :]
-  inside = offsets < continuation_lengths[:, None]
-  at = jnp.minimum(lengths[:, None] - 1 + offsets, p - 1)  # positions past the continuation count nothing
-  targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
   head = model.lm_head_weight().astype(model.dtype)
-  return losses.window_cross_entropy_sums(hidden, head, at, targets, inside)
+  return k, v, logits, losses.continuation_cross_entropy_sums(hidden, head, ids, lengths, continuation_lengths,
+                                                              score_window)
 
 
 def _prefills_scanned(layers: decode_weights.UnrolledWeights | None) -> bool:
@@ -295,9 +280,8 @@ def _prefills_scanned(layers: decode_weights.UnrolledWeights | None) -> bool:
 
 def _put_rows(cache: jax.Array, new: jax.Array, where: jax.Array) -> jax.Array:
   """`cache` [S, ...] with row r of `new` [C, ...] in slot `where[r]`, at the start of every other axis
-  (positions 0..P-1, in any of the unrolled keys' layouts or the values'). One dynamic-update-slice per row: the writes
-  of a scatter, but XLA:CPU compiles the 60 of an unrolled 30-layer insert about twice as fast (a scatter-built
-  insert took 2.1-3.6 s on the demo's shapes)."""
+  (positions 0..P-1, in any unrolled layout). One dynamic-update-slice per row: XLA:CPU compiles the 60 of an
+  unrolled 30-layer insert about twice as fast as a scatter (2.1-3.6 s on the demo's shapes)."""
   for row in range(new.shape[0]):
     start = (where[row],) + (0,) * (cache.ndim - 1)
     cache = jax.lax.dynamic_update_slice(cache, new[row:row + 1].astype(cache.dtype), start)
@@ -338,14 +322,9 @@ def _slot_layer(p: dict[str, jax.Array], x: jax.Array, k_cache: jax.Array, v_cac
   cache-plus-current form does) makes it copy every layer's cache on every step. The caches are this layer's
   keys [S, kv_heads, head_dim, W] and values [S, kv_heads, W, head_dim], or with `layer` (scanned layout) every
   layer's, stacked and both [L, S, kv_heads, W, head_dim], carried through the scan.
-  Why the unrolled (CPU) keys are transposed: attention is S * kv_heads tiny products per layer, [groups,
-  head_dim] x [head_dim, W] for the scores and [groups, W] x [W, head_dim] for the output, and XLA:CPU runs a
-  batched dot as one small GEMM per batch element. With keys stored [W, head_dim] the scores' right operand
-  must be transposed for every one of them (each then costs ~2.5x a plain one); stored [head_dim, W], both
-  products are plain. The gain is small and was measured whole: bench_decode run interleaved with the previous
-  form (multiply-reduce fusions over untransposed keys, and jnp.argmax before `generation.greedy_tokens`) took
-  6.58-6.96 s against 6.74-7.03 s, about 3% (AMD EPYC, 2 cores). Timed alone, 30 layers of attention at W=384
-  have come out either way between sessions (12.6 against 17.6 ms once, 13.2 against 11.7-12.1 ms later).
+  Why the unrolled (CPU) keys are transposed: XLA:CPU runs a batched dot as one small GEMM per (slot, kv head),
+  and keys stored [W, head_dim] make each scores product transpose its right operand (~2.5x a plain one). The
+  gain, measured whole with bench_decode interleaved against the untransposed form: about 3% (AMD EPYC, 2 cores).
   With `kernel_rope` (the CPU kernels: cos and sin of each slot's position) the layer is
   `decode_weights.kernel_layer`, its keys in blocks (`cpu_kernels.block_keys`; `write_at` -1: a finished slot).
   """
@@ -484,11 +463,9 @@ def run(model: Llama, prompts: Sequence[Sequence[int]], example_ids: Sequence[in
   is called for each prompt as soon as it is finished.
   `window_bucket` rounds the cache window; `unrolled` picks the layer layout (default: on CPU).
   `few_programs`: when every prompt fits in the slots at once (one wave), the window is the final one from the
-  start instead of following the live lengths, and every prefill chunk is padded to the longest prompt's
-  bucket: one decode, one prefill and one insert program compile and no cache is resized, at the cost of
-  attention over the whole window and of the padding. For callers that run each program once (an evaluation
-  arm: a new model), where the demo's eval compiled a decode program per window and a prefill and insert per
-  length bucket (~2-4 s each) to save about a second of work.
+  start and every prefill chunk is padded to the longest prompt's bucket, so one decode, one prefill and one
+  insert program compile and no cache is resized: for callers that run each program once (an evaluation arm, a
+  new model), where compiling a program per window and length bucket (~2-4 s each) cost more than it saved.
   `continuations` (one per prompt, may be empty): each is scored teacher-forced after its prompt in the same
   prefill (`prefill`), and the prompt's Generation carries the summed NLL and token count; the prefill's rows
   are prompt + continuation (bucketed), but only the prompts' keys and values reach the slots, so windows,

@@ -326,6 +326,20 @@ def window_cross_entropy_sums(hidden: jax.Array, head: jax.Array, positions: jax
   return jax.lax.map(row, (hidden, target_ids, mask))
 
 
+def continuation_cross_entropy_sums(hidden: jax.Array, head: jax.Array, ids: jax.Array, lengths: jax.Array,
+                                    continuation_lengths: jax.Array, window: int) -> jax.Array:
+  """Per row of a prefill of prompt + continuation (`ids` [C, P], its `hidden` [C, P, D]; prompt lengths [C]):
+  the summed cross-entropy of the continuation ids[len .. len+n-1] (n = `continuation_lengths`), position t
+  predicting t + 1. Only the `window` positions from each prompt's last token reach `head`
+  (`window_cross_entropy_sums`, as in evaluation's `reference_nll`)."""
+  p = ids.shape[1]
+  offsets = jnp.arange(window)[None, :]
+  inside = offsets < continuation_lengths[:, None]
+  at = jnp.minimum(lengths[:, None] - 1 + offsets, p - 1)  # positions past the continuation count nothing
+  targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
+  return window_cross_entropy_sums(hidden, head, at, targets, inside)
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Chunked loss over a batch.
 
