@@ -163,7 +163,7 @@ def block_keys(keys: jax.Array) -> jax.Array:
   """Keys [..., P, D] as `decode_attention` keeps them: [..., ceil(P / 16), D, 16], positions in blocks of 16
   (block b holding positions 16b..16b+15, lane p % 16 of each of the D rows), zero-padded to whole blocks."""
   *lead, p, d = keys.shape
-  blocks = -(-p // TILE)
+  blocks = key_blocks(p)
   padded = jnp.pad(keys, [(0, 0)] * len(lead) + [(0, blocks * TILE - p), (0, 0)])
   return jnp.swapaxes(padded.reshape(*lead, blocks, TILE, d), -1, -2)
 

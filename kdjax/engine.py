@@ -224,9 +224,9 @@ def prefill(graphdef: nnx.GraphDef, state: nnx.State, layers, ids: jax.Array, le
 
   Right padding keeps every prompt at positions 0..len-1 and, attention being causal, out of the padding's way.
   Unrolled (`layers` given): per layer, keys [C, kv_heads, head_dim, P] (transposed, as the slots keep them; for
-  the CPU kernels in blocks, `cpu_kernels.block_keys`) and values [C, kv_heads, P, head_dim]. Scanned: `model.forward` into
-  `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a constant that XLA
-  spends minutes folding), keys and values as one stacked array each. Unrolled weights packed for the CPU
+  the CPU kernels in blocks, `cpu_kernels.block_keys`) and values [C, kv_heads, P, head_dim]. Scanned:
+  `model.forward` into `empty` (KVCache.init for [C, P], an argument because built inside the jit it would be a
+  constant that XLA spends minutes folding), keys and values as one stacked array each. Unrolled weights packed for the CPU
   kernels serve the decode only: the prefill then runs the scanned forward into `empty` too (bench_decode's 4
   prefills: 1.43-1.49 s against 1.49-1.54 s unrolled, 5.4 s of compile against 6.2) and splits its caches.
 
