@@ -409,6 +409,7 @@ def stage_report(c, wd: Workdir, records: Records) -> None:
                       paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
                       stores={s: wd.store(s) for s in strategies if (wd.store(s) / "manifest.json").exists()},
                       update_norms={a: wd.arm(a) / "train" / "update_norms.json" for a in names},
+                      train_metrics={a: wd.arm(a) / "train" / "metrics.jsonl" for a in names},
                       bootstrap_resamples=c.report.bootstrap_resamples, seed=c.seed)
   log(f"report: {wd.root / 'report' / 'report.md'}")
   print((wd.root / "report" / "report.md").read_text())

@@ -533,3 +533,91 @@ def test_distill_loss_rejects_bad_batches():
     losses.distill_loss(f32(hidden), f32(lm_head), batch, cfg, chunk_size=0)
   with pytest.raises(ValueError, match="loss_mask"):
     losses.distill_loss(f32(hidden), f32(lm_head), {**batch, "loss_mask": batch["loss_mask"][:, :3]}, cfg)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The authors' loss (distill.ipynb of arXiv 2412.17846) in the paper configs
+
+AUTHORS_TEMPERATURE = 5.942267335064758
+AUTHORS_ALPHA = 0.6093348343631224  # CE weight
+PAPER_KD_CONFIGS = ("base", "teacher", "gt", "confidence", "gold_hint")
+
+
+def _config_file(name):
+  import importlib.util
+  import pathlib
+  path = pathlib.Path(__file__).parents[1] / "configs" / f"{name}.py"
+  spec = importlib.util.spec_from_file_location(f"kdjax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def np_authors_loss_and_grads(hidden, lm_head, teacher_logits, targets, mask, temperature, alpha):
+  """alpha * CE + (1 - alpha) * T**2 * KL(p_student || p_teacher), token mean over `mask`, and its gradients
+  with respect to `hidden` and `lm_head`: float64, from the definitions (softmax, KL, the chain rule by hand)."""
+  z = np.einsum("bsd,dv->bsv", hidden, lm_head)
+  log_q_t = np_log_softmax(z / temperature)
+  log_p_t = np_log_softmax(np.asarray(teacher_logits, np.float64) / temperature)
+  q_t = np.exp(log_q_t)
+  kl = np.sum(q_t * (log_q_t - log_p_t), axis=-1)
+  log_q1 = np_log_softmax(z)
+  onehot = np.eye(z.shape[-1])[targets]
+  ce = -np.sum(onehot * log_q1, axis=-1)
+  w = np.asarray(mask, np.float64) / np.sum(mask)
+  loss = np.sum(w * (alpha * ce + (1 - alpha) * temperature ** 2 * kl))
+  # d CE / dz = softmax(z) - onehot;  d KL(q_T || p_T) / dz = q_T * (log q_T - log p_T - KL) / T
+  d_ce = np.exp(log_q1) - onehot
+  d_kl = q_t * (log_q_t - log_p_t - kl[..., None]) / temperature
+  d_z = w[..., None] * (alpha * d_ce + (1 - alpha) * temperature ** 2 * d_kl)
+  return loss, np.einsum("bsv,dv->bsd", d_z, lm_head), np.einsum("bsd,bsv->dv", hidden, d_z)
+
+
+@pytest.mark.parametrize("name", PAPER_KD_CONFIGS)
+def test_paper_configs_use_the_authors_loss(name):
+  """Every paper kd arm: reverse KL, T**2 scaling, the authors' T and alpha to the digit, tail mode."""
+  from kdjax import settings
+  c = _config_file(name)
+  cfg = settings.loss_config(c, "kd")
+  assert (cfg.divergence, cfg.scale_by_t2, cfg.topk_mode) == ("reverse_kl", True, "tail")
+  assert cfg.temperature == AUTHORS_TEMPERATURE and cfg.ce_weight == AUTHORS_ALPHA
+
+
+def test_paper_loss_equals_the_authors_formula_in_float64():
+  """kdjax's loss and gradient at the paper config equal the authors' formula on full-vocabulary logits.
+
+  top-k = the whole vocabulary, where tail mode is exact (the stored tail is empty): the only difference left is
+  MIN_TAIL_MASS in the empty rest bucket, ~1e-8 relative."""
+  c = _config_file("gt")
+  from kdjax import settings
+  cfg = settings.loss_config(c, "kd")
+  rng = np.random.default_rng(24)
+  batch_size, seq_len, dim, vocab = 2, 5, 8, 17
+  hidden = rng.normal(size=(batch_size, seq_len, dim))
+  lm_head = rng.normal(size=(dim, vocab)) * 1.5
+  teacher_logits = rng.normal(size=(batch_size, seq_len, vocab)) * 4.0
+  targets = rng.integers(0, vocab, (batch_size, seq_len))
+  mask = rng.random((batch_size, seq_len)) > 0.25
+  mask[0, 0] = True
+  ids = np.argsort(-teacher_logits, axis=-1)  # every id, the teacher's ranking: k = V
+  lp = np.take_along_axis(np_log_softmax(teacher_logits), ids, axis=-1)
+  want_loss, want_dh, want_dw = np_authors_loss_and_grads(hidden, lm_head, teacher_logits, targets, mask,
+                                                          AUTHORS_TEMPERATURE, AUTHORS_ALPHA)
+  with jax.enable_x64(True):
+    batch = {"target_ids": jnp.asarray(targets, jnp.int32), "loss_mask": jnp.asarray(mask),
+             "teacher_ids": jnp.asarray(ids, jnp.int32), "teacher_logprobs": jnp.asarray(lp, jnp.float64),
+             "teacher_log_tail": jnp.full((batch_size, seq_len), -jnp.inf, jnp.float64)}  # nothing outside k = V
+
+    def loss(h, w):
+      sums, _ = losses.distill_loss(h, w, batch, cfg, chunk_size=4)
+      return losses.total_loss(sums, cfg)
+
+    got_loss, (got_dh, got_dw) = jax.value_and_grad(loss, argnums=(0, 1))(jnp.asarray(hidden), jnp.asarray(lm_head))
+    assert got_loss.dtype == jnp.float64
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-7)
+  np.testing.assert_allclose(got_dh, want_dh, rtol=1e-6, atol=1e-10)
+  np.testing.assert_allclose(got_dw, want_dw, rtol=1e-6, atol=1e-10)
+  # The KD term is not negligible next to CE here: without T**2 the loss would differ by far more than rtol.
+  kd_share = 1 - AUTHORS_ALPHA * np.sum(mask * -np.take_along_axis(
+      np_log_softmax(np.einsum("bsd,dv->bsv", hidden, lm_head)), targets[..., None], -1)[..., 0]) / mask.sum() / want_loss
+  assert kd_share > 0.1

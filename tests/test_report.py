@@ -180,6 +180,23 @@ def test_report_flags_an_unchanged_arm_and_shows_update_norms(arms, tmp_path):
   assert "**barely changed (< 1%)**" in markdown and "| base | 2 | 0.0002 | 0.0003 |" in markdown
 
 
+def test_report_shows_the_median_kd_and_ce_gradient_per_arm(arms, tmp_path):
+  """Medians over the logged steps that measured both parts (the on-policy step and the val line have none)."""
+  metrics = tmp_path / "metrics.jsonl"
+  steps = [(0.3, 1.0), (0.1, 0.2), (0.6, 0.4), (0.2, 0.8)]  # ratios 0.3, 0.5, 1.5, 0.25 -> median (0.3 + 0.5) / 2
+  lines = [{"step": i + 1, "kd": 1.0, "grad_norm_kd": kd, "grad_norm_ce": ce, "grad_ratio_kd_ce": kd / ce}
+           for i, (kd, ce) in enumerate(steps)]
+  lines += [{"step": 5, "kd": 1.0, "on_policy": 1.0}, {"step": 5, "val_loss": 2.0}]
+  metrics.write_text("".join(json.dumps(line) + "\n" for line in lines))
+  result = report_lib.build_report(arms, tmp_path / "out", paper_numbers={},
+                               train_metrics={"base": metrics, "nodistill": tmp_path / "absent.jsonl"})
+  assert result["loss_gradients"] == {"base": {"steps": 4, "median_kd_norm": pytest.approx(0.25),
+                                               "median_ce_norm": pytest.approx(0.6),
+                                               "median_ratio": pytest.approx(0.4)}}
+  text = (tmp_path / "out" / "report.md").read_text()
+  assert "## What the KD term does" in text and "| base | 4 | 0.25 | 0.6 | 0.4 |" in text
+
+
 def _summary_with(max_new_tokens):
   return {"config": {"split": "test", "num_questions": None, "start": 0, "stop": None,
                      "prompt_format": "zero_shot_cot", "greedy": True, "temperature": 1.0, "top_p": 1.0,

@@ -194,6 +194,37 @@ def test_only_lora_changes_and_validation_loss_decreases(data, tmp_path):
              zip(jax.tree.leaves(again.lora), jax.tree.leaves(result.lora)))
 
 
+def test_logged_steps_take_the_kd_and_ce_gradients_apart(data, tmp_path):
+  """Logged steps record ||grad|| of (1 - w) KD and of w CE: (1 - w) and w times the gradient norms of a KD-only and
+  a CE-only loss on the same first batch, and the update they make is the plain step's (the parts sum to it)."""
+  train, _ = data
+  common = dict(optimizer="sgd", learning_rate=0.5, momentum=0.9, clip_norm=None, num_steps=2)
+  weight = 0.25
+  mixed = losses.LossConfig(ce_weight=weight)
+  every = train_lib.train(worker.make_student(), train, None, _quiet(log_every=1, **common), mixed, tmp_path / "a")
+  assert [r["step"] for r in every.history if "grad_ratio_kd_ce" in r] == [1, 2]
+  kd_only = train_lib.train(worker.make_student(), train, None, _quiet(**common), losses.LossConfig(ce_weight=0.0),
+                            tmp_path / "kd")
+  ce_only = train_lib.train(worker.make_student(), train, None, _quiet(**common),
+                            losses.LossConfig(divergence="none", ce_weight=1.0), tmp_path / "ce")
+  assert "grad_norm_kd" not in kd_only.history[0] and "grad_norm_kd" not in ce_only.history[0]  # one part only
+  first = every.history[0]
+  assert first["grad_norm_kd"] == pytest.approx((1 - weight) * kd_only.history[0]["grad_norm"], rel=1e-5)
+  assert first["grad_norm_ce"] == pytest.approx(weight * ce_only.history[0]["grad_norm"], rel=1e-5)
+  assert first["grad_ratio_kd_ce"] == pytest.approx(first["grad_norm_kd"] / first["grad_norm_ce"], rel=1e-6)
+  assert first["grad_norm_kd"] > 0 and first["grad_norm_ce"] > 0
+  # log_every=5: step 1 runs the plain step, the last step (2) is logged and measured; the same weights result.
+  plain_model = worker.make_student()
+  sparse = train_lib.train(plain_model, train, None, _quiet(log_every=5, **common), mixed, tmp_path / "b")
+  assert [r["step"] for r in sparse.history if "grad_ratio_kd_ce" in r] == [2]
+  for a, b in zip(every.history, sparse.history):
+    assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+  for leaf_a, leaf_b in zip(jax.tree.leaves(every.lora), jax.tree.leaves(sparse.lora)):
+    np.testing.assert_allclose(np.asarray(leaf_a), np.asarray(leaf_b), rtol=1e-5, atol=1e-7)
+  records = [json.loads(line) for line in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+  assert all({"grad_norm_kd", "grad_norm_ce", "grad_ratio_kd_ce"} <= set(r) for r in records if "kd" in r)
+
+
 # ------------------------------------------------------------------------------------------------ subprocesses
 
 

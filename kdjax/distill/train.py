@@ -237,19 +237,34 @@ def _means(sums: losses.LossSums, extra: Mapping[str, jax.Array], loss_cfg: loss
   return out
 
 
-def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state, rest, batch, key,
+def measures_loss_parts(loss_cfg: losses.LossConfig) -> bool:
+  """Whether a step's loss has two weighted parts whose gradients can be told apart: KD and CE both present."""
+  return loss_cfg.uses_teacher and 0.0 < loss_cfg.ce_weight < 1.0
+
+
+def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, measure_parts, lora, opt_state, rest, batch, key,
                 teacher_head=None):
-  """One optimizer step over `batch` arrays shaped [accum, micro_batch, ...]."""
+  """One optimizer step over `batch` arrays shaped [accum, micro_batch, ...].
+
+  `measure_parts`: the gradient of the KD part and of the CE part, each as weighted in the loss, are taken apart
+  (one forward, a backward pass per part; their sum is the step's gradient) and their norms are returned as
+  `grad_norm_kd`, `grad_norm_ce` and `grad_ratio_kd_ce`: what the KD term does next to CE.
+  """
   accum = batch["input_ids"].shape[0]
   keys = jax.random.split(key, accum)
 
   def micro_grads(micro, micro_key):
-    def objective(lora_state):
+    def parts(lora_state):
       sums, extra = _loss_sums(graphdef, (lora_state, rest), micro, loss_cfg, chunk_size,
                                micro_key if use_dropout else None, teacher_head)
-      return _objective_sum(sums, loss_cfg), (sums, extra)
-    grads, aux = jax.grad(objective, has_aux=True)(lora)
-    return grads, aux
+      weighted = ((1.0 - loss_cfg.ce_weight) * sums.kd_sum, loss_cfg.ce_weight * sums.ce_sum)
+      return (weighted if measure_parts else sum(weighted)), (sums, extra)
+    if not measure_parts:
+      return jax.grad(parts, has_aux=True)(lora)
+    (kd, ce), backward, aux = jax.vjp(parts, lora, has_aux=True)
+    kd_grads, = backward((jnp.ones_like(kd), jnp.zeros_like(ce)))
+    ce_grads, = backward((jnp.zeros_like(kd), jnp.ones_like(ce)))
+    return (kd_grads, ce_grads), aux
 
   if accum == 1:
     grads, (sums, extra) = micro_grads(jax.tree.map(lambda x: x[0], batch), keys[0])
@@ -261,18 +276,27 @@ def _train_step(graphdef, tx, loss_cfg, chunk_size, use_dropout, lora, opt_state
     (grads, (sums, extra)), _ = jax.lax.scan(body, zeros, (batch, keys))
   # One division by the step's total loss-token count: a token mean over all micro-batches.
   grads = jax.tree.map(lambda g: g / jnp.maximum(sums.num_tokens, 1.0).astype(g.dtype), grads)
+  parts_metrics = {}
+  if measure_parts:
+    kd_grads, ce_grads = grads
+    grads = jax.tree.map(jnp.add, kd_grads, ce_grads)
+    kd_norm, ce_norm = optax.global_norm(kd_grads), optax.global_norm(ce_grads)
+    parts_metrics = {"grad_norm_kd": kd_norm, "grad_norm_ce": ce_norm,
+                     "grad_ratio_kd_ce": kd_norm / jnp.maximum(ce_norm, jnp.finfo(ce_norm.dtype).tiny)}
   grad_norm = optax.global_norm(grads)
   updates, opt_state = tx.update(grads, opt_state, lora)
   lora = optax.apply_updates(lora, updates)
   metrics = _means(sums, extra, loss_cfg)
   metrics["grad_norm"] = grad_norm
+  metrics.update(parts_metrics)
   return lora, opt_state, metrics
 
 
 def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, use_dropout: bool, lora,
-                    opt_state):
+                    opt_state, *, measure_parts: bool = False):
   """The jitted step `(lora, opt_state, rest, batch, key) -> (lora, opt_state, metrics)` that `train` runs
-  (on-policy steps pass `teacher_head=` too: `losses.distill_loss`).
+  (on-policy steps pass `teacher_head=` too: `losses.distill_loss`); with `measure_parts` (logged steps of a loss
+  with KD and CE, `measures_loss_parts`) it also returns the two parts' gradient norms (`_train_step`).
 
   The plan stage (`kdjax.plan_train`) compiles the step built here too, on abstract arguments, so the plan and
   the loop cannot drift apart. `lora` and `opt_state` (arrays, or ShapeDtypeStructs with shardings) give the
@@ -281,7 +305,7 @@ def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, 
   # No buffer donation: LoRA and its optimizer state are small, and asynchronous checkpoints may still be
   # reading the previous step's arrays.
   shardings = jax.tree.map(lambda x: x.sharding, (lora, opt_state))
-  return jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, chunk_size, use_dropout),
+  return jax.jit(functools.partial(_train_step, graphdef, tx, loss_cfg, chunk_size, use_dropout, measure_parts),
                  out_shardings=(*shardings, None))
 
 
@@ -450,6 +474,10 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
 
   use_dropout = getattr(model, "lora_dropout", 0.0) > 0.0
   step_fn = make_train_step(graphdef, tx, loss_cfg, cfg.chunk_size, use_dropout, lora, opt_state)
+  # Logged steps take the KD and CE gradients apart (metrics.jsonl: grad_norm_kd, grad_norm_ce, grad_ratio_kd_ce);
+  # the others run the plain step, which the plan stage compiles.
+  measured_step_fn = (make_train_step(graphdef, tx, loss_cfg, cfg.chunk_size, use_dropout, lora, opt_state,
+                                      measure_parts=True) if measures_loss_parts(loss_cfg) else step_fn)
   if on_policy is not None:
     on_policy.check(model, train_data, val_data or [])
     dense_cfg = on_policy_lib.dense_loss_config(loss_cfg)
@@ -478,7 +506,8 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
       tokens_trained += real_tokens
       micro = {k: v.reshape((cfg.grad_accum_steps, cfg.batch_size) + v.shape[1:]) for k, v in batch.items()}
       update_start = time.perf_counter()
-      lora, opt_state, metrics = (on_policy_step_fn if sampled else step_fn)(
+      logged = (step + 1) % cfg.log_every == 0 or step + 1 == total_steps
+      lora, opt_state, metrics = (on_policy_step_fn if sampled else measured_step_fn if logged else step_fn)(
           lora, opt_state, rest, _place_batch(micro, mesh, leading=1), jax.random.fold_in(key, step))
       if on_policy is not None:
         metrics = on_policy.timed_update(metrics, extra, lora, update_start)

@@ -1,6 +1,7 @@
 """Cross-arm GSM8K report: accuracy under four extraction rules with Wilson intervals, reference-solution NLL with
 paired bootstrap intervals against the controls, exact McNemar tests (Holm-adjusted), how many answers training
-changed, adapter update norms, teacher-store statistics, and the paper's published numbers side by side.
+changed, adapter update norms, the KD and CE parts' gradient norms in training, teacher-store statistics, and the
+paper's published numbers side by side.
 
 Input per arm: a folder holding `samples.jsonl` (one record per test question, see `REQUIRED_FIELDS`) and
 optionally `summary.json` (whose `config` holds the eval settings). Arms evaluated with settings that differ from
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import json
 import pathlib
+import statistics
 from typing import Any, Mapping, Optional, Sequence
 
 from kdjax import storage
@@ -183,6 +185,21 @@ def read_update_norms(path: pathlib.Path) -> Optional[dict]:
     raise SamplesFormatError(f"{path}: expected {{'per_module': {{...}}, 'mean': float, 'max': float}}") from None
 
 
+def summarise_loss_gradients(path: pathlib.Path) -> Optional[dict]:
+  """Medians over the logged train steps of a train stage's `metrics.jsonl` that took the KD and CE gradients
+  apart (`grad_norm_kd`, `grad_norm_ce`, each as weighted in the loss, and their per-step ratio); None when the
+  file is absent or no step measured them (finetune, on-policy steps, a loss without both parts)."""
+  path = storage.path(path)
+  if not path.exists():
+    return None
+  steps = [r for r in read_jsonl_objects(path, SamplesFormatError) if "grad_ratio_kd_ce" in r]
+  if not steps:
+    return None
+  median = lambda key: statistics.median(float(r[key]) for r in steps)
+  return {"steps": len(steps), "median_kd_norm": median("grad_norm_kd"), "median_ce_norm": median("grad_norm_ce"),
+          "median_ratio": median("grad_ratio_kd_ce")}
+
+
 def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95) -> dict:
   """Teacher accuracy on the store's own (GSM8K train) questions under `rule`, truncation, response length."""
   from kdjax import store  # pylint: disable=import-outside-toplevel
@@ -233,12 +250,14 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
                  paper_numbers: Optional[Mapping[str, Optional[float]]] = None, confidence: float = 0.95,
                  stores: Optional[Mapping[str, pathlib.Path]] = None,
                  update_norms: Optional[Mapping[str, pathlib.Path]] = None,
+                 train_metrics: Optional[Mapping[str, pathlib.Path]] = None,
                  bootstrap_resamples: int = 2000, seed: int = 0) -> dict:
   """Writes report.md, report.json and plots to `out_dir`; returns the report.json content.
 
   `arms` maps an arm name to its eval folder (or samples.jsonl). `paper_numbers` maps arm names to published
   accuracies as fractions; None uses `paper_numbers.PAPER_GSM8K_ACCURACY`. `stores` maps a priming strategy to
-  its teacher store; `update_norms` maps an arm to its `update_norms.json` (absent files are skipped).
+  its teacher store; `update_norms` maps an arm to its `update_norms.json` and `train_metrics` to its train stage's
+  `metrics.jsonl` (absent files are skipped).
   """
   if rule not in extract.RULES:
     raise ValueError(f"unknown extraction rule {rule!r}; expected one of {extract.RULES}")
@@ -257,7 +276,7 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   settings = {name: eval_settings(summary) for name, summary in summaries.items()}
   compared = _main_group(settings, controls)
   report: dict[str, Any] = {"rule": rule, "rules": rules, "confidence": confidence, "arms": {}, "set_apart": {},
-                            "comparisons": [], "ref_nll_comparisons": [], "agreement": [], "update_norms": {},
+                            "comparisons": [], "ref_nll_comparisons": [], "agreement": [], "update_norms": {}, "loss_gradients": {},
                             "stores": {}, "notes": []}
   for name, path in arms.items():
     summary = summarise_arm(samples[name], rule, confidence)
@@ -309,6 +328,10 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
     norms = read_update_norms(storage.path(path))
     if norms is not None:
       report["update_norms"][name] = norms
+  for name, path in (train_metrics or {}).items():
+    gradients = summarise_loss_gradients(path)
+    if gradients is not None:
+      report["loss_gradients"][name] = gradients
   for strategy, path in (stores or {}).items():
     report["stores"][strategy] = summarise_store(storage.path(path), rule, confidence)
 

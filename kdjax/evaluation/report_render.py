@@ -103,6 +103,20 @@ def _update_norms_section(report: dict) -> list[str]:
   return lines + [""]
 
 
+def _loss_gradients_section(report: dict) -> list[str]:
+  if not report.get("loss_gradients"):
+    return []
+  lines = ["## What the KD term does", "",
+           "Gradient norms of the loss's two parts with respect to the LoRA weights, each as weighted in the loss "
+           "((1 - ce_weight) · KD and ce_weight · CE), medians over the logged training steps. A ratio far below 1 "
+           "trains nearly as plain fine-tuning on the teacher's text.", "",
+           "| arm | logged steps | ‖∇ KD‖ | ‖∇ CE‖ | ‖∇ KD‖ / ‖∇ CE‖ |", "|---|---|---|---|---|"]
+  for name, g in report["loss_gradients"].items():
+    lines.append(f"| {name} | {g['steps']} | {g['median_kd_norm']:.3g} | {g['median_ce_norm']:.3g} | "
+                 f"{g['median_ratio']:.3g} |")
+  return lines + [""]
+
+
 def _stores_section(report: dict) -> list[str]:
   if not report["stores"]:
     return []
@@ -140,7 +154,8 @@ def markdown(report: dict, resamples: int, seed: int) -> str:
   lines += _accuracy_table(report["arms"], report["rules"])
   lines += [""] + _ref_nll_section(report, resamples, seed) + [""]
   lines += _mcnemar_section(report) + [""]
-  lines += _agreement_section(report) + _update_norms_section(report) + _stores_section(report)
+  lines += _agreement_section(report) + _update_norms_section(report) + _loss_gradients_section(report)
+  lines += _stores_section(report)
   lines += _set_apart_section(report)
   lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]]
   lines += ["", f"![accuracy]({ACCURACY_PLOT})", "", f"![output length]({LENGTH_PLOT})", ""]
