@@ -3,6 +3,8 @@
 A kdjax checkpoint is a folder:
   params/            Orbax checkpoint of the model state (parameters, int8 scales, LoRA factors if any)
   tokenizer/         the tokenizer, saved with `save_pretrained` (when known at conversion time)
+  adapter/           a PEFT LoRA adapter kept unmerged (`convert --adapter` on bfloat16 or int8 weights): loading
+                     the checkpoint attaches it to the restored weights as LoRA (`lora.import_peft`)
   kdjax_model.json   config and dtypes; written last, so a folder without it is an unfinished conversion
 """
 
@@ -23,6 +25,7 @@ from kdjax.models.llama import weights
 from kdjax.models.llama.config import LlamaConfig
 
 METADATA_FILE = "kdjax_model.json"
+ADAPTER_DIR = "adapter"
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -40,8 +43,9 @@ def is_kdjax_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def save_model(model: model_lib.Llama, directory: str | os.PathLike, *, tokenizer=None,
-               extra: dict | None = None) -> pathlib.Path:
-  """Saves `model` (sharded arrays are written by each host's shards) as a kdjax checkpoint."""
+               extra: dict | None = None, adapter: str | os.PathLike | None = None) -> pathlib.Path:
+  """Saves `model` (sharded arrays are written by each host's shards) as a kdjax checkpoint; `adapter`: a PEFT
+  LoRA adapter folder copied into it byte for byte, which `restore_model` attaches unmerged."""
   import orbax.checkpoint as ocp
   directory = storage.path(directory, absolute=True)
   if (directory / METADATA_FILE).exists():
@@ -57,11 +61,16 @@ def save_model(model: model_lib.Llama, directory: str | os.PathLike, *, tokenize
   if tokenizer is not None and jax.process_index() == 0:
     with storage.staged_dir(directory / "tokenizer") as folder:
       tokenizer.save_pretrained(str(folder))
+  if adapter is not None and jax.process_index() == 0:
+    from kdjax.distill import lora
+    storage.makedirs(directory / ADAPTER_DIR)
+    for name in (lora.ADAPTER_WEIGHTS, lora.ADAPTER_CONFIG):  # the config last: it marks a complete adapter
+      storage.write_bytes(directory / ADAPTER_DIR / name, (storage.path(adapter) / name).read_bytes())
   if jax.process_index() == 0:
     meta = {"config": json.loads(model.config.to_json()),
             "param_dtype": str(jnp.dtype(model.embed[...].dtype)),
             "quantized": any(name.endswith("_scale") for name in model.layers.arrays()),
-            **(extra or {})}
+            **({"adapter": ADAPTER_DIR} if adapter is not None else {}), **(extra or {})}
     storage.write_text(directory / METADATA_FILE, json.dumps(meta, indent=2))
   return directory
 
@@ -75,7 +84,8 @@ def read_metadata(directory: str | os.PathLike) -> dict:
 
 def restore_model(directory: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
                   rules=parallel.DEFAULT_RULES, remat: bool = False) -> model_lib.Llama:
-  """Restores a kdjax checkpoint straight onto `mesh` (each host reads its own shards)."""
+  """Restores a kdjax checkpoint straight onto `mesh` (each host reads its own shards), with its unmerged
+  adapter, if it holds one, as LoRA factors (float32) on the restored weights."""
   import orbax.checkpoint as ocp
   directory = storage.path(directory, absolute=True)
   meta = read_metadata(directory)
@@ -100,7 +110,11 @@ def restore_model(directory: str | os.PathLike, *, dtype=jnp.float32, mesh=None,
       state, shardings, is_leaf=lambda x: isinstance(x, nnx.Variable))
   with ocp.StandardCheckpointer() as checkpointer:
     restored = checkpointer.restore(directory / "params", target)
-  return nnx.merge(graphdef, restored)
+  model = nnx.merge(graphdef, restored)
+  if meta.get("adapter"):
+    from kdjax.distill import lora
+    lora.import_peft(model, directory / meta["adapter"], rules=rules)
+  return model
 
 
 def load_model(source: str | os.PathLike, *, dtype="float32", param_dtype=None, mesh=None,

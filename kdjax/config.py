@@ -58,8 +58,9 @@ def get_default_config() -> ml_collections.ConfigDict:
 
   c.teacher = ml_collections.ConfigDict()
   c.teacher.source = ""             # HF dir, .gguf, kdjax checkpoint or "smollm2"; empty: use the preset for `plan`
-  # A PEFT LoRA adapter folder (e.g. a finetune arm's arms/finetune/adapter) merged into the teacher's weights at
-  # conversion: a fine-tuned teacher. Its files' hash enters the teacher's record (stores, on-policy training).
+  # A PEFT LoRA adapter folder (e.g. a finetune arm's arms/finetune/adapter): a fine-tuned teacher. Merged into
+  # float32 weights at conversion; on bfloat16 or int8 weights (which would round a small update away) kept unmerged
+  # as LoRA, the teacher then computing in float32. Its files' hash enters the teacher's record (stores, on-policy).
   c.teacher.adapter = ""
   c.teacher.preset = "llama3.1-405b"
   c.teacher.model_id = "meta-llama/Llama-3.1-405B-Instruct"

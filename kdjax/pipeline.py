@@ -78,12 +78,15 @@ def make_mesh(c: ml_collections.ConfigDict, *, per_process: bool = False):
 
 
 def load_role(c, wd: Workdir, role: str, mesh):
-  """The converted model of `role` (teacher or student) and its tokenizer."""
+  """The converted model of `role` (teacher or student) and its tokenizer; a teacher with `teacher.adapter` comes
+  with it (merged, or attached as LoRA: kdjax/convert.py) and computes in float32, whatever its weights' dtype: an
+  update of ~3e-4 of the weights is below bfloat16's resolution of the activations (2^-8), where it is noise."""
   from kdjax import checkpoint
   path = wd.model(role)
   if not checkpoint.is_kdjax_checkpoint(path):
     raise ConfigError(f"{path} is not converted yet: run the convert stage first")
-  model, _ = checkpoint.load_model(path, dtype=c[role].dtype, mesh=mesh,
+  dtype = "float32" if _adapter(c, role) else c[role].dtype
+  model, _ = checkpoint.load_model(path, dtype=dtype, mesh=mesh,
                                    remat=bool(c.student.remat) if role == "student" else False)
   return model, checkpoint.load_tokenizer(path)
 
@@ -92,7 +95,7 @@ class Records:
   """The provenance record each output of this run should have, from the config and the sources (cached).
 
   What each stage's record holds (kdjax/provenance.py): convert <- the source's bytes, quantization, parameter
-  dtype, the content hash of an adapter merged into the teacher (`teacher.adapter`); generate <- the teacher's
+  dtype, the content hash of the teacher's adapter (`teacher.adapter`); generate <- the teacher's
   record, the teacher, data and seed settings, the train and validation questions; train <- the student's (and
   the store's) record, the student, train, data and seed settings, the distill settings for kd arms (finetune's
   loss does not read them), its questions where no store holds them;
@@ -152,12 +155,12 @@ class Records:
 
 
 def _adapter(c, role: str) -> str | None:
-  """The PEFT adapter merged into `role`'s weights at conversion (`teacher.adapter`; the student has none)."""
+  """The PEFT adapter of `role` (`teacher.adapter`; the student has none), applied at conversion (convert.py)."""
   return (c.teacher.adapter or None) if role == "teacher" else None
 
 
 def _source_line(c, role: str) -> str:
-  """`role`'s source as the log shows it, with the adapter merged into it."""
+  """`role`'s source as the log shows it, with its adapter."""
   adapter = _adapter(c, role)
   return c[role].source + (f" + adapter {adapter}" if adapter else "")
 

@@ -81,7 +81,7 @@ NO_EFFECT_KEYS = frozenset({
     "train.chunk_size",        # the loss is summed over sequence chunks of this length: the same sum
     "data.source",             # where questions are read from: their ids and content hashes are recorded instead
     "teacher.source", "student.source",  # recorded as the content identity of models/<role>
-    "teacher.adapter",         # recorded as the content hash of the adapter merged into models/teacher
+    "teacher.adapter",         # recorded as the content hash of models/teacher's adapter
     "teacher.preset", "student.preset",  # read only by the plan stage
 })
 

@@ -368,7 +368,8 @@ def _peft_adapter(base_dir, directory, targets=("q_proj", "v_proj", "gate_proj",
 
 
 def test_convert_merges_an_adapter_as_peft_merge_and_unload_does(base_dir, tmp_path):
-  """`convert --adapter` (the fine-tuned teacher of `teacher.adapter`) equals PEFT's own merge of that adapter."""
+  """`convert --adapter` into float32 (the fine-tuned teacher of `teacher.adapter`) equals PEFT's own merge of that
+  adapter; into int8 it keeps the adapter unmerged (tests/test_teacher_adapter.py: the logits)."""
   from kdjax import checkpoint, convert, provenance
   merged_torch = _peft_adapter(base_dir, tmp_path / "adapter")
   convert.convert(str(base_dir), str(tmp_path / "ckpt"), adapter=str(tmp_path / "adapter"))
@@ -389,15 +390,20 @@ def test_convert_merges_an_adapter_as_peft_merge_and_unload_does(base_dir, tmp_p
   record = provenance.read(tmp_path / "ckpt")
   assert record["settings"]["adapter"] == provenance.folder_content(tmp_path / "adapter")
   assert "adapter" not in convert.conversion_record(str(base_dir), dtype="float32", quantize=False)["settings"]
-  # An int8 teacher: quantized after the merge (int8 weights cannot take W + scale B A), so each dequantized
-  # weight is within half a quantization step of the float64 merged weight.
+  # An int8 teacher: int8 weights cannot hold a small update, so the base is quantized as without an adapter (each
+  # dequantized weight within half a quantization step of the float64 W) and the adapter is kept unmerged: the
+  # loaded model's factors give the float64 update (alpha / r) B A of the file.
   convert.convert(str(base_dir), str(tmp_path / "int8"), quantize=True, adapter=str(tmp_path / "adapter"))
+  assert provenance.read(tmp_path / "int8")["settings"]["adapter_unmerged"] is True
   quantized, _ = checkpoint.load_model(tmp_path / "int8")
   q, scale = np.asarray(quantized.layers.wv[...])[1], np.asarray(quantized.layers.wv_scale[...])[1]
   assert q.dtype == np.int8
   dequantized = (q.astype(np.float64) * scale[None]).reshape(TINY_HF["hidden_size"], -1).T
+  base_weight = base["model.layers.1.self_attn.v_proj.weight"].astype(np.float64)
   step = np.broadcast_to(scale.reshape(-1)[:, None], expected.shape)
-  assert np.all(np.abs(dequantized - expected) <= 0.5 * step + 1e-6)
+  assert np.all(np.abs(dequantized - base_weight) <= 0.5 * step + 1e-6)
+  update = np.asarray(lora.lora_delta(quantized, "wv"))[1].reshape(TINY_HF["hidden_size"], -1).T
+  np.testing.assert_allclose(update, expected - base_weight, atol=1e-6, rtol=0)
 
 
 def test_convert_refuses_a_bad_adapter_in_one_line_before_reading_weights(base_dir, tmp_path, monkeypatch):
