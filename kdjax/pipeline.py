@@ -264,7 +264,7 @@ def _store_line(summary: dict) -> str:
       f"wrote {len(summary.get('shards_written', []))} shard(s), {summary.get('tokens_generated', 0)} tokens "
       f"in {summary.get('seconds', 0.0):.1f} s")
   return (f"{done}; {summary['num_examples']} responses, {summary['total_tokens']} tokens, "
-          f"{summary['num_correct']} correct ({summary['answer_rule']} rule)")
+          f"{summary['num_correct']} correct ({summary['correct_rule']} rule)")
 
 
 def _eval_line(summary: dict) -> str:
@@ -285,7 +285,8 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   if spec["mode"] == "finetune":
     return batches.gold_examples(train_q, tokenizer), batches.gold_examples(val_q, tokenizer)
   reader = store.StoreReader(wd.store(spec["strategy"]))
-  records = reader.filter(correct_only=True) if c.distill.correct_only else reader
+  # Correct under eval's rule, read again from the text: also for a store whose flags used another (kdjax.store).
+  records = reader.filter(correct_only=True, rule=store.CORRECT_RULE) if c.distill.correct_only else reader
   val_ids = {q["id"] for q in val_q}
   train_records = [r for r in records if r.question_id not in val_ids]
   val_records = [r for r in records if r.question_id in val_ids]
