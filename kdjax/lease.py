@@ -62,9 +62,23 @@ def _describe(holder: dict) -> str:
   return f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}, started {holder.get('started', '?')}"
 
 
+def _process_space() -> str | None:
+  """This machine's boot and process-id namespace (Linux): pids are comparable only between processes that share
+  them (containers may share a host name but not their pids)."""
+  try:
+    with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+      boot = f.read().strip()
+    return f"{boot}/{os.readlink('/proc/self/ns/pid')}"
+  except OSError:
+    return None
+
+
 def _process_gone(holder: dict) -> bool:
-  """True where the holder ran on this host and its process no longer exists (a crash leaves no doubt then)."""
+  """True where the holder ran on this host, among these pids, and its process no longer exists (a crash leaves no
+  doubt then)."""
   if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+    return False
+  if _process_space() is None or holder.get("process_space") != _process_space():
     return False
   try:
     os.kill(holder["pid"], 0)
@@ -185,7 +199,8 @@ def acquire(workdir, job: str, *, processes: int = 1, heartbeat_s: float = HEART
   it. A stale lease (`stale_reason`) is taken over; the returned Lease's `taken_over` says whose."""
   path = lease_path(workdir)
   started = _now()
-  content = {"kdjax_lease": 1, "job": job, "host": socket.gethostname(), "pid": os.getpid(), "processes": processes,
+  content = {"kdjax_lease": 1, "job": job, "host": socket.gethostname(), "pid": os.getpid(),
+             "process_space": _process_space(), "processes": processes,
              "started": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)), "started_unix": started,
              "renewed_unix": started, "heartbeat_s": heartbeat_s, "stale_after_s": stale_after_s}
   taken_over = None

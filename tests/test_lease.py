@@ -128,6 +128,11 @@ def test_sigterm_releases_and_a_killed_holder_is_taken_over_at_once(tmp_path):
   held = lease.acquire(tmp_path, "next")  # this host, its process gone: no need to wait for staleness
   assert f"process {proc.pid} no longer runs on this host" in held.taken_over
   held.release()
+  # The same host name and pid seen from other pids (another container, or after a reboot) prove nothing.
+  storage.write_json(lease.lease_path(tmp_path), {"host": HOST, "pid": proc.pid, "process_space": "other/pid:[1]",
+                                                  "renewed_unix": time.time()})
+  with pytest.raises(lease.WorkdirBusyError, match=f"pid {proc.pid}"):
+    lease.acquire(tmp_path, "next")
 
 
 # ------------------------------------------------------------------------------------------ kdjax.main
