@@ -12,6 +12,8 @@ Work folder layout (`--config.workdir`):
 
   config.json                     the config of the last run that succeeded
   run_records/<time>-<pid>.json   every run's config and outcome ("running", "ok" or its error line)
+  logs/<time>-<pid>.log           what libraries said during that run, and its error's traceback (kdjax/runlog.py)
+  .kdjax-lock.json                the lease of the run working here now: one run at a time (kdjax/lease.py)
 
 On several processes (a pod, `jax.distributed`) every process runs every stage. Each object has one writer:
 convert and train write through Orbax (each array shard by the one process that holds it), generate and eval
@@ -37,7 +39,7 @@ import jax
 import ml_collections
 
 from kdjax import config as config_lib
-from kdjax import hostmem, parallel, provenance, settings, storage
+from kdjax import hostmem, lease, parallel, provenance, runlog, settings, storage
 from kdjax.settings import ConfigError, validate
 
 
@@ -267,7 +269,7 @@ def _store_line(summary: dict) -> str:
       f"wrote {len(summary.get('shards_written', []))} shard(s), {summary.get('tokens_generated', 0)} tokens "
       f"in {summary.get('seconds', 0.0):.1f} s")
   return (f"{done}; {summary['num_examples']} responses, {summary['total_tokens']} tokens, "
-          f"{summary['num_correct']} correct ({summary['answer_rule']} rule)")
+          f"{summary['num_correct']} correct ({summary['correct_rule']} rule)")
 
 
 def _eval_line(summary: dict) -> str:
@@ -288,7 +290,8 @@ def _train_examples(c, wd: Workdir, arm: str, tokenizer):
   if spec["mode"] == "finetune":
     return batches.gold_examples(train_q, tokenizer), batches.gold_examples(val_q, tokenizer)
   reader = store.StoreReader(wd.store(spec["strategy"]))
-  records = reader.filter(correct_only=True) if c.distill.correct_only else reader
+  # Correct under eval's rule, read again from the text: also for a store whose flags used another (kdjax.store).
+  records = reader.filter(correct_only=True, rule=store.CORRECT_RULE) if c.distill.correct_only else reader
   val_ids = {q["id"] for q in val_q}
   train_records = [r for r in records if r.question_id not in val_ids]
   val_records = [r for r in records if r.question_id in val_ids]
@@ -466,23 +469,61 @@ def preflight(c, wd: Workdir, records: Records) -> None:
 
 
 def run(c: ml_collections.ConfigDict) -> None:
-  """Checks the config, then runs the stages. Every run leaves run_records/<id>.json with its outcome;
-  config.json is replaced only when a run succeeds, so it always shows the config of the last good run."""
+  """Checks the config, takes the work folder (kdjax.lease: one run at a time), then runs the stages. Every run that
+  gets the folder leaves run_records/<id>.json with its outcome and logs/<id>.log with what libraries said and how
+  it ended (kdjax.runlog); config.json is replaced only when a run succeeds, so it always shows the config of the
+  last good run."""
   # Before validate: jax.distributed must start before anything touches a device (validate's settings objects do).
   parallel.initialize_distributed(c.distributed.coordinator or None, c.distributed.num_processes or None,
                                   None if c.distributed.process_id < 0 else c.distributed.process_id)
   validate(c)
   wd = Workdir(storage.makedirs(storage.path(c.workdir, absolute=True)))  # orbax needs absolute paths
+  run_id, held = _take_workdir(wd)
+  try:
+    with runlog.capture(runlog.log_path(wd.root, run_id, jax.process_index())):
+      _run_stages(c, wd, run_id, held)
+  finally:
+    if held is not None:
+      held.release()
+
+
+def _take_workdir(wd: Workdir):
+  """(the run's id, process 0's lease on the work folder or None elsewhere): process 0 takes the lease and every
+  process of the job shares it; while another run holds it, WorkdirBusyError (one line naming the holder) on every
+  process, before any work."""
+  run_id, held, told = f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}", None, None
+  if _writer():
+    try:
+      held = lease.acquire(wd.root, run_id, processes=jax.process_count())
+      told = {"run": run_id}
+    except Exception as e:  # the other processes wait for process 0's answer: they get it, then all stop
+      no_space = runlog.out_of_space_line(e, wd.root)
+      parallel.broadcast_json("kdjax.lease", {"error": no_space or str(e)})
+      if no_space:
+        raise runlog.OutOfSpaceError(no_space) from e
+      raise
+  told = parallel.broadcast_json("kdjax.lease", told)
+  if "error" in told:
+    raise lease.WorkdirBusyError(told["error"])
+  if held is not None and held.taken_over:
+    log(held.taken_over)
+  return told["run"], held
+
+
+def _run_stages(c, wd: Workdir, run_id: str, held) -> None:
   config = json.loads(c.to_json_best_effort())
   now = lambda: time.strftime("%Y-%m-%dT%H:%M:%S%z")
   run_record = {"status": "running", "started": now(), "config": config}
-  record_path = wd.root / "run_records" / f"{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
-  if _writer():
-    provenance.write_json(record_path, run_record)
-  records = Records(c, wd)
+  record_path = wd.root / "run_records" / f"{run_id}.json"
   try:
+    if _writer():
+      provenance.write_json(record_path, run_record)
+    records = Records(c, wd)
     preflight(c, wd, records)
     for stage in config_lib.stage_names(c):
+      lost = parallel.broadcast_json(f"kdjax.lease:{stage}", held.lost if held is not None else None)
+      if lost:  # another run took the folder over (this one stalled past the lease's staleness): stop writing
+        raise lease.LeaseLostError(f"{lost}; stopped before stage {stage}")
       start = time.time()
       log(f"stage {stage}: start")
       STAGE_FUNCTIONS[stage](c, wd, records)
@@ -492,10 +533,18 @@ def run(c: ml_collections.ConfigDict) -> None:
       log(f"stage {stage}: done in {time.time() - start:.1f}s (resident {resident / 2**30:.1f} GiB, "
           f"peak {peak / 2**30:.1f} GiB)")
   except BaseException as e:
+    no_space = runlog.out_of_space_line(e, wd.root)
+    if no_space:
+      no_space += f" (tracebacks in {wd.name(runlog.log_path(wd.root, run_id, jax.process_index()))})"
     if _writer():
-      line = (str(e).strip().splitlines() or [type(e).__name__])[0]
-      provenance.write_json(record_path, {**run_record, "status": f"failed: {type(e).__name__}: {line}",
-                                          "ended": now()})
+      line = no_space or (str(e).strip().splitlines() or [type(e).__name__])[0]
+      try:  # on a full disk this record may not fit either; the error line matters more
+        provenance.write_json(record_path, {**run_record, "status": f"failed: {type(e).__name__}: {line}",
+                                            "ended": now()})
+      except OSError:
+        pass
+    if no_space:
+      raise runlog.OutOfSpaceError(no_space) from e
     raise
   if _writer():
     provenance.write_json(record_path, {**run_record, "status": "ok", "ended": now()})

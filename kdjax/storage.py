@@ -371,6 +371,134 @@ def link_dir(link, target) -> None:
   link.symlink_to(os.path.relpath(target, link.parent), target_is_directory=True)
 
 
+# ------------------------------------------------------------------------------------------ conditional writes
+# A small object that several programs may write (the work folder's lease, kdjax.lease), changed only where it still
+# is the version the writer read: compare-and-swap on a version token. gs:// gives it exactly (preconditions on the
+# object's generation: `ifGenerationMatch`, 0 for "absent"); on local disk the create and the removal are exact
+# (a hard link fails where the name exists; a rename moves one file away, checked before it is deleted) and a
+# replace is checked just before its rename.
+
+
+def _local_version(st: os.stat_result) -> str:
+  return f"{st.st_ino}:{st.st_mtime_ns}:{st.st_size}"  # every commit here is a new file (a new inode)
+
+
+def _private_name(p: pathlib.Path, purpose: str) -> pathlib.Path:
+  return p.with_name(f"{p.name}.{os.getpid()}-{os.urandom(4).hex()}.{purpose}")
+
+
+def _local_staged(p: pathlib.Path, data: bytes) -> pathlib.Path:
+  """`data` in a fsynced file of its own beside `p`, for a link or rename into place."""
+  staged = _private_name(p, "tmp")
+  with open(staged, "xb") as f:
+    f.write(data)
+    f.flush()
+    os.fsync(f.fileno())
+  return staged
+
+
+def _object_precondition_upload(p, data: bytes, generation: str) -> str | None:
+  """Uploads `data` as `p` only where the object's generation is `generation` ("0": absent); its new generation,
+  or None where the precondition failed (HTTP 412)."""
+  from urllib.parse import quote
+  fs, key = _fs_and_key(p)
+  bucket, name = key.split("/", 1)
+  try:
+    out = fs.call("POST", f"{fs._location}/upload/storage/v1/b/{quote(bucket, safe='')}/o", uploadType="media",
+                  name=name, ifGenerationMatch=generation, data=data,
+                  headers={"Content-Type": "application/octet-stream"}, json_out=True)
+  except FileExistsError:  # gcsfs's answer to 412 Precondition Failed
+    return None
+  return str(out["generation"])
+
+
+def read_versioned(p) -> tuple[bytes, str] | None:
+  """(content, version token) of the file or object `p`, read together; None where it does not exist."""
+  if is_remote(p):
+    fs, key = _fs_and_key(p)
+    for _ in range(5):  # a write between the two looks at the generation: read again
+      try:
+        before = fs.info(key).get("generation")
+        content = fs.cat_file(key)
+        after = fs.info(key).get("generation")
+      except FileNotFoundError:
+        return None
+      if before == after and before is not None:
+        return content, str(before)
+    raise OSError(f"{p} changes faster than it can be read")
+  try:
+    with open(p, "rb") as f:
+      return f.read(), _local_version(os.fstat(f.fileno()))
+  except FileNotFoundError:
+    return None
+
+
+def create_if_absent(p, data: bytes) -> str | None:
+  """Commits `data` as `p` only where `p` does not exist (the check and the write are one step); its version token,
+  or None where `p` exists."""
+  if is_remote(p):
+    return _object_precondition_upload(p, bytes(data), "0")
+  p = pathlib.Path(p)
+  staged = _local_staged(p, bytes(data))
+  try:
+    os.link(staged, p)  # fails where `p` exists, and `p` never shows part of `data`
+    version = _local_version(os.stat(p))
+  except FileExistsError:
+    return None
+  finally:
+    staged.unlink(missing_ok=True)
+  _fsync_dir(p.parent)
+  return version
+
+
+def replace_if_version(p, data: bytes, version: str) -> str | None:
+  """Commits `data` as `p` only where `p` is still at `version`; the new version token, or None where `p` changed or
+  is gone. Exact on gs://; locally checked just before the rename (a writer that changes `p` in between, a
+  takeover of a lease minutes stale, is seen at the next call)."""
+  if is_remote(p):
+    return _object_precondition_upload(p, bytes(data), version)
+  p = pathlib.Path(p)
+  staged = _local_staged(p, bytes(data))
+  try:
+    current = read_versioned(p)
+    if current is None or current[1] != version:
+      return None
+    os.replace(staged, p)
+    new_version = _local_version(os.stat(p))
+  finally:
+    staged.unlink(missing_ok=True)
+  _fsync_dir(p.parent)
+  return new_version
+
+
+def remove_if_version(p, version: str) -> bool:
+  """Removes `p` only where it is still at `version`; whether it did."""
+  if is_remote(p):
+    fs, key = _fs_and_key(p)
+    bucket, name = key.split("/", 1)
+    try:
+      fs.call("DELETE", "b/{}/o/{}", bucket, name, ifGenerationMatch=version)
+    except (FileExistsError, FileNotFoundError):  # 412: another generation; 404: already gone
+      return False
+    return True
+  p = pathlib.Path(p)
+  aside = _private_name(p, "removing")
+  try:
+    os.rename(p, aside)  # one file moves away whole; then it is checked
+  except FileNotFoundError:
+    return False
+  if _local_version(os.stat(aside)) == version:
+    aside.unlink()
+    _fsync_dir(p.parent)
+    return True
+  try:  # moved another writer's file: put it back, unless yet another took the name meanwhile
+    os.link(aside, p)
+  except FileExistsError:
+    pass
+  aside.unlink()
+  return False
+
+
 # ------------------------------------------------------------------------------------------ local copies
 
 

@@ -46,12 +46,18 @@ import numpy as np
 
 from kdjax import storage
 from kdjax import store_ids
+from kdjax.evaluation import extract
 
 FORMAT_NAME = "kdjax-teacher-store"
 FORMAT_VERSION = 1
 FINISH_REASONS = ("stop", "length")
 MANIFEST = "manifest.json"
 _ZIP_EPOCH = (1980, 1, 1, 0, 0, 0)  # fixed member timestamps make reruns byte-identical
+# The rule by which kdjax counts a response correct where it decides something (`distill.correct_only`, the
+# teacher's correct count): eval's primary rule, the last answer a response states. A store records the rule its
+# `correct` flags were written under (`teacher_job.json`); stores made before this rule was the default used the
+# first `#### N` (strict), so readers that decide re-read the answer from the stored text (`StoreReader.filter`).
+CORRECT_RULE = "final"
 _META_FIELDS = ("question_id", "question_hash", "strategy", "teacher_model", "sampling",
                 "response_text", "finish_reason", "extracted_answer", "gold_answer", "correct")
 
@@ -575,7 +581,15 @@ class StoreReader(Sequence):
     for index in range(len(self)):
       yield self[index]
 
-  def filter(self, correct_only: bool = True) -> StoreView:
-    """The examples to train on: those whose extracted answer was correct (or all)."""
-    return StoreView(self, [i for i, meta in enumerate(self._metadata)
-                            if meta["correct"] or not correct_only])
+  def is_correct(self, index: int, rule: str | None = None) -> bool:
+    """Whether `store[index]` answers its question: its stored `correct` flag, or with `rule` its stored response
+    text read again under that extraction rule (`kdjax.evaluation.extract`)."""
+    meta = self._metadata[index]
+    if rule is None:
+      return bool(meta["correct"])
+    return extract.is_correct(extract.extract_answer(meta["response_text"] or "", rule), float(meta["gold_answer"]))
+
+  def filter(self, correct_only: bool = True, rule: str | None = None) -> StoreView:
+    """The examples to train on: the correct ones (`is_correct`: the stored flags, or read again under `rule`)
+    or all of them."""
+    return StoreView(self, [i for i in range(len(self._metadata)) if not correct_only or self.is_correct(i, rule)])

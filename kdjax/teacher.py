@@ -19,12 +19,12 @@ questions and settings, never on which shards happened to share the slots with i
 keeps a killed and resumed run byte-identical to an uninterrupted one (in float arithmetic a row's
 log-probs can move in the last bit with the cache window its neighbours set).
 
-Correctness of a response uses the `strict` extraction rule by default: the prompts ask for a
-final `#### N` line, and a response only counts as correct when it states the gold answer in that
-form (or lm-eval's "The answer is N" fallbacks). The looser `paper` rule would also credit
-responses whose last number happens to equal the answer, e.g. ones cut off at max_new_tokens,
-which would then teach the student a format the evaluation cannot read. Every response is kept;
-`correct` is a per-record field and `StoreReader.filter(correct_only=True)` selects at read time.
+Correctness of a response uses eval's primary extraction rule, `final` (`store.CORRECT_RULE`): the
+last answer the response states, so a response that writes `#### 5` and then corrects itself to
+`#### 6` counts as 6 for the teacher exactly as it would in eval. Every response is kept; `correct`
+is a per-record field, and the trainer (`distill.correct_only`) selects by the response text read
+again under `final`, so a store written under another rule (`strict`, the default before) is
+selected the same way. A store keeps the rule it was started with for its flags (`teacher_job.json`).
 
 Multi-process runs, two ways, chosen by where the teacher's parameters live:
 - process-local teachers (each process holds a complete teacher on its own devices): the processes
@@ -78,7 +78,7 @@ class TeacherJob:
   placement: str = "system"
   shard_size: int = 64  # several times batch_size, so slots refill within a shard (module docstring)
   batch_size: int = 16  # decode slots
-  answer_rule: str = "strict"
+  answer_rule: str = store.CORRECT_RULE  # the rule of the stored `correct` flags
   correct_only: bool = False  # recorded for the trainer; the store keeps every response
   tail_temperatures: tuple[float, ...] = ()  # temperatures of the stored tempered tails (see kdjax.store)
 
@@ -167,14 +167,21 @@ def _write_json_atomic(path: pathlib.Path, value: dict) -> None:
   storage.write_json(path, value, indent=1, sort_keys=True)
 
 
-def _check_job_file(store_dir: pathlib.Path, job: TeacherJob) -> None:
+def _recorded_job(store_dir: pathlib.Path) -> dict:
+  """The store's `teacher_job.json`, or {} when there is none yet."""
   path = store_dir / JOB_FILE
   if not path.is_file():
-    return
+    return {}
   try:
-    recorded = json.loads(path.read_text())
+    return json.loads(path.read_text())
   except (OSError, json.JSONDecodeError) as err:
     raise TeacherError(f"cannot read {path}: {err}") from None
+
+
+def _check_job_file(store_dir: pathlib.Path, job: TeacherJob) -> None:
+  recorded = _recorded_job(store_dir)
+  if not recorded:
+    return
   for key in _JOB_IDENTITY_KEYS:
     if recorded.get(key) != getattr(job, key):
       raise TeacherError(f"store {store_dir} was written with {key}={recorded.get(key)!r}, "
@@ -269,11 +276,11 @@ def _barrier(name: str) -> None:
 
 def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, **run: Any) -> dict:
   summary = {"store_dir": str(store_dir), "strategy": job.strategy, "teacher_model": job.teacher_model,
-             "answer_rule": job.answer_rule, "correct_only": job.correct_only,
+             "answer_rule": job.answer_rule, "correct_rule": store.CORRECT_RULE, "correct_only": job.correct_only,
              "finalized": manifest is not None, **run}
   if manifest is not None:
     reader = store.StoreReader(store_dir)
-    num_correct = sum(bool(reader.metadata(i)["correct"]) for i in range(len(reader)))
+    num_correct = sum(reader.is_correct(i, store.CORRECT_RULE) for i in range(len(reader)))  # what correct_only keeps
     summary.update(
         num_examples=manifest["num_examples"], num_shards=manifest["num_shards"],
         shards=[shard["file"] for shard in manifest["shards"]], total_tokens=manifest["total_tokens"],
@@ -297,7 +304,7 @@ def generate_store(
     shard_size: int = 64,
     batch_size: int = 16,
     correct_only: bool = False,
-    answer_rule: str = "strict",
+    answer_rule: str | None = None,
     tail_temperatures: Sequence[float] = (),
     questions_name: str = "",
     process_index: int | None = None,
@@ -309,6 +316,8 @@ def generate_store(
   `questions` are dicts from `kdjax.data.load_gsm8k` (id, question, answer, gold); their ids seed
   the sampling. A finished store with the same spec is left as it is; a partial one is resumed.
   With `student_tokenizer`, both tokenizers must map tokens to the same ids (checked first).
+  `answer_rule` is the rule of the stored `correct` flags: by default `store.CORRECT_RULE` for a new store and the
+  recorded one for a store already started (its flags keep one rule); a rule other than the recorded one is refused.
   `questions_name` (e.g. "gsm8k:train n=7000") goes into the store spec next to a fingerprint of
   the list. `tail_temperatures`: the temperatures at which every token's exact tail mass outside the
   top-k is stored as well (training in "tail" mode at T != 1 needs T among them). With a process-local
@@ -320,6 +329,9 @@ def generate_store(
   if student_tokenizer is not None:
     # Before any heavy work: a store of top-k ids is useless to a student that reads them differently.
     priming.check_same_tokenizer(tokenizer, student_tokenizer)
+  store_dir = storage.path(store_dir)
+  if answer_rule is None:
+    answer_rule = _recorded_job(store_dir).get("answer_rule") or store.CORRECT_RULE
   job = TeacherJob(strategy=strategy, teacher_model=teacher_model_id, sampling=sampling, k=k,
                    placement=placement, shard_size=shard_size, batch_size=batch_size,
                    answer_rule=answer_rule, correct_only=correct_only,
@@ -332,7 +344,6 @@ def generate_store(
                        f"{jax.process_count()}, not {process_index} of {process_count}")
   process_index = jax.process_index() if process_index is None else process_index
   process_count = jax.process_count() if process_count is None else process_count
-  store_dir = storage.path(store_dir)
 
   spec = store.StoreSpec(
       teacher_model=teacher_model_id, strategy=strategy, vocab_size=model.config.vocab_size, k=k,

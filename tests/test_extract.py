@@ -110,6 +110,14 @@ def test_final_rule(text, expected):
   assert extract.extract_answer(text) == expected  # the default rule
 
 
+def test_two_answer_lines_are_read_as_the_last_by_final_and_the_first_by_strict():
+  """Issue 24: the teacher's correctness flag and eval read "#### 5 ... #### 6" alike, as 6 (the `final` rule)."""
+  text = "#### 5\nWait, I forgot the tip.\n#### 6"
+  assert extract.extract_answer(text, "final") == 6.0 and extract.extract_answer(text, "strict") == 5.0
+  assert extract.is_correct(extract.extract_answer(text, "final"), 6.0)
+  assert not extract.is_correct(extract.extract_answer(text, "final"), 5.0)
+
+
 # Final lines people write, each formatting the answer `n` as GSM8K's `#### n` line does (commas kept).
 FINAL_LINE_FORMS = [
     "#### {n}",

@@ -162,6 +162,11 @@ def test_report_shows_four_rules_ref_nll_holm_and_agreement(arms, tmp_path):
   markdown = (out_dir / "report.md").read_text(encoding="utf-8")
   assert "| `final` | `strict` | `flexible` | `paper` |" in markdown
   assert "| ground_truth | 10 | 1.2000 | -0.2500 [-0.2500, -0.2500] | -0.3000 [-0.3000, -0.3000] |" in markdown
+  # Issue 24: right under the reference-NLL table, the line saying what else a GSM8K-style arm gains there.
+  nll_section = markdown.split("## Reference-solution NLL", 1)[1].split("\n## ", 1)[0].strip().splitlines()
+  assert nll_section[-2:] == ["", "Arms trained on GSM8K-style text (finetune on the reference solutions, gold_hint on "
+                              "a teacher that read them) gain on this metric by style as well as by reasoning."]
+  assert nll_section[-3].startswith("| ") and nll_section[-3].count("|") == 6  # the table's last row
   assert "| ground_truth | nodistill | 10 | 80.0% | 20.0% | 6 | 0 | 0.0312 | 0.156 |" in markdown
   assert "| ground_truth | 10 | 4 | 4 | 0 | 6 |  |" in markdown
 

@@ -141,6 +141,30 @@ def test_local_append_and_truncate(tmp_path):
   assert target.read_bytes() == b"a\nb\n"
 
 
+def _check_conditional_writes(p, remove_behind_its_back) -> None:
+  """Compare-and-swap on one file or object: create only where absent, replace and remove only at the version read."""
+  assert storage.read_versioned(p) is None
+  first = storage.create_if_absent(p, b"one")
+  assert first is not None and storage.read_versioned(p) == (b"one", first)
+  assert storage.create_if_absent(p, b"two") is None  # exists: untouched
+  assert storage.read_versioned(p) == (b"one", first)
+  second = storage.replace_if_version(p, b"three", first)
+  assert second not in (None, first) and storage.read_versioned(p) == (b"three", second)
+  assert storage.replace_if_version(p, b"stale writer", first) is None  # read an older version: refused
+  assert not storage.remove_if_version(p, first)
+  assert storage.read_versioned(p) == (b"three", second)
+  assert storage.remove_if_version(p, second) and storage.read_versioned(p) is None
+  assert storage.replace_if_version(p, b"gone", second) is None and not storage.remove_if_version(p, second)
+  third = storage.create_if_absent(p, b"four")
+  remove_behind_its_back()
+  assert storage.replace_if_version(p, b"five", third) is None and storage.read_versioned(p) is None
+
+
+def test_local_conditional_writes(tmp_path):
+  _check_conditional_writes(tmp_path / "lease.json", (tmp_path / "lease.json").unlink)
+  assert list(tmp_path.iterdir()) == []  # no temporary file left behind
+
+
 # ------------------------------------------------------------------------------------------ gs:// (emulator)
 
 
@@ -195,6 +219,15 @@ def test_gs_writes_commit_whole_objects(gcs_emulator):
   storage.remove_tree(root / "tokenizer")
   assert not (root / "tokenizer").exists() and (root / "teacher").is_dir()
   assert sorted(p.name for p in root.glob("*.json*")) == ["config.json", "metrics.jsonl", "samples.jsonl"]
+
+
+def test_gs_conditional_writes_use_generation_preconditions(gcs_emulator):
+  """The same compare-and-swap on an object, through GCS's ifGenerationMatch (the emulator enforces it as GCS does:
+  tests/gcs_emulator.py)."""
+  bucket = gcs_emulator.create_bucket("kdjax-cas")
+  url = f"gs://{bucket}/run/lease.json"
+  _check_conditional_writes(storage.path(url), lambda: storage.remove_tree(url))
+  assert _object_bytes(gcs_emulator, bucket, "run/lease.json") is None
 
 
 def test_teacher_store_on_gs_is_byte_identical_to_local(gcs_emulator, tmp_path):

@@ -315,6 +315,24 @@ def test_bad_records_are_refused(tmp_path):
     _spec(vocab_size=4, k=5)
 
 
+def test_correct_only_reads_the_last_answer_under_the_final_rule(tmp_path):
+  """A response with two `#### N` lines answers the last one (eval's `final` rule), whatever flag was stored."""
+  spec = _spec()
+  records = []
+  for position, gold in enumerate((6.0, 5.0)):
+    record = _record(spec, position)
+    record.response_text, record.gold_answer, record.correct = "#### 5\nNo wait, plus one.\n#### 6", gold, gold == 5.0
+    records.append(record)
+  store.StoreWriter(tmp_path, spec, num_examples=2, shard_size=2).write_shard(0, records)
+  reader = store.StoreReader(tmp_path, allow_partial=True)
+  assert [reader.is_correct(i) for i in range(2)] == [False, True]  # as stored (here: the first `#### N`)
+  assert [reader.is_correct(i, "final") for i in range(2)] == [True, False]
+  assert [reader.is_correct(i, "strict") for i in range(2)] == [False, True]
+  assert store.CORRECT_RULE == "final"
+  assert reader.filter(correct_only=True, rule=store.CORRECT_RULE).positions == [0]
+  assert reader.filter(correct_only=False, rule=store.CORRECT_RULE).positions == [0, 1]
+
+
 def test_filter_correct_only_and_metadata(tmp_path):
   spec = _spec()
   _fill(tmp_path, spec, num_examples=12, shard_size=5).finalize()

@@ -219,7 +219,7 @@ def _check_smollm2_stores(smollm2, questions, root, summaries, sampling, k) -> N
       assert record.question_id == question["id"]
       assert record.question_hash == data.question_hash(question["question"])
       assert record.gold_answer == question["gold"]
-      assert record.extracted_answer == extract.extract_answer(record.response_text, "strict")
+      assert record.extracted_answer == extract.extract_answer(record.response_text, "final")
       assert record.correct == extract.is_correct(record.extracted_answer, question["gold"])
       assert_prompts(tokenizer, record, question, strategy)
     assert_records_match_forward(model, tokenizer, records, k, sampling)
@@ -410,7 +410,7 @@ def test_resume_with_other_settings_is_refused(tiny_reference, tokenizer_dir, tr
     teacher_worker.run_store(tiny_reference, questions, tokenizer, sampling=other_seed)
   with pytest.raises(store.StoreSpecMismatchError, match="questions"):
     teacher_worker.run_store(tiny_reference, questions[::-1], tokenizer)
-  with pytest.raises(teacher.TeacherError, match="answer_rule='strict'"):
+  with pytest.raises(teacher.TeacherError, match="answer_rule='final'"):
     teacher_worker.run_store(tiny_reference, questions, tokenizer, answer_rule="paper")
   summary = teacher_worker.run_store(tiny_reference, questions, tokenizer)
   assert summary["skipped"] and summary["finalized"]
@@ -428,3 +428,48 @@ def test_bad_questions_are_refused(tokenizer_dir, train_questions, tmp_path):
   with pytest.raises(priming.PrimingError, match="unknown priming strategy"):
     teacher.generate_store(teacher_worker.tiny_teacher(), tokenizer, train_questions[:1], "shouting", tmp_path / "c",
                            teacher_model_id="x", sampling=teacher_worker.SAMPLING)
+
+
+# ----------------------------------------------------------------------------- correctness
+
+
+def test_teacher_counts_the_last_answer_correct_as_eval_does(tokenizer_dir, train_questions, tmp_path, monkeypatch):
+  """Issue 24 section 5: a response that writes `#### 5` and then corrects itself to `#### 6` answers 6, as eval's
+  `final` rule reads it: correct for gold 6, wrong for gold 5, in the stored flag, the summary's count and the
+  trainer's `correct_only` selection. A store already started under `strict` keeps that rule for its flags, and
+  the selection still reads the text under `final`."""
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+  text = "#### 5\nWait, I forgot the tip.\n#### 6"
+  response = tokenizer.encode(text, add_special_tokens=False)
+  assert tokenizer.decode(response, skip_special_tokens=True) == text
+
+  def same_response_to_every_prompt(model, prompts, sampling, *, topk_logprobs, tail_temperatures, **kwargs):
+    n, k = len(response), topk_logprobs
+    tail = 1.0 - k * np.exp(-3.0)
+    return [generation.Generation(tokens=list(response), finish_reason="stop",
+                                  topk_ids=np.tile(np.arange(k, dtype=np.int32), (n, 1)),
+                                  topk_logprobs=np.full((n, k), -3.0, np.float32),
+                                  tail_mass=np.full((n,), tail, np.float32),
+                                  tail_log_mass=np.full((n, len(tail_temperatures)), np.log(tail), np.float32))
+            for _ in prompts]
+
+  monkeypatch.setattr(generation, "generate", same_response_to_every_prompt)
+  questions = [dict(train_questions[0], gold=6.0), dict(train_questions[1], gold=5.0)]
+  summary = teacher_worker.run_store(tmp_path / "final", questions, tokenizer)
+  reader = store.StoreReader(tmp_path / "final")
+  assert [reader.metadata(i)["extracted_answer"] for i in range(2)] == [6.0, 6.0]
+  assert [reader.metadata(i)["correct"] for i in range(2)] == [True, False]
+  assert (summary["answer_rule"], summary["correct_rule"], summary["num_correct"]) == ("final", "final", 1)
+  assert reader.filter(correct_only=True, rule="final").positions == [0]
+  assert json.loads((tmp_path / "final" / teacher.JOB_FILE).read_text())["answer_rule"] == "final"
+
+  # A store written under the old default: its flags say the opposite, the selection and the count do not.
+  old = teacher_worker.run_store(tmp_path / "strict", questions, tokenizer, answer_rule="strict")
+  reader = store.StoreReader(tmp_path / "strict")
+  assert [reader.metadata(i)["correct"] for i in range(2)] == [False, True]
+  assert reader.filter(correct_only=True).positions == [1]  # the flags as stored
+  assert reader.filter(correct_only=True, rule=store.CORRECT_RULE).positions == [0]
+  assert (old["answer_rule"], old["num_correct"]) == ("strict", 1)
+  again = teacher_worker.run_store(tmp_path / "strict", questions, tokenizer)  # the default adopts its rule
+  assert again["skipped"] and again["answer_rule"] == "strict"

@@ -43,6 +43,11 @@ def _accuracy_table(arms: dict, rules: list[str]) -> list[str]:
   return lines
 
 
+# Under the reference-NLL table: the metric scores the reference solution's wording, not only its reasoning.
+REF_NLL_STYLE_NOTE = ("Arms trained on GSM8K-style text (finetune on the reference solutions, gold_hint on a teacher "
+                      "that read them) gain on this metric by style as well as by reasoning.")
+
+
 def _ref_nll_section(report: dict, resamples: int, seed: int) -> list[str]:
   controls = list(dict.fromkeys(c["control"] for c in report["ref_nll_comparisons"]))
   by_pair = {(c["arm"], c["control"]): c for c in report["ref_nll_comparisons"]}
@@ -60,7 +65,7 @@ def _ref_nll_section(report: dict, resamples: int, seed: int) -> list[str]:
       cells.append("—" if c is None or c["difference"] is None else
                    f"{_signed(c['difference'])} [{_signed(c['ci_low'])}, {_signed(c['ci_high'])}]")
     lines.append(f"| {name} | {arm['ref_nll_n']} | {_number(arm['ref_nll'], 4)} | " + " | ".join(cells) + " |")
-  return lines
+  return lines + ["", REF_NLL_STYLE_NOTE]
 
 
 def _mcnemar_section(report: dict) -> list[str]:
