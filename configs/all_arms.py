@@ -1,4 +1,4 @@
-"""Every arm of the experiment (five primings + two controls) in one work folder and one report.
+"""Every arm of the experiment (five primings, the hint control + two controls) in one work folder and one report.
 
 Paper defaults (kdjax.config), the authors' schedule:
 SGD lr 5e-6 at one example per update (batch 1, 2 x 2638 updates), cosine over all updates without restarts.

@@ -26,6 +26,8 @@ ARMS: dict[str, dict[str, str]] = {
     "ground_truth": {"strategy": "ground_truth", "mode": "kd"},
     "confidence": {"strategy": "confidence", "mode": "kd"},
     "gold_hint": {"strategy": "gold_hint", "mode": "kd"},
+    # gold_hint's control: the same priming around ANOTHER training question's reference solution (priming.hint_donors)
+    "mismatched_hint": {"strategy": "mismatched_hint", "mode": "kd"},
     "finetune": {"strategy": "", "mode": "finetune"},
     "nodistill": {"strategy": "", "mode": "none"},
 }
@@ -68,6 +70,10 @@ def get_default_config() -> ml_collections.ConfigDict:
   c.teacher.dtype = "bfloat16"
   c.teacher.placement = "system"    # where the priming text goes: "system" or "user_prefix"
   c.teacher.k = 50                  # top-k log-probabilities stored per response token
+  # Train only on store responses whose ROUGE-L F1 with their question's reference solution (kdjax.reference_overlap)
+  # is at most this, in (0, 1]: drops a hinted teacher's copies. 1.0 (an overlap is at most 1) drops none. Read by the
+  # train stage, so it is in the training's record, not the store's: changing it never regenerates a store.
+  c.teacher.max_reference_overlap = 1.0
   # Temperatures at which the store keeps each token's exact tempered tail mass (comma-separated, e.g. "1,5.94");
   # training in tail mode needs distill.temperature among them. Empty: 1 and distill.temperature (resolved
   # by `tail_temperatures`, so an override of distill.temperature alone moves the default with it).

@@ -4,7 +4,7 @@ Work folder layout (`--config.workdir`):
   plan.json                       the plan stage's memory plan
   models/teacher, models/student  converted kdjax checkpoints (Orbax)
   stores/<strategy>/              teacher top-k stores, shared by every arm primed the same way
-  arms/<arm>/train/               student checkpoints (Orbax), metrics.jsonl, TensorBoard events
+  arms/<arm>/train/               student checkpoints (Orbax), metrics.jsonl, TensorBoard events, train_data.json
   arms/<arm>/adapter/             the LoRA adapter in HF PEFT format
   arms/<arm>/eval/                samples.jsonl + summary.json on GSM8K test
   report/                         report.md, report.json, accuracy.png
@@ -99,8 +99,8 @@ class Records:
   What each stage's record holds (kdjax/provenance.py): convert <- the source's bytes, quantization, parameter
   dtype, the content hash of the teacher's adapter (`teacher.adapter`); generate <- the teacher's
   record, the teacher, data and seed settings, the train and validation questions; train <- the student's (and
-  the store's) record, the student, train, data and seed settings, the distill settings for kd arms (finetune's
-  loss does not read them), its questions where no store holds them;
+  the store's) record, the student, train, data and seed settings, the distill settings and
+  teacher.max_reference_overlap for kd arms (finetune does not read them), its questions where no store holds them;
   eval <- the student's and the adapter's records and the adapter's bytes, the eval settings and student dtype,
   every question of the evaluated split.
   """
@@ -132,7 +132,8 @@ class Records:
   def train(self, arm: str) -> dict:
     def make():
       spec = config_lib.ARMS[arm]
-      sections = ["student", "train", "data", "seed"] + (["distill"] if spec["mode"] == "kd" else [])
+      kd_keys = ["distill", "teacher.max_reference_overlap"]  # how the store's responses are selected and learnt
+      sections = ["student", "train", "data", "seed"] + (kd_keys if spec["mode"] == "kd" else [])
       inputs = {"student": (self.wd.name(self.wd.model("student")), self.model("student"))}
       questions_read = None
       if spec["mode"] == "kd":
@@ -256,7 +257,7 @@ def stage_generate(c, wd: Workdir, records: Records) -> None:
         model, tokenizer, train_q + val_q, strategy, wd.store(strategy), teacher_model_id=c.teacher.model_id,
         sampling=settings.teacher_sampling(c), student_tokenizer=student_tokenizer, k=c.teacher.k,
         placement=c.teacher.placement, shard_size=c.teacher.shard_size, batch_size=c.teacher.batch_size,
-        tail_temperatures=config_lib.tail_temperatures(c),
+        tail_temperatures=config_lib.tail_temperatures(c), hint_seed=c.seed,
         questions_name=f"gsm8k-train-first{c.data.num_train_questions}+{c.data.num_validation}-seed{c.seed}")
     log(f"generate: {strategy}: {_store_line(summary)}")
 
@@ -268,8 +269,13 @@ def _store_line(summary: dict) -> str:
   done = "already complete, skipped" if summary.get("skipped") else (
       f"wrote {len(summary.get('shards_written', []))} shard(s), {summary.get('tokens_generated', 0)} tokens "
       f"in {summary.get('seconds', 0.0):.1f} s")
+  hint = ""
+  if summary.get("reference_overlap_mean") is not None:  # None only for a store without responses
+    hint = (f"; {100 * summary['hint_mention_share']:.1f}% mention a provided solution or hint, ROUGE-L F1 with the "
+            f"reference solution mean {summary['reference_overlap_mean']:.3f}, "
+            f"{100 * summary['reference_overlap_high_share']:.1f}% above {summary['reference_overlap_high_threshold']}")
   return (f"{done}; {summary['num_examples']} responses, {summary['total_tokens']} tokens, "
-          f"{summary['num_correct']} correct ({summary['correct_rule']} rule)")
+          f"{summary['num_correct']} correct ({summary['correct_rule']} rule)" + hint)
 
 
 def _eval_line(summary: dict) -> str:
@@ -282,21 +288,45 @@ def _eval_line(summary: dict) -> str:
           + ("" if nll is None else f", reference NLL {nll:.4f} nats/token"))
 
 
+TRAIN_DATA_FILE = "train_data.json"
+
+
 def _train_examples(c, wd: Workdir, arm: str, tokenizer):
-  from kdjax import store
+  """(train examples, validation examples, what was selected): a kd arm's store responses, less the wrong ones
+  (distill.correct_only) and those too close to their reference solution (teacher.max_reference_overlap)."""
+  from kdjax import reference_overlap, store
   from kdjax.distill import batches
   spec = config_lib.ARMS[arm]
   train_q, val_q = settings.train_and_validation(c)
   if spec["mode"] == "finetune":
-    return batches.gold_examples(train_q, tokenizer), batches.gold_examples(val_q, tokenizer)
+    return batches.gold_examples(train_q, tokenizer), batches.gold_examples(val_q, tokenizer), {"mode": "finetune"}
   reader = store.StoreReader(wd.store(spec["strategy"]))
   # Correct under eval's rule, read again from the text: also for a store whose flags used another (kdjax.store).
   records = reader.filter(correct_only=True, rule=store.CORRECT_RULE) if c.distill.correct_only else reader
   val_ids = {q["id"] for q in val_q}
-  train_records = [r for r in records if r.question_id not in val_ids]
-  val_records = [r for r in records if r.question_id in val_ids]
+  selected = {"mode": "kd", "store": wd.name(wd.store(spec["strategy"])), "store_responses": len(reader),
+              "dropped_incorrect": len(reader) - len(records),
+              "max_reference_overlap": float(c.teacher.max_reference_overlap)}
+  split = {}
+  for name, validation in (("train", False), ("validation", True)):
+    kept, dropped = reference_overlap.select([r for r in records if (r.question_id in val_ids) == validation],
+                                             train_q + val_q, float(c.teacher.max_reference_overlap))
+    split[name] = kept
+    selected[f"{name}_dropped_reference_overlap"] = dropped
+    selected[f"{name}_examples"] = len(kept)
   tail = {"temperature": float(c.distill.temperature), "topk_mode": c.distill.topk_mode}
-  return batches.examples_from_records(train_records, **tail), batches.examples_from_records(val_records, **tail)
+  return (batches.examples_from_records(split["train"], **tail),
+          batches.examples_from_records(split["validation"], **tail), selected)
+
+
+def _selection_line(selected: dict) -> str:
+  """What a kd arm's data selection dropped, for the train log line ('' for finetune)."""
+  if selected["mode"] != "kd":
+    return ""
+  return (f"; of {selected['store_responses']} store responses, {selected['dropped_incorrect']} dropped as wrong "
+          f"(distill.correct_only), {selected['train_dropped_reference_overlap']} train + "
+          f"{selected['validation_dropped_reference_overlap']} validation dropped above reference overlap "
+          f"{selected['max_reference_overlap']:g} (teacher.max_reference_overlap)")
 
 
 def _check_stores_serve_the_loss(c, wd: Workdir) -> None:
@@ -336,8 +366,11 @@ def stage_train(c, wd: Workdir, records: Records) -> None:
     provenance.claim(train_dir, wd.name(train_dir), expected, writer=_writer())
     model, tokenizer = load_role(c, wd, "student", mesh)
     lora.add_lora(model, settings.lora_config(c), seed=c.seed)
-    train_data, val_data = _train_examples(c, wd, arm, tokenizer)
-    log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({spec['mode']})")
+    train_data, val_data, selected = _train_examples(c, wd, arm, tokenizer)
+    if _writer():  # beside metrics.jsonl; the report shows it
+      provenance.write_json(train_dir / TRAIN_DATA_FILE, selected)
+    log(f"train: {arm}: {len(train_data)} train / {len(val_data)} validation sequences ({spec['mode']})"
+        + _selection_line(selected))
     scorer = None
     if spec["mode"] == "kd" and c.distill.on_policy_fraction > 0:  # the primed teacher, resident beside it
       _require_model(wd, records, "teacher")
@@ -411,11 +444,20 @@ def stage_report(c, wd: Workdir, records: Records) -> None:
       "report", settings=provenance.settings(c, ["report"]),
       inputs={arm: (wd.name(path), provenance.read(path) or {}) for arm, path in evals.items()}))
   strategies = sorted({config_lib.ARMS[a]["strategy"] for a in names if config_lib.ARMS[a]["mode"] == "kd"})
+  store_questions = None  # the stores' questions with their reference solutions, for the overlap columns
+  if strategies:
+    from kdjax import data
+    try:
+      store_questions = sum(settings.train_and_validation(c), [])
+    except (data.DataError, OSError) as e:
+      log(f"report: no reference overlap for the teacher stores: the questions cannot be read ({e})")
   report.build_report(evals, wd.root / "report", rule=c.report.rule,
                       paper_numbers=paper_numbers.PAPER_GSM8K_ACCURACY,
                       stores={s: wd.store(s) for s in strategies if (wd.store(s) / "manifest.json").exists()},
+                      store_questions=store_questions,
                       update_norms={a: wd.arm(a) / "train" / "update_norms.json" for a in names},
                       train_metrics={a: wd.arm(a) / "train" / "metrics.jsonl" for a in names},
+                      train_data={a: wd.arm(a) / "train" / TRAIN_DATA_FILE for a in names},
                       bootstrap_resamples=c.report.bootstrap_resamples, seed=c.seed)
   log(f"report: {wd.root / 'report' / 'report.md'}")
   print((wd.root / "report" / "report.md").read_text())

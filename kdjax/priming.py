@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Mapping
+import hashlib
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar, Literal
 
 SYSTEM_PROMPT = "You are a careful assistant that solves grade-school math word problems."
@@ -76,11 +77,16 @@ class InstructionPriming(PrimingStrategy):
 
 @dataclasses.dataclass(frozen=True)
 class GoldHintPriming(PrimingStrategy):
-  """The teacher is shown the reference solution and explains how to reach it."""
+  """The teacher is shown a reference solution and explains how to reach it.
+
+  `other_question`: the solution shown is another question's (`hint_donors`), not the one asked: the control that
+  tells "the teacher read a worked solution" from "the teacher read this question's solution".
+  """
 
   name: str
   instruction: str
   solution_heading: str = "Reference solution:"
+  other_question: bool = False
   needs_gold_solution: ClassVar[bool] = True
 
   def priming_text(self, gold_solution: str | None = None) -> str | None:
@@ -91,6 +97,12 @@ class GoldHintPriming(PrimingStrategy):
 
 def _register(*strategies: PrimingStrategy) -> dict[str, PrimingStrategy]:
   return {strategy.name: strategy for strategy in strategies}
+
+
+_GOLD_HINT_INSTRUCTION = (
+    "You are shown a correct reference solution to the problem. Explain, in your own "
+    "words and step by step, how to arrive at its answer, as if solving the problem "
+    "yourself; do not mention that a solution was provided.")
 
 
 STRATEGIES: dict[str, PrimingStrategy] = _register(
@@ -113,13 +125,28 @@ STRATEGIES: dict[str, PrimingStrategy] = _register(
             "Before you state the final answer, verify it: recompute the key calculations, "
             "check that the result answers exactly what was asked, and correct any mistake "
             "you find.")),
-    GoldHintPriming(
-        name="gold_hint",
-        instruction=(
-            "You are shown a correct reference solution to the problem. Explain, in your own "
-            "words and step by step, how to arrive at its answer, as if solving the problem "
-            "yourself; do not mention that a solution was provided.")),
+    GoldHintPriming(name="gold_hint", instruction=_GOLD_HINT_INSTRUCTION),
+    # The control of gold_hint: the same words around another question's reference solution.
+    GoldHintPriming(name="mismatched_hint", instruction=_GOLD_HINT_INSTRUCTION, other_question=True),
 )
+
+
+def hint_donors(question_ids: Sequence[int], seed: int) -> dict[int, int]:
+  """For a strategy showing another question's solution: question id -> the id whose solution its teacher reads.
+
+  A fixed derangement of the store's questions: the ids in the order of sha256("kdjax-hint-donor:<seed>:<id>"),
+  each taking the solution of the next one in that order and the last the first's. That is one cycle through every
+  question, so no question gets its own solution. It depends on the seed and the set of ids alone (not on their
+  order, nor on numpy's random streams), so a resumed or multi-process run draws the same. Raises PrimingError for
+  fewer than 2 questions or a repeated id.
+  """
+  ids = [int(i) for i in question_ids]
+  if len(set(ids)) != len(ids):
+    raise PrimingError("hint donors need distinct question ids")
+  if len(ids) < 2:
+    raise PrimingError(f"another question's solution needs at least 2 questions, got {len(ids)}")
+  order = sorted(ids, key=lambda i: (hashlib.sha256(f"kdjax-hint-donor:{seed}:{i}".encode()).hexdigest(), i))
+  return {question: order[(position + 1) % len(order)] for position, question in enumerate(order)}
 
 
 def get_strategy(strategy: str | PrimingStrategy) -> PrimingStrategy:

@@ -6,7 +6,8 @@ The record
     stage      the stage's name
     settings   every config value that changes the output, as flat dotted keys ("distill.temperature"): the whole
                config sections the stage reads, minus `NO_EFFECT_KEYS` (keys that change speed, logging or where a
-               file is read from, never a result). A new config key is therefore covered by default.
+               file is read from, never a result) and minus `READ_BY_A_LATER_STAGE` (recorded by the stage that
+               reads them). A new config key is therefore covered by default.
     source     models only: the source's content identity (see below)
     questions  per question list the stage reads: each question id with a hash of its question and reference
                solution (`data.example_hash`), and a digest of the whole list
@@ -84,6 +85,11 @@ NO_EFFECT_KEYS = frozenset({
     "teacher.adapter",         # recorded as the content hash of models/teacher's adapter
     "teacher.preset", "student.preset",  # read only by the plan stage
 })
+
+# Keys of a section one stage records that a later stage reads instead: they are left out when their section is
+# recorded whole and enter the record of the stage that names them (kdjax.pipeline.Records). A store does not depend
+# on teacher.max_reference_overlap, the training that filters the store's responses by it does.
+READ_BY_A_LATER_STAGE = frozenset({"teacher.max_reference_overlap"})
 
 _IGNORED = "about"  # the part of a record that is never compared
 
@@ -171,21 +177,22 @@ def _digest(value: Any) -> str:
 # ------------------------------------------------------------------------------------------ records
 
 def settings(c: ml_collections.ConfigDict, names: Iterable[str]) -> dict:
-  """The flat {dotted key: value} of the named config sections or keys, minus NO_EFFECT_KEYS."""
+  """The flat {dotted key: value} of the named config sections or keys, minus NO_EFFECT_KEYS, and minus the keys
+  READ_BY_A_LATER_STAGE unless named themselves."""
   flat: dict[str, Any] = {}
 
-  def add(name: str, value: Any) -> None:
+  def add(name: str, value: Any, named: bool) -> None:
     if isinstance(value, (ml_collections.ConfigDict, dict)):
       for key in sorted(value.keys()):
-        add(f"{name}.{key}", value[key])
-    elif name not in NO_EFFECT_KEYS:
+        add(f"{name}.{key}", value[key], False)
+    elif name not in NO_EFFECT_KEYS and (named or name not in READ_BY_A_LATER_STAGE):
       flat[name] = value
 
   for name in names:
     value = c
     for part in name.split("."):
       value = value[part]
-    add(name, value)
+    add(name, value, True)
   return flat
 
 

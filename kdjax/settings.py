@@ -135,7 +135,14 @@ def _check_values(c, stages: set[str], arms: list[str], modes: set[str]) -> None
   if c.analyze.num_questions < 1 or not 0.0 < c.analyze.threshold < 1.0:
     raise ConfigError(f"need analyze.num_questions >= 1 and 0 < analyze.threshold < 1, got "
                       f"{c.analyze.num_questions}, {c.analyze.threshold}")
+  if not 0.0 < c.teacher.max_reference_overlap <= 1.0:
+    raise ConfigError(f"teacher.max_reference_overlap must be in (0, 1] (1: keep every response), got "
+                      f"{c.teacher.max_reference_overlap}")
   for strategy in sorted({config_lib.ARMS[a]["strategy"] for a in arms if config_lib.ARMS[a]["mode"] == "kd"}):
+    if getattr(priming.STRATEGIES[strategy], "other_question", False) and \
+        c.data.num_train_questions + c.data.num_validation < 2:
+      raise ConfigError(f"strategy {strategy} shows another question's solution: it needs at least 2 store questions "
+                        f"(data.num_train_questions + data.num_validation)")
     teacher.TeacherJob(strategy=strategy, teacher_model=c.teacher.model_id, sampling=teacher_sampling(c),
                        k=c.teacher.k, placement=c.teacher.placement, shard_size=c.teacher.shard_size,
                        batch_size=c.teacher.batch_size)

@@ -1,7 +1,8 @@
 """The teacher stage: response-primed generation into a resumable top-k store.
 
 For every GSM8K question the teacher answers its *primed* prompt (the strategy's priming text and,
-for `gold_hint`, the reference solution); the store keeps the response, the teacher's top-k
+for `gold_hint`, the reference solution; for `mismatched_hint`, another question's, `priming.hint_donors`);
+the store keeps the response, the teacher's top-k
 log-probabilities per response token, and the *student* prompt (no priming) the student is later
 trained on. Work goes shard by shard (`kdjax.store`): a shard is generated in one `generate` call
 and written atomically, so a killed run resumes at the first missing shard; with several processes,
@@ -52,14 +53,14 @@ import jax
 import numpy as np
 from flax import nnx
 
-from kdjax import data, generation, parallel, priming, storage, store
+from kdjax import data, generation, parallel, priming, reference_overlap, storage, store
 from kdjax.evaluation import extract
 from kdjax.generation import SamplingConfig
 from kdjax.models.llama.model import Llama
 
 JOB_FILE = "teacher_job.json"
 # Fields of the job file that change what a shard holds beyond the store spec.
-_JOB_IDENTITY_KEYS = ("answer_rule",)
+_JOB_IDENTITY_KEYS = ("answer_rule", "hint_seed")
 _QUESTION_KEYS = ("id", "question", "answer", "gold")
 
 
@@ -81,6 +82,7 @@ class TeacherJob:
   answer_rule: str = store.CORRECT_RULE  # the rule of the stored `correct` flags
   correct_only: bool = False  # recorded for the trainer; the store keeps every response
   tail_temperatures: tuple[float, ...] = ()  # temperatures of the stored tempered tails (see kdjax.store)
+  hint_seed: int | None = None  # draws whose solution each question's hint shows (None: the strategy shows none)
 
   def __post_init__(self):
     priming.get_strategy(self.strategy)  # raises PrimingError for an unknown name
@@ -144,15 +146,39 @@ def _spans_processes(model: Llama) -> bool:
   return False
 
 
-def teacher_prompt_ids(tokenizer: Any, question: dict, strategy: str, placement: str) -> list[int]:
-  """The primed chat the teacher answers (with the reference solution for gold-hint strategies)."""
+def teacher_prompt_ids(tokenizer: Any, question: dict, strategy: str, placement: str, *,
+                       hint_question: dict | None = None) -> list[int]:
+  """The primed chat the teacher answers (with a reference solution for gold-hint strategies).
+
+  `hint_question`: the question whose solution the hint shows, required by strategies that show another
+  question's (`mismatched_hint`, see `hint_questions`); the others show `question`'s own.
+  """
   gold_solution = None
-  if priming.get_strategy(strategy).needs_gold_solution:
+  strategy_object = priming.get_strategy(strategy)
+  if strategy_object.needs_gold_solution:
+    shown = question
+    if getattr(strategy_object, "other_question", False):
+      if hint_question is None or hint_question["id"] == question["id"]:
+        raise TeacherError(f"strategy {strategy!r} shows another question's solution: give hint_question")
+      shown = hint_question
     # Calculator annotations (`<<48/2=24>>`) are tool markup, not part of the worked solution.
-    gold_solution = data.strip_calculator_annotations(question["answer"])
+    gold_solution = data.strip_calculator_annotations(shown["answer"])
   messages = priming.teacher_messages(question["question"], strategy, gold_solution=gold_solution,
                                       placement=placement)
   return priming.encode_chat(tokenizer, messages)
+
+
+def hint_questions(questions: Sequence[dict], strategy: str, hint_seed: int | None) -> dict[int, dict] | None:
+  """Question id -> the question whose solution its hint shows, for a strategy showing another question's
+  (`priming.hint_donors` over `questions`, drawn from `hint_seed`); None for every other strategy."""
+  if not getattr(priming.get_strategy(strategy), "other_question", False):
+    return None
+  by_id = {int(q["id"]): q for q in questions}
+  try:
+    donors = priming.hint_donors(list(by_id), 0 if hint_seed is None else hint_seed)
+  except priming.PrimingError as err:
+    raise TeacherError(f"strategy {strategy!r}: {err}") from None
+  return {question: by_id[donor] for question, donor in donors.items()}
 
 
 def student_prompt_ids(tokenizer: Any, question: dict) -> list[int]:
@@ -241,10 +267,13 @@ class _Progress:
 
 
 def _shard_records(model: Llama, tokenizer: Any, questions: Sequence[dict], job: TeacherJob, *,
-                   stop_ids: list[int], pad_id: int,
+                   stop_ids: list[int], pad_id: int, hints: dict[int, dict] | None,
                    progress: generation.ProgressCallback | None) -> list[store.TeacherRecord]:
-  """Generates the teacher's responses to `questions` and turns them into store records."""
-  teacher_prompts = [teacher_prompt_ids(tokenizer, q, job.strategy, job.placement) for q in questions]
+  """Generates the teacher's responses to `questions` and turns them into store records (`hints`: see
+  `hint_questions`)."""
+  teacher_prompts = [teacher_prompt_ids(tokenizer, q, job.strategy, job.placement,
+                                        hint_question=None if hints is None else hints[int(q["id"])])
+                     for q in questions]
   student_prompts = [student_prompt_ids(tokenizer, q) for q in questions]
   outputs = generation.generate(
       model, teacher_prompts, job.sampling, stop_ids=stop_ids, pad_id=pad_id,
@@ -274,7 +303,10 @@ def _barrier(name: str) -> None:
   parallel.sync(name)
 
 
-def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, **run: Any) -> dict:
+def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, questions: Sequence[dict],
+             **run: Any) -> dict:
+  """What a generate call did and, for a finished store, its size, accuracy and hint measures
+  (`reference_overlap.store_statistics`)."""
   summary = {"store_dir": str(store_dir), "strategy": job.strategy, "teacher_model": job.teacher_model,
              "answer_rule": job.answer_rule, "correct_rule": store.CORRECT_RULE, "correct_only": job.correct_only,
              "finalized": manifest is not None, **run}
@@ -285,7 +317,8 @@ def _summary(store_dir: pathlib.Path, job: TeacherJob, manifest: dict | None, **
         num_examples=manifest["num_examples"], num_shards=manifest["num_shards"],
         shards=[shard["file"] for shard in manifest["shards"]], total_tokens=manifest["total_tokens"],
         total_bytes=manifest["total_bytes"], bytes_per_token=manifest["bytes_per_token"],
-        num_correct=num_correct, accuracy=num_correct / len(reader) if len(reader) else None)
+        num_correct=num_correct, accuracy=num_correct / len(reader) if len(reader) else None,
+        **reference_overlap.store_statistics(reader, questions))
   return summary
 
 
@@ -307,6 +340,7 @@ def generate_store(
     answer_rule: str | None = None,
     tail_temperatures: Sequence[float] = (),
     questions_name: str = "",
+    hint_seed: int = 0,
     process_index: int | None = None,
     process_count: int | None = None,
     progress: bool = True,
@@ -324,7 +358,9 @@ def generate_store(
   teacher, process `process_index` of `process_count` (default: jax's) writes its share of the shards;
   with a teacher spanning every process (module docstring) all processes generate every shard and process
   0 writes them. Under `jax.distributed` all processes meet at a barrier, process 0 writes manifest.json,
-  and every process returns the finished store's summary (`spanning` says which way it ran).
+  and every process returns the finished store's summary (`spanning` says which way it ran). `hint_seed`: for a
+  strategy showing another question's solution (`mismatched_hint`), the seed of `priming.hint_donors` over
+  `questions`; recorded in the job file, a resume must use the same.
   """
   if student_tokenizer is not None:
     # Before any heavy work: a store of top-k ids is useless to a student that reads them differently.
@@ -335,8 +371,10 @@ def generate_store(
   job = TeacherJob(strategy=strategy, teacher_model=teacher_model_id, sampling=sampling, k=k,
                    placement=placement, shard_size=shard_size, batch_size=batch_size,
                    answer_rule=answer_rule, correct_only=correct_only,
-                   tail_temperatures=tuple(sorted({float(t) for t in tail_temperatures})))
+                   tail_temperatures=tuple(sorted({float(t) for t in tail_temperatures})),
+                   hint_seed=hint_seed if getattr(priming.get_strategy(strategy), "other_question", False) else None)
   _check_questions(questions, priming.get_strategy(strategy).needs_gold_solution)
+  hints = hint_questions(questions, strategy, job.hint_seed)
   distributed = jax.process_count() > 1
   spanning = _spans_processes(model)
   if spanning and (process_index, process_count) not in ((None, None), (jax.process_index(), jax.process_count())):
@@ -376,7 +414,7 @@ def generate_store(
     if told["finished"] and manifest is None:  # the others read the finished store process 0 found
       manifest = _finished_manifest(store_dir, num_shards)
   if manifest is not None:
-    return _summary(store_dir, job, manifest, **{**run, "skipped": True})
+    return _summary(store_dir, job, manifest, questions, **{**run, "skipped": True})
   if process_index == 0:
     _write_json_atomic(store_dir / JOB_FILE, job.to_json())
 
@@ -388,7 +426,7 @@ def generate_store(
   try:
     for index, first, stop in work:
       records = _shard_records(model, tokenizer, questions[first:stop], job, stop_ids=stop_ids,
-                               pad_id=pad_id, progress=bar.for_shard())
+                               pad_id=pad_id, hints=hints, progress=bar.for_shard())
       if writer is not None:
         writer.write_shard(index, records)
         run["shards_written"].append(index)
@@ -408,4 +446,4 @@ def generate_store(
   if distributed:
     _barrier(f"kdjax.teacher:{strategy}:finalized")
     manifest = _finished_manifest(store_dir, num_shards)
-  return _summary(store_dir, job, manifest, **run)
+  return _summary(store_dir, job, manifest, questions, **run)

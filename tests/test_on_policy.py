@@ -312,6 +312,39 @@ def test_eight_cpu_devices_match_single_device_on_policy(tmp_path, compile_cache
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
 
 
+@pytest.mark.slow  # kdjax.main on SmolLM2: convert, a store, 4 on-policy steps, eval and report
+def test_opsd_config_runs_on_smollm2(gsm8k_dir, tmp_path):
+  """configs/opsd.py end to end, shrunk: the student is its own teacher, primed with the reference solution, and
+  every step is on-policy; the adapter, the evaluation and the report are written."""
+  work = tmp_path / "opsd"
+  run = subprocess.run(
+      [sys.executable, "-m", "kdjax.main", f"--config={REPO / 'configs' / 'opsd.py'}", f"--config.workdir={work}",
+       f"--config.data.source={gsm8k_dir}", "--config.data.num_train_questions=4", "--config.data.num_validation=2",
+       "--config.teacher.max_new_tokens=16", "--config.train.batch_size=2", "--config.train.eval_every=2",
+       "--config.eval.num_questions=2", "--config.eval.max_new_tokens=16"],
+      capture_output=True, text=True, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"}, timeout=1200)
+  assert run.returncode == 0, run.stderr[-3000:]
+  assert "convert: teacher is the student's checkpoint" in run.stdout  # self-distillation: one model
+  steps = [json.loads(line) for line in (work / "arms/gold_hint/train/metrics.jsonl").read_text().splitlines()]
+  steps = [s for s in steps if "loss" in s and "on_policy" in s]
+  assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["on_policy"] == 1.0 for s in steps)
+  assert all(s["sampled_len"] >= 1 and s["loss"] == s["kd"] for s in steps)  # KD on its own samples, no CE
+  assert any(s["kd"] > 1e-4 for s in steps)  # the privileged context changes the grade (self-KD would be ~0)
+  # The teacher's prompts hold each question's reference solution; the student's never do.
+  from kdjax import store as store_lib
+  from kdjax import checkpoint
+  tokenizer = checkpoint.load_tokenizer(work / "models/student")
+  questions = {q["id"]: q for q in sum(data.split_train_validation(data.load_gsm8k(gsm8k_dir, "train"), 4, 2, 0), [])}
+  reader = store_lib.StoreReader(work / "stores/gold_hint")
+  assert sorted(r.question_id for r in reader) == sorted(questions)
+  for record in reader:
+    solution = data.strip_calculator_annotations(questions[record.question_id]["answer"]).strip()
+    assert solution in tokenizer.decode(record.teacher_prompt_ids.tolist())
+    assert solution not in tokenizer.decode(record.student_prompt_ids.tolist())
+  assert (work / "arms/gold_hint/adapter/adapter_config.json").is_file()
+  assert (work / "arms/gold_hint/eval/samples.jsonl").is_file() and (work / "report/report.md").is_file()
+
+
 def test_demo_config_parses_in_both_parts_and_the_run_reads_the_teacher_part_s_adapter(gsm8k_dir, tmp_path):
   """configs/on_policy_demo.py as the command line reads it: `:teacher` (the finetune arm that makes the teacher)
   and the on-policy run, whose teacher.adapter is where the first part's train stage exports its adapter."""

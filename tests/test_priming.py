@@ -12,7 +12,7 @@ from kdjax import priming
 
 QUESTION = "Tom has 3 boxes with 12 pencils each. He gives away 7 pencils. How many are left?"
 GOLD = "3 boxes hold 3*12 = <<3*12=36>>36 pencils.\nHe keeps 36-7 = <<36-7=29>>29.\n#### 29"
-PRIMED = ("teacher", "ground_truth", "confidence", "gold_hint")
+PRIMED = ("teacher", "ground_truth", "confidence", "gold_hint", "mismatched_hint")
 
 
 @pytest.fixture(scope="module")
@@ -35,16 +35,19 @@ def _priming(name):
   return priming.STRATEGIES[name].priming_text(GOLD)
 
 
-def test_registry_has_the_five_strategies():
-  assert set(priming.STRATEGIES) == {"base", "teacher", "ground_truth", "confidence", "gold_hint"}
+def test_registry_has_the_six_strategies():
+  assert set(priming.STRATEGIES) == {"base", "teacher", "ground_truth", "confidence", "gold_hint", "mismatched_hint"}
   for name, strategy in priming.STRATEGIES.items():
     assert strategy.name == name
     assert isinstance(strategy, priming.PrimingStrategy)
   assert priming.STRATEGIES["base"].priming_text(GOLD) is None
-  texts = [_priming(name) for name in PRIMED]
+  texts = [_priming(name) for name in PRIMED if name != "mismatched_hint"]
   assert len(set(texts)) == len(texts) and all(texts)
+  # The control is primed exactly as gold_hint: the same text around whichever solution it is given.
+  assert _priming("mismatched_hint") == _priming("gold_hint")
   needing_gold = [name for name, strategy in priming.STRATEGIES.items() if strategy.needs_gold_solution]
-  assert needing_gold == ["gold_hint"]
+  assert needing_gold == ["gold_hint", "mismatched_hint"]
+  assert [name for name, s in priming.STRATEGIES.items() if getattr(s, "other_question", False)] == ["mismatched_hint"]
   with pytest.raises(AttributeError):
     priming.STRATEGIES["teacher"].instruction = "changed"  # frozen
 
@@ -237,3 +240,59 @@ def test_no_result_depends_on_the_pad_id():
     results[pad_id] = runs
   assert results[250] == results[0]
   assert len({len(tokens) for tokens, _, _ in results[0]["sampled"]}) > 1  # rows ended at different steps
+
+
+# ------------------------------------------------------------------------------------------ mismatched_hint
+
+
+PINNED_DONORS = {0: 2, 2: 4, 4: 1, 1: 3, 3: 0}  # seed 0: sha256 order 0, 2, 4, 1, 3, each taking the next
+
+
+def _is_one_cycle(donors: dict) -> bool:
+  seen, current = set(), next(iter(donors))
+  while current not in seen:
+    seen.add(current)
+    current = donors[current]
+  return seen == set(donors)
+
+
+def test_hint_donors_are_a_fixed_derangement_of_the_questions():
+  ids = list(range(40, 0, -3))
+  donors = priming.hint_donors(ids, seed=0)
+  assert sorted(donors) == sorted(ids) and sorted(donors.values()) == sorted(ids)  # a permutation of the ids...
+  assert all(donor != question for question, donor in donors.items())  # ...with no fixed point
+  assert _is_one_cycle(donors)
+  # Stable: the same for the ids in any order, on every call; another seed draws another derangement.
+  assert priming.hint_donors(sorted(ids), seed=0) == donors == priming.hint_donors(ids[::-1], seed=0)
+  assert priming.hint_donors(ids, seed=1) != donors
+  # Pinned (a change here re-draws every mismatched_hint store): two questions swap; and a small case.
+  assert priming.hint_donors([7, 3], seed=5) == {7: 3, 3: 7}
+  assert priming.hint_donors([0, 1, 2, 3, 4], seed=0) == PINNED_DONORS
+  for bad in ([], [4], [1, 1]):
+    with pytest.raises(priming.PrimingError):
+      priming.hint_donors(bad, seed=0)
+
+
+def test_mismatched_hint_prompts_show_another_question_s_solution(smollm2_tokenizer, gsm8k_dir):
+  """The teacher reads gold_hint's words around the donor's solution, never its own; the student reads neither."""
+  from kdjax import data, teacher
+  questions = data.load_gsm8k(gsm8k_dir, "train")[:6]
+  hints = teacher.hint_questions(questions, "mismatched_hint", hint_seed=0)
+  donors = priming.hint_donors([q["id"] for q in questions], seed=0)
+  assert {question: hint["id"] for question, hint in hints.items()} == donors
+  instruction = priming.STRATEGIES["gold_hint"].instruction
+  for question in questions:
+    shown, own = (data.strip_calculator_annotations(q["answer"]).strip() for q in (hints[question["id"]], question))
+    teacher_text = smollm2_tokenizer.decode(teacher.teacher_prompt_ids(
+        smollm2_tokenizer, question, "mismatched_hint", "system", hint_question=hints[question["id"]]))
+    student_text = smollm2_tokenizer.decode(teacher.student_prompt_ids(smollm2_tokenizer, question))
+    assert shown in teacher_text and own not in teacher_text and instruction in teacher_text
+    assert question["question"].strip() in teacher_text
+    gold_text = smollm2_tokenizer.decode(teacher.teacher_prompt_ids(smollm2_tokenizer, question, "gold_hint", "system"))
+    assert gold_text == teacher_text.replace(shown, own)  # exactly gold_hint's prompt, the solution swapped
+    assert shown not in student_text and own not in student_text and instruction not in student_text
+    assert "Reference solution:" not in student_text and question["question"].strip() in student_text
+  with pytest.raises(teacher.TeacherError, match="give hint_question"):
+    teacher.teacher_prompt_ids(smollm2_tokenizer, questions[0], "mismatched_hint", "system")
+  with pytest.raises(teacher.TeacherError, match="give hint_question"):  # its own solution is not a mismatch
+    teacher.teacher_prompt_ids(smollm2_tokenizer, questions[0], "mismatched_hint", "system", hint_question=questions[0])

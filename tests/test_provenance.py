@@ -124,6 +124,14 @@ def test_settings_cover_whole_sections_except_the_keys_without_effect():
   assert set(settings) == (flat - provenance.NO_EFFECT_KEYS) | {"seed"}
 
 
+def test_a_key_read_by_a_later_stage_is_recorded_only_where_named():
+  c = config_lib.get_default_config()
+  c.teacher.max_reference_overlap = 0.8
+  assert "teacher.max_reference_overlap" not in provenance.settings(c, ["teacher", "data", "seed"])
+  assert "teacher.k" in provenance.settings(c, ["teacher"])
+  assert provenance.settings(c, ["distill", "teacher.max_reference_overlap"])["teacher.max_reference_overlap"] == 0.8
+
+
 def test_mismatch_message_names_what_changed_in_one_line():
   old = provenance.make_record("train", settings={"distill.temperature": 5.94, "student.lora.rank": 4})
   new = provenance.make_record("train", settings={"distill.temperature": 1.0, "student.lora.rank": 4})
@@ -230,6 +238,10 @@ def test_base_run_wrote_a_record_next_to_every_output(base_run):
   train = provenance.read(base_run / "arms/ground_truth/train")
   assert train["settings"]["distill.temperature"] == 1.0 and train["settings"]["train.batch_size"] == 2
   assert "train.log_every" not in train["settings"] and "student.remat" not in train["settings"]
+  # The response filter is the training's setting: a store never depends on it.
+  assert train["settings"]["teacher.max_reference_overlap"] == 1.0
+  assert "teacher.max_reference_overlap" not in store["settings"] and "teacher.k" in store["settings"]
+  assert json.loads((base_run / "arms/ground_truth/train/train_data.json").read_text())["train_examples"] == 2
   assert train["inputs"]["store"]["folder"] == "stores/ground_truth"
   assert json.loads((base_run / "config.json").read_text())["workdir"] == str(base_run)
 
@@ -277,6 +289,18 @@ def test_train_without_adapter_resumes_only_under_the_same_loss(work, sources):
   assert after.pop(provenance.RECORD_FILE) != adapter_before.pop(provenance.RECORD_FILE)  # rewritten (its time)
   assert after == adapter_before
   assert provenance.read(arm / "adapter")["settings"]["distill.temperature"] == 1.0
+
+
+def test_max_reference_overlap_reuses_the_store_and_refuses_the_training(work, sources):
+  store = _files(work / "stores/ground_truth")
+  pipeline.run(tiny_config(work, sources, stages="convert,generate", **{"teacher.max_reference_overlap": 0.5}))
+  assert _files(work / "stores/ground_truth") == store  # reused as it was: no record or shard rewritten
+  arm = _files(work / "arms/ground_truth")
+  _refused(tiny_config(work, sources, stages="train", **{"teacher.max_reference_overlap": 0.5}),
+           "arms/ground_truth/adapter was made with teacher.max_reference_overlap=1.0, this run has 0.5")
+  assert _files(work / "arms/ground_truth") == arm
+  with pytest.raises(pipeline.ConfigError, match=r"teacher.max_reference_overlap must be in \(0, 1\]"):
+    pipeline.run(tiny_config(work, sources, stages="train", **{"teacher.max_reference_overlap": 0.0}))
 
 
 def test_eval_refuses_samples_of_a_changed_adapter(work, sources):

@@ -222,15 +222,19 @@ def test_arms_with_other_eval_settings_are_set_apart(tmp_path):
 
 def test_teacher_store_table(tmp_path):
   import numpy as np
-  from kdjax import store
+  from kdjax import data, store
   spec = store.StoreSpec(teacher_model="t", strategy="ground_truth", vocab_size=100, k=2, questions="unit")
   texts = [("So 2 + 2 = 4.\nThe answer is 4.", "stop", 4.0), ("First, 71 is the lowest.\n#### 85", "stop", 85.0),
-           ("We add 3 and", "length", 7.0), ("Answer: 10", "stop", 11.0)]
+           ("We add 3 and", "length", 7.0), ("Using the hint, answer: 10", "stop", 11.0)]
+  # The reference solutions of questions 0-2 (question 3 is not in the list: no overlap is taken for it).
+  questions = [{"id": i, "question": f"Question {i}?", "answer": answer} for i, answer in enumerate(
+      ["2 + 2 = <<2+2=4>>4.\n#### 4", "First, 71 is the <<71=71>>lowest.\n#### 85", "Add 3 and 4 to get 7.\n#### 7"])]
   records = []
   for i, (text, finish, gold) in enumerate(texts):
     tokens = 3 + 2 * i  # 3, 5, 7, 9 response tokens: mean 6
     records.append(store.TeacherRecord(
-        question_id=i, question_hash=f"h{i}", strategy="ground_truth", teacher_model="t", sampling={},
+        question_id=i, question_hash=data.question_hash(f"Question {i}?"), strategy="ground_truth",
+        teacher_model="t", sampling={},
         student_prompt_ids=np.array([1, 2], np.int32), teacher_prompt_ids=np.array([1, 2, 3], np.int32),
         response_text=text, response_ids=np.arange(tokens, dtype=np.int32),
         topk_ids=np.zeros((tokens, 2), np.int32), topk_logprobs=np.full((tokens, 2), -1.0, np.float32),
@@ -242,13 +246,43 @@ def test_teacher_store_table(tmp_path):
   writer.finalize()
   arm = _write_arm(tmp_path / "nodistill", [_stored_sample(i, ok) for i, ok in enumerate(NODISTILL)])
   result = report_lib.build_report({"nodistill": arm}, tmp_path / "r", paper_numbers={},
-                                   stores={"ground_truth": tmp_path / "store"})
+                                   stores={"ground_truth": tmp_path / "store"}, store_questions=questions)
   table = result["stores"]["ground_truth"]
   # final reads 4 (right), 85 (right), 3 (wrong, cut off), 10 (wrong: gold 11).
   assert (table["n"], table["correct"], table["accuracy"]) == (4, 2, 0.5)
   assert (table["stored_correct_share"], table["truncation_rate"], table["mean_response_tokens"]) == (0.25, 0.25, 6.0)
+  # By hand, ROUGE-L F1 = 2 LCS / (words of response + words of reference), annotations removed:
+  # 0: so 2 2 4 the answer is 4 | 2 2 4 4: LCS 4, 8 / 12; 1: the same 7 words, 1; 2: we add 3 and | add 3 and 4 to
+  # get 7 7: LCS 3, 6 / 12. One of the three above 0.8; one response of four mentions "the hint".
+  assert table["hint_mention_share"] == 0.25 and table["reference_overlap_n"] == 3
+  assert table["reference_overlap_mean"] == pytest.approx((8 / 12 + 1 + 6 / 12) / 3)
+  assert table["reference_overlap_high_share"] == pytest.approx(1 / 3)
   markdown = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
-  assert "| ground_truth | 4 | 50.0% [15.0, 85.0] | 25.0% | 25.0% | 6.0 |" in markdown
+  assert "| ground_truth | 4 | 50.0% [15.0, 85.0] | 25.0% | 25.0% | 6.0 | 25.0% | 0.722 | 33.3% |" in markdown
+  assert "| hint mentions | overlap mean | overlap > 0.8 |" in markdown
+  # Without the questions the overlap is not taken (n/a), the mentions still are.
+  without = report_lib.build_report({"nodistill": arm}, tmp_path / "r2", paper_numbers={},
+                                    stores={"ground_truth": tmp_path / "store"})
+  assert without["stores"]["ground_truth"]["reference_overlap_mean"] is None
+  assert "| 6.0 | 25.0% | n/a | n/a |" in (tmp_path / "r2" / "report.md").read_text(encoding="utf-8")
+
+
+def test_training_data_table(arms, tmp_path):
+  selected = {"mode": "kd", "store": "stores/gold_hint", "store_responses": 10, "dropped_incorrect": 2,
+              "max_reference_overlap": 0.8, "train_dropped_reference_overlap": 3, "train_examples": 4,
+              "validation_dropped_reference_overlap": 1, "validation_examples": 0}
+  (tmp_path / "gold").mkdir()
+  (tmp_path / "gold" / "train_data.json").write_text(json.dumps(selected))
+  (tmp_path / "ft").mkdir()
+  (tmp_path / "ft" / "train_data.json").write_text(json.dumps({"mode": "finetune"}))
+  result = report_lib.build_report(arms, tmp_path / "r", paper_numbers={},
+                                   train_data={"ground_truth": tmp_path / "gold" / "train_data.json",
+                                               "finetune": tmp_path / "ft" / "train_data.json",
+                                               "nodistill": tmp_path / "absent.json"})
+  assert result["train_data"] == {"ground_truth": selected}
+  markdown = (tmp_path / "r" / "report.md").read_text(encoding="utf-8")
+  assert "## Training data of the kd arms" in markdown
+  assert "| ground_truth | stores/gold_hint | 10 | 2 | 0.8 | 4 | 4 | 0 |" in markdown
 
 
 def _png_size(path):

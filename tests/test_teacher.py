@@ -132,8 +132,10 @@ def assert_records_match_forward(model, tokenizer, records: list[store.TeacherRe
       assert n == sampling.max_new_tokens, where
 
 
-def assert_prompts(tokenizer, record: store.TeacherRecord, question: dict, strategy: str) -> None:
-  """The teacher prompt carries the priming (and the hint); the student prompt is the plain question."""
+def assert_prompts(tokenizer, record: store.TeacherRecord, question: dict, strategy: str,
+                   hint_question: dict | None = None) -> None:
+  """The teacher prompt carries the priming (and the hint: `hint_question`'s solution for mismatched_hint); the
+  student prompt is the plain question."""
   teacher_text = tokenizer.decode(record.teacher_prompt_ids.tolist())
   student_text = tokenizer.decode(record.student_prompt_ids.tolist())
   assert record.student_prompt_ids.tolist() == priming.encode_chat(
@@ -144,10 +146,12 @@ def assert_prompts(tokenizer, record: store.TeacherRecord, question: dict, strat
     assert record.teacher_prompt_ids.tolist() == record.student_prompt_ids.tolist()
     return
   assert instruction in teacher_text and instruction not in student_text
-  if strategy == "gold_hint":
-    hint = data.strip_calculator_annotations(question["answer"]).strip()
+  if strategy in ("gold_hint", "mismatched_hint"):
+    shown = question if strategy == "gold_hint" else hint_question
+    assert shown["id"] != question["id"] or strategy == "gold_hint"
+    hint = data.strip_calculator_annotations(shown["answer"]).strip()
     assert "<<" not in hint and hint in teacher_text and hint not in student_text
-    assert question["answer"].strip().splitlines()[-1] not in student_text  # the `#### N` line
+    assert shown["answer"].strip().splitlines()[-1] not in student_text  # the `#### N` line
 
 
 def assert_same_store(left: pathlib.Path, right: pathlib.Path) -> None:
@@ -214,19 +218,21 @@ def _check_smollm2_stores(smollm2, questions, root, summaries, sampling, k) -> N
     assert reader.spec.strategy == strategy and reader.spec.k == k
     assert reader.spec.tail_temperatures == TAIL_TEMPERATURES
     assert summary["total_tokens"] == sum(r.num_tokens for r in reader)
+    assert summary["reference_overlap_n"] == len(questions) and 0.0 <= summary["reference_overlap_mean"] <= 1.0
     records = list(reader)
+    hints = teacher.hint_questions(questions, strategy, 0)  # generate_store's default hint_seed
     for record, question in zip(records, questions):
       assert record.question_id == question["id"]
       assert record.question_hash == data.question_hash(question["question"])
       assert record.gold_answer == question["gold"]
       assert record.extracted_answer == extract.extract_answer(record.response_text, "final")
       assert record.correct == extract.is_correct(record.extracted_answer, question["gold"])
-      assert_prompts(tokenizer, record, question, strategy)
+      assert_prompts(tokenizer, record, question, strategy, hints and hints[question["id"]])
     assert_records_match_forward(model, tokenizer, records, k, sampling)
 
 
 def test_smollm2_store_equals_full_forward(smollm2, train_questions, tmp_path, monkeypatch):
-  """Issue acceptance 1 (small): 3 questions x 5 strategies; then a rerun finds every store finished."""
+  """Issue acceptance 1 (small): 3 questions x 6 strategies; then a rerun finds every store finished."""
   questions = train_questions[:3]
   sampling = SamplingConfig(temperature=0.0, max_new_tokens=12, seed=0)
   summaries = _smollm2_stores(smollm2, questions, tmp_path, sampling, k=20)
@@ -246,7 +252,7 @@ def test_smollm2_store_equals_full_forward(smollm2, train_questions, tmp_path, m
 
 @pytest.mark.slow
 def test_smollm2_store_equals_full_forward_64_questions(smollm2, train_questions, tmp_path):
-  """Issue acceptance 1 in full: 64 questions x 5 strategies, k=50, sampled at temperature 0.7."""
+  """Issue acceptance 1 in full: 64 questions x 6 strategies, k=50, sampled at temperature 0.7."""
   sampling = SamplingConfig(temperature=0.7, top_p=0.95, max_new_tokens=48, seed=3)
   summaries = _smollm2_stores(smollm2, train_questions, tmp_path, sampling, k=50)
   _check_smollm2_stores(smollm2, train_questions, tmp_path, summaries, sampling, k=50)
@@ -414,6 +420,26 @@ def test_resume_with_other_settings_is_refused(tiny_reference, tokenizer_dir, tr
     teacher_worker.run_store(tiny_reference, questions, tokenizer, answer_rule="paper")
   summary = teacher_worker.run_store(tiny_reference, questions, tokenizer)
   assert summary["skipped"] and summary["finalized"]
+
+
+def test_mismatched_hint_store_resumes_only_with_its_hint_seed(tokenizer_dir, train_questions, tmp_path):
+  """The derangement is drawn from hint_seed; a store written with one is never continued with another."""
+  from transformers import AutoTokenizer
+  tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+  questions = train_questions[:3]
+  generate = lambda seed, path=tmp_path / "store": teacher.generate_store(
+      teacher_worker.tiny_teacher(), tokenizer, questions, "mismatched_hint", path, teacher_model_id="tiny",
+      sampling=SamplingConfig(max_new_tokens=2), k=2, shard_size=2, batch_size=2, hint_seed=seed, progress=False)
+  assert generate(4)["finalized"]
+  hints = teacher.hint_questions(questions, "mismatched_hint", 4)
+  for record, question in zip(store.StoreReader(tmp_path / "store"), questions):
+    assert_prompts(tokenizer, record, question, "mismatched_hint", hints[question["id"]])
+  with pytest.raises(teacher.TeacherError, match="hint_seed=4, not 5"):
+    generate(5)
+  assert generate(4)["skipped"]
+  with pytest.raises(teacher.TeacherError, match="needs at least 2 questions"):
+    teacher.generate_store(teacher_worker.tiny_teacher(), tokenizer, questions[:1], "mismatched_hint", tmp_path / "one",
+                           teacher_model_id="tiny", sampling=SamplingConfig(max_new_tokens=2), progress=False)
 
 
 def test_bad_questions_are_refused(tokenizer_dir, train_questions, tmp_path):

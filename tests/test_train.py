@@ -11,6 +11,7 @@ from flax import nnx
 
 import helpers
 import train_worker as worker
+from kdjax import config as config_lib
 from kdjax.distill import batches, losses, results
 from kdjax.distill import train as train_lib
 
@@ -255,7 +256,8 @@ def _experiment(name: str):
   return module.get_config()
 
 
-@pytest.mark.parametrize("name", ["base", "teacher", "gt", "confidence", "gold_hint", "finetune", "all_arms"])
+@pytest.mark.parametrize("name", ["base", "teacher", "gt", "confidence", "gold_hint", "mismatched_hint", "finetune",
+                                  "all_arms"])
 def test_paper_configs_update_once_per_example_with_one_cosine(name):
   c = _experiment(name)
   cfg = train_lib.train_config(c)
@@ -275,6 +277,21 @@ def test_paper_configs_update_once_per_example_with_one_cosine(name):
   c.train.optimizer = "adamw"
   with pytest.raises(train_lib.TrainError, match="lr_reference_batch=0"):
     train_lib.train_config(c)
+
+
+def test_the_hint_control_is_gold_hint_s_config_in_all_arms_and_the_demo(gsm8k_dir):
+  from kdjax import settings
+  assert "mismatched_hint" in config_lib.arm_names(_experiment("all_arms"))
+  mismatched, gold = _experiment("mismatched_hint"), _experiment("gold_hint")
+  assert (mismatched.arms, gold.arms) == ("mismatched_hint", "gold_hint")
+  mismatched.arms = gold.arms
+  assert mismatched.to_dict() == gold.to_dict()  # primed and trained exactly as gold_hint
+  demo = _experiment("demo")
+  demo.arms, demo.data.source = "gold_hint,mismatched_hint", str(gsm8k_dir)
+  settings.validate(demo)
+  demo.data.num_train_questions, demo.data.num_validation = 1, 0  # one question cannot take another's solution
+  with pytest.raises(settings.ConfigError, match="needs at least 2 store questions"):
+    settings.validate(demo)
 
 
 def test_recommended_keeps_its_own_schedule():

@@ -1,7 +1,8 @@
 """Cross-arm GSM8K report: accuracy under four extraction rules with Wilson intervals, reference-solution NLL with
 paired bootstrap intervals against the controls, exact McNemar tests (Holm-adjusted), how many answers training
-changed, adapter update norms, the KD and CE parts' gradient norms in training, teacher-store statistics, and the
-paper's published numbers side by side.
+changed, adapter update norms, the KD and CE parts' gradient norms in training, teacher-store statistics
+(with how much a hinted teacher copies), the training data each arm kept, and the paper's published numbers side
+by side.
 
 Input per arm: a folder holding `samples.jsonl` (one record per test question, see `REQUIRED_FIELDS`) and
 optionally `summary.json` (whose `config` holds the eval settings). Arms evaluated with settings that differ from
@@ -200,9 +201,17 @@ def summarise_loss_gradients(path: pathlib.Path) -> Optional[dict]:
           "median_ratio": median("grad_ratio_kd_ce")}
 
 
-def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95) -> dict:
-  """Teacher accuracy on the store's own (GSM8K train) questions under `rule`, truncation, response length."""
-  from kdjax import store  # pylint: disable=import-outside-toplevel
+def read_train_data(path: pathlib.Path) -> Optional[dict]:
+  """A train stage's `train_data.json` (what a kd arm kept of its store, and why it dropped the rest), or None."""
+  return _read_json_file(storage.path(path))
+
+
+def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95,
+                    questions: Optional[Sequence[Mapping]] = None) -> dict:
+  """Teacher accuracy on the store's own (GSM8K train) questions under `rule`, truncation, response length, and
+  the hint measures of `reference_overlap.store_statistics` (the overlap needs `questions`, the store's questions
+  with their reference solutions; without them it is None)."""
+  from kdjax import reference_overlap, store  # pylint: disable=import-outside-toplevel
   reader = store.StoreReader(path)
   n = len(reader)
   correct = stored_correct = truncated = 0
@@ -214,7 +223,8 @@ def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95) -> 
   return {**accuracy_with_interval(correct, n, confidence),
           "stored_correct_share": stored_correct / n if n else None,
           "truncation_rate": truncated / n if n else None,
-          "mean_response_tokens": reader.total_tokens / n if n else None}
+          "mean_response_tokens": reader.total_tokens / n if n else None,
+          **reference_overlap.store_statistics(reader, questions)}
 
 
 def eval_settings(summary: Optional[Mapping]) -> Optional[dict]:
@@ -251,13 +261,16 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
                  stores: Optional[Mapping[str, pathlib.Path]] = None,
                  update_norms: Optional[Mapping[str, pathlib.Path]] = None,
                  train_metrics: Optional[Mapping[str, pathlib.Path]] = None,
+                 store_questions: Optional[Sequence[Mapping]] = None,
+                 train_data: Optional[Mapping[str, pathlib.Path]] = None,
                  bootstrap_resamples: int = 2000, seed: int = 0) -> dict:
   """Writes report.md, report.json and plots to `out_dir`; returns the report.json content.
 
   `arms` maps an arm name to its eval folder (or samples.jsonl). `paper_numbers` maps arm names to published
   accuracies as fractions; None uses `paper_numbers.PAPER_GSM8K_ACCURACY`. `stores` maps a priming strategy to
-  its teacher store; `update_norms` maps an arm to its `update_norms.json` and `train_metrics` to its train stage's
-  `metrics.jsonl` (absent files are skipped).
+  its teacher store, and `store_questions` are the stores' questions with their reference solutions (the overlap
+  columns; None: not shown); `update_norms`, `train_data` and `train_metrics` map an arm to its `update_norms.json`,
+  `train_data.json` and its train stage's `metrics.jsonl` (absent files are skipped).
   """
   if rule not in extract.RULES:
     raise ValueError(f"unknown extraction rule {rule!r}; expected one of {extract.RULES}")
@@ -276,8 +289,8 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
   settings = {name: eval_settings(summary) for name, summary in summaries.items()}
   compared = _main_group(settings, controls)
   report: dict[str, Any] = {"rule": rule, "rules": rules, "confidence": confidence, "arms": {}, "set_apart": {},
-                            "comparisons": [], "ref_nll_comparisons": [], "agreement": [], "update_norms": {}, "loss_gradients": {},
-                            "stores": {}, "notes": []}
+                            "comparisons": [], "ref_nll_comparisons": [], "agreement": [], "update_norms": {},
+                            "loss_gradients": {}, "stores": {}, "train_data": {}, "notes": []}
   for name, path in arms.items():
     summary = summarise_arm(samples[name], rule, confidence)
     summary["by_rule"] = {r: summarise_arm(samples[name], r, confidence) for r in rules}
@@ -333,7 +346,11 @@ def build_report(arms: Mapping[str, pathlib.Path], out_dir: str | pathlib.Path, 
     if gradients is not None:
       report["loss_gradients"][name] = gradients
   for strategy, path in (stores or {}).items():
-    report["stores"][strategy] = summarise_store(storage.path(path), rule, confidence)
+    report["stores"][strategy] = summarise_store(storage.path(path), rule, confidence, store_questions)
+  for name, path in (train_data or {}).items():
+    selected = read_train_data(storage.path(path))
+    if selected is not None and selected.get("mode") == "kd":
+      report["train_data"][name] = selected
 
   missing_controls = [c for c in controls if c not in compared]
   if missing_controls:

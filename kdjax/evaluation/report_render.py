@@ -125,14 +125,37 @@ def _loss_gradients_section(report: dict) -> list[str]:
 def _stores_section(report: dict) -> list[str]:
   if not report["stores"]:
     return []
+  threshold = next(iter(report["stores"].values())).get("reference_overlap_high_threshold")
   lines = ["## Teacher stores", "",
            f"The teacher on its own (GSM8K train) questions; accuracy under the `{report['rule']}` rule, and the "
-           "share the store marked correct when it was written (the rule it records).", "",
-           "| strategy | responses | teacher accuracy | marked correct | truncated | mean response tokens |",
-           "|---|---|---|---|---|---|"]
+           "share the store marked correct when it was written (the rule it records). Hint mentions: responses "
+           "that speak of a provided solution or hint (kdjax.reference_overlap.HINT_PHRASES). Overlap: ROUGE-L F1 "
+           "over words with the question's own reference solution, calculator annotations removed (1 = the same "
+           "words in the same order).", "",
+           "| strategy | responses | teacher accuracy | marked correct | truncated | mean response tokens "
+           f"| hint mentions | overlap mean | overlap > {threshold} |",
+           "|---|---|---|---|---|---|---|---|---|"]
   for strategy, s in report["stores"].items():
     lines.append(f"| {strategy} | {s['n']} | {_accuracy_cell(s)} | {_percent(s['stored_correct_share'])} | "
-                 f"{_percent(s['truncation_rate'])} | {_number(s['mean_response_tokens'])} |")
+                 f"{_percent(s['truncation_rate'])} | {_number(s['mean_response_tokens'])} | "
+                 f"{_percent(s['hint_mention_share'])} | {_number(s['reference_overlap_mean'], 3)} | "
+                 f"{_percent(s['reference_overlap_high_share'])} |")
+  return lines + [""]
+
+
+def _train_data_section(report: dict) -> list[str]:
+  if not report["train_data"]:
+    return []
+  lines = ["## Training data of the kd arms", "",
+           "Store responses each arm trained on, and those it dropped: a wrong answer (`distill.correct_only`), or "
+           "an overlap with the reference solution above `teacher.max_reference_overlap` (train + validation).", "",
+           "| arm | store | store responses | dropped: wrong | max overlap | dropped: overlap | train | validation |",
+           "|---|---|---|---|---|---|---|---|"]
+  for name, d in report["train_data"].items():
+    lines.append(f"| {name} | {d['store']} | {d['store_responses']} | {d['dropped_incorrect']} | "
+                 f"{d['max_reference_overlap']:g} | "
+                 f"{d['train_dropped_reference_overlap'] + d['validation_dropped_reference_overlap']} | "
+                 f"{d['train_examples']} | {d['validation_examples']} |")
   return lines + [""]
 
 
@@ -160,7 +183,7 @@ def markdown(report: dict, resamples: int, seed: int) -> str:
   lines += [""] + _ref_nll_section(report, resamples, seed) + [""]
   lines += _mcnemar_section(report) + [""]
   lines += _agreement_section(report) + _update_norms_section(report) + _loss_gradients_section(report)
-  lines += _stores_section(report)
+  lines += _stores_section(report) + _train_data_section(report)
   lines += _set_apart_section(report)
   lines += ["## Notes", ""] + [f"- {note}" for note in report["notes"]]
   lines += ["", f"![accuracy]({ACCURACY_PLOT})", "", f"![output length]({LENGTH_PLOT})", ""]
