@@ -13,8 +13,8 @@ setting.
 configs/demo.py's model, data slice, loss and optimizer (teacher and student both SmolLM2-135M-Instruct in float32,
 converted once and linked; 24 train + 8 validation questions) with:
 - arm gold_hint, on_policy_fraction 1, samples of at most 64 new tokens at temperature 0.7 (less noise in a small
-  model's samples than 1.0), 2 epochs of 3 steps, validation (the store's validation loss, which picks the adapter,
-  and the on-policy KD of the student's greedy answers) every 3 steps.
+  model's samples than 1.0), 1 epoch of 3 steps, validation (the store's validation loss, which picks the adapter,
+  and the on-policy KD of the student's greedy answers) before the first step and after the last.
 - The generate stage still writes the teacher's store: its primed prompts are what the resident teacher reads, and
   its responses to the validation questions give the validation loss. No store response is trained on.
 Another model: give teacher and student the same source and the same dtype (teacher.quantization stays "none"), so
@@ -42,7 +42,7 @@ def get_config():
   c.distill.on_policy_fraction = 1.0  # every step: the student samples, its primed self grades
   c.distill.on_policy_temperature = 0.7
   c.teacher.max_new_tokens = 64      # the store's responses and the student's on-policy samples
-  c.train.num_epochs = 2             # 6 steps of 8 questions
+  c.train.num_epochs = 1             # 3 steps of 8 questions
   c.train.eval_every = 3
   c.train.checkpoint_every = 3
   c.eval.batch_size = 8              # the decode slots the student samples with

@@ -312,7 +312,7 @@ def test_eight_cpu_devices_match_single_device_on_policy(tmp_path, compile_cache
     assert np.abs(got - want).max() <= 1e-4 * np.abs(want).max(), name
 
 
-@pytest.mark.slow  # kdjax.main on SmolLM2: convert, a store, 4 on-policy steps, eval and report
+@pytest.mark.slow  # kdjax.main on SmolLM2 (convert, a store, 2 on-policy steps, eval, report): minutes
 def test_opsd_config_runs_on_smollm2(gsm8k_dir, tmp_path):
   """configs/opsd.py end to end, shrunk: the student is its own teacher, primed with the reference solution, and
   every step is on-policy; the adapter, the evaluation and the report are written."""
@@ -327,7 +327,7 @@ def test_opsd_config_runs_on_smollm2(gsm8k_dir, tmp_path):
   assert "convert: teacher is the student's checkpoint" in run.stdout  # self-distillation: one model
   steps = [json.loads(line) for line in (work / "arms/gold_hint/train/metrics.jsonl").read_text().splitlines()]
   steps = [s for s in steps if "loss" in s and "on_policy" in s]
-  assert [s["step"] for s in steps] == [1, 2, 3, 4] and all(s["on_policy"] == 1.0 for s in steps)
+  assert [s["step"] for s in steps] == [1, 2] and all(s["on_policy"] == 1.0 for s in steps)
   assert all(s["sampled_len"] >= 1 and s["loss"] == s["kd"] for s in steps)  # KD on its own samples, no CE
   assert any(s["kd"] > 1e-4 for s in steps)  # the privileged context changes the grade (self-KD would be ~0)
   # The teacher's prompts hold each question's reference solution; the student's never do.
