@@ -1,6 +1,6 @@
 """Every arm of the experiment (five primings, the hint control + two controls) in one work folder and one report.
 
-Paper defaults (kdjax.config), the authors' schedule:
+Paper defaults (kdjax.experiment.config), the authors' schedule:
 SGD lr 5e-6 at one example per update (batch 1, 2 x 2638 updates), cosine over all updates without restarts.
 For throughput, --config.train.batch_size=B keeps what an example does to the weights by scaling the rate to
 5e-6 x B (train.lr_reference_batch=1: SGD's linear rule, first order; its limits are in TrainConfig's docstring).
@@ -8,7 +8,7 @@ For throughput, --config.train.batch_size=B keeps what an example does to the we
   python -m kdjax.main --config=configs/all_arms.py --config.teacher.source=... --config.student.source=...
 """
 
-from kdjax.config import get_default_config
+from kdjax.experiment.config import get_default_config
 
 
 def get_config():

@@ -3,7 +3,7 @@
   python -m kdjax.main --config=configs/demo.py
 """
 
-from kdjax.config import get_default_config, recommended
+from kdjax.experiment.config import get_default_config, recommended
 
 
 def get_config():

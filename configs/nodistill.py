@@ -1,10 +1,10 @@
 """Arm `nodistill`: control: the student evaluated as it is.
 
-Paper defaults (kdjax.config): 8B student as it is; no training, so no schedule.
+Paper defaults (kdjax.experiment.config): 8B student as it is; no training, so no schedule.
   python -m kdjax.main --config=configs/nodistill.py --config.teacher.source=... --config.student.source=...
 """
 
-from kdjax.config import get_default_config
+from kdjax.experiment.config import get_default_config
 
 
 def get_config():

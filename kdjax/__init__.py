@@ -9,12 +9,12 @@ __version__ = "0.1.0"
 
 
 def load_model(source, **kwargs):
-  from kdjax.checkpoint import load_model as _load_model
+  from kdjax.models.checkpoint import load_model as _load_model
   return _load_model(source, **kwargs)
 
 
 def load_tokenizer(source):
-  from kdjax.checkpoint import load_tokenizer as _load_tokenizer
+  from kdjax.models.checkpoint import load_tokenizer as _load_tokenizer
   return _load_tokenizer(source)
 
 

@@ -32,7 +32,7 @@ _default_platform()
 # process's peak, and processes sharing a host (the pod simulation of tests/test_pod.py) would each hold theirs
 # (measured there: 11.4 GB peak in train with it, 7.3 GB without, and the step no faster with it).
 if os.environ.get("JAX_PLATFORMS", "").split(",")[0] == "cpu" and not _several_processes():
-  from kdjax import hostmem
+  from kdjax.infra import hostmem
   hostmem.keep_freed_memory()
 
 from absl import app, flags, logging  # noqa: E402
@@ -48,7 +48,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
   if not flags.FLAGS["verbosity"].present:  # orbax logs every read and write at INFO
     logging.set_verbosity(logging.WARNING)
-  from kdjax import pipeline
+  from kdjax.experiment import pipeline
   try:
     pipeline.run(_CONFIG.value)
   except (ValueError, OSError, KeyError) as e:  # config, data, checkpoint and plan errors: one line, exit 2

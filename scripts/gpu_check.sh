@@ -41,14 +41,14 @@ work=$(mktemp -d)
 step demo 420 python3 -m kdjax.main --config=configs/demo.py --config.workdir="$work/demo" \
   --config.data.source="$gsm8k"
 grep -E "^\| |accuracy|wall|KD" "$work/demo/report/report.md" 2>/dev/null | head -20
-step bench_decode 240 python3 scripts/bench_decode.py --gsm8k "$gsm8k" --batch-size 64 --new-tokens 256 \
+step bench_decode 240 python3 -m benchmarks.bench_decode --gsm8k "$gsm8k" --batch-size 64 --new-tokens 256 \
   --torch-device cuda
 grep -E "kdjax:|HF generate:|speed-up" "$log_dir/bench_decode.log"
-if [ -f scripts/bench_generate.py ]; then
-  step bench_generate 300 python3 scripts/bench_generate.py --gsm8k "$gsm8k" --torch-device cuda
+if [ -f benchmarks/bench_generate.py ]; then
+  step bench_generate 300 python3 -m benchmarks.bench_generate --gsm8k "$gsm8k" --torch-device cuda
   tail -n 6 "$log_dir/bench_generate.log"
 fi
-step bench_train 240 python3 scripts/bench_train.py --batch 8 --seq 512 --rounds 3 --torch-device cuda
+step bench_train 240 python3 -m benchmarks.bench_train --batch 8 --seq 512 --rounds 3 --torch-device cuda
 grep -E "initial loss|KD step|speed-up" "$log_dir/bench_train.log"
 echo "gpu_check: $failures step(s) failed on ${gpu:-unknown}"
 exit "$failures"

@@ -14,7 +14,7 @@ GSM8K_DIR = pathlib.Path(os.environ.get("KDJAX_GSM8K", REPO.parent / "shared" / 
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> pathlib.Path:
-  from kdjax import fetch
+  from kdjax.infra import fetch
   return fetch.smollm2_gguf()
 
 
@@ -85,7 +85,7 @@ def gcs_emulator(tmp_path_factory):
   os.environ["STORAGE_EMULATOR_HOST"] = url
   for key in _DERIVED_EMULATOR_VARIABLES:
     os.environ.pop(key, None)
-  from kdjax import storage
+  from kdjax.infra import storage
   storage.configure_emulator()
   try:
     yield GcsEmulator(url)

@@ -5,7 +5,7 @@ The emulator's media downloads lack the `x-goog-generation` header. tensorstore 
 object's generation from that header and makes its next write of that object conditional on it, so without it the
 second commit of an OCDBT manifest fails with "Malformed StorageGeneration". The emulator also ignores
 `ifGenerationMatch` (0: the object must not exist; N: its generation must be N): here an upload or a delete whose
-precondition fails is answered 412 Precondition Failed, which kdjax's work-folder lease (kdjax.lease) relies on.
+precondition fails is answered 412 Precondition Failed, which kdjax's work-folder lease (kdjax.infra.lease) relies on.
 The server answers one request at a time, so the check and the write are one step. Usage: as
 `gcp-storage-emulator`.
 """

@@ -12,7 +12,25 @@ import time
 
 import numpy as np
 
-from kdjax import storage
+from kdjax.infra import storage
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+TESTS = REPO / "tests"
+
+
+def worker_env(env: dict | None = None) -> dict:
+  """A copy of `env` (default: os.environ) for a child Python process: its PYTHONPATH starts with the repository
+  and tests/, so the child imports this checkout's kdjax, `workers.<name>` and test modules (`teacher.test_store`)
+  as the tests do under pytest, with no import-path edit in any file."""
+  env = dict(os.environ if env is None else env)
+  env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(TESTS)] + ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+  return env
+
+
+def worker_command(name: str, *args: str) -> list[str]:
+  """The command line that runs tests/workers/<name>.py with `args`; start it with an environment from
+  worker_env."""
+  return [sys.executable, "-m", f"workers.{name}", *args]
 
 
 def communicate_all(procs: list[subprocess.Popen], timeout_s: float) -> list[tuple[str, str]]:
@@ -39,21 +57,23 @@ def finished_checkpoints(workdir: str | pathlib.Path) -> list[int]:
                 if p.name.isdigit() and (not remote or (p / "commit_success.txt").exists()))
 
 
-def _train(worker: pathlib.Path, workdir: str, steps: str, env: dict, out: pathlib.Path) -> None:
-  done = subprocess.run([sys.executable, str(worker), "train", "--workdir", workdir, "--out", str(out),
-                         "--steps", steps], env=env, capture_output=True, text=True, timeout=900)
+def _train(worker: str, workdir: str, steps: str, env: dict, out: pathlib.Path) -> None:
+  done = subprocess.run(worker_command(worker, "train", "--workdir", workdir, "--out", str(out), "--steps", steps),
+                        env=worker_env(env), capture_output=True, text=True, timeout=900)
   assert done.returncode == 0, done.stderr[-3000:]
 
 
-def kill_resume_and_compare(worker: pathlib.Path, workdir: str, steps: str, env: dict, tmp_path: pathlib.Path, *,
+def kill_resume_and_compare(worker: str, workdir: str, steps: str, env: dict, tmp_path: pathlib.Path, *,
                             reference: str, delay: float) -> list[dict]:
-  """The preemption check: `worker train` runs uninterrupted in `reference`; a second run in `workdir` (each step
-  slowed by `delay` s) is killed (-9) once it has finished a checkpoint, then restarted to `steps` steps. Its final
-  state must equal the reference's array for array, and metrics.jsonl must log every step once (the steps after
-  the last checkpoint are not logged twice). Returns the resumed run's logged step records."""
+  """The preemption check: `worker train` (`worker`: the name of a tests/workers module) runs uninterrupted in
+  `reference`; a second run in `workdir` (each step slowed by `delay` s) is killed (-9) once it has finished a
+  checkpoint, then restarted to `steps` steps. Its final state must equal the reference's array for array, and
+  metrics.jsonl must log every step once (the steps after the last checkpoint are not logged twice). Returns the
+  resumed run's logged step records."""
   _train(worker, reference, steps, env, tmp_path / "ref.npz")
-  proc = subprocess.Popen([sys.executable, str(worker), "train", "--workdir", workdir, "--steps", steps,
-                           "--delay", str(delay)], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  proc = subprocess.Popen(worker_command(worker, "train", "--workdir", workdir, "--steps", steps,
+                                         "--delay", str(delay)),
+                          env=worker_env(env), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   try:
     deadline = time.time() + 600
     while not finished_checkpoints(workdir) and time.time() < deadline and proc.poll() is None:
@@ -78,13 +98,14 @@ def kill_resume_and_compare(worker: pathlib.Path, workdir: str, steps: str, env:
   return logged
 
 
-def mesh_worker_results(worker: pathlib.Path, env: dict, tmp_path: pathlib.Path) -> dict:
-  """Runs `worker mesh` with 8 CPU devices (a fresh process: the device count is fixed at JAX's start-up) and
-  returns the JSON it wrote: the same training on one device and on a mesh of the eight."""
+def mesh_worker_results(worker: str, env: dict, tmp_path: pathlib.Path) -> dict:
+  """Runs `worker mesh` (`worker`: the name of a tests/workers module) with 8 CPU devices (a fresh process: the
+  device count is fixed at JAX's start-up) and returns the JSON it wrote: the same training on one device and on a
+  mesh of the eight."""
   out = tmp_path / "mesh.json"
-  run = subprocess.run([sys.executable, str(worker), "mesh", "--out", str(out)],
-                       env=dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8"), capture_output=True,
-                       text=True, timeout=900)
+  run = subprocess.run(worker_command(worker, "mesh", "--out", str(out)),
+                       env=worker_env(dict(env, XLA_FLAGS="--xla_force_host_platform_device_count=8")),
+                       capture_output=True, text=True, timeout=900)
   assert run.returncode == 0, run.stderr[-3000:]
   result = json.loads(out.read_text())
   assert result["num_devices"] == 8

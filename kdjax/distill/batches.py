@@ -164,7 +164,7 @@ def require_tail_temperature(temperature: float, store_temperatures: Sequence[fl
 
 def examples_from_records(records: Iterable[Any], *, temperature: float = 1.0,
                           topk_mode: str = "tail") -> list[TrainExample]:
-  """KD sequences from teacher-store records (`kdjax.store.TeacherRecord`, e.g. a `StoreReader.filter()`).
+  """KD sequences from teacher-store records (`kdjax.teacher.store.TeacherRecord`, e.g. a `StoreReader.filter()`).
 
   `teacher_log_tail` is the tail's log-mass at the loss `temperature`: the record's stored one at that
   temperature (`tail_log_mass`), else at T = 1 the log of its `tail_mass` (stores older than the field);
@@ -187,12 +187,13 @@ def examples_from_records(records: Iterable[Any], *, temperature: float = 1.0,
 
 def gold_examples(gsm8k_examples: Sequence[Mapping[str, Any]], tokenizer: Any, *,
                   end_token_id: int | None = None, strip_annotations: bool = True) -> list[TrainExample]:
-  """CE sequences on GSM8K gold solutions (the fine-tuning control), from `kdjax.data.load_gsm8k` dicts.
+  """CE sequences on GSM8K gold solutions (the fine-tuning control), from `kdjax.gsm8k.data.load_gsm8k` dicts.
 
   The prompt is the student chat (`priming.student_messages`); the end token defaults to the first of
   `priming.stop_token_ids(tokenizer)`. Calculator annotations `<<a=b>>` are removed unless told otherwise.
   """
-  from kdjax import data, priming  # light, but keeps this module importable without a tokenizer stack
+  from kdjax.gsm8k import data  # light, but keeps this module importable without a tokenizer stack
+  from kdjax.teacher import priming
   if end_token_id is None:
     stops = priming.stop_token_ids(tokenizer)
     if not stops:

@@ -44,7 +44,7 @@ the student is compared with it:
 
   Scheme: the teacher store keeps, per response token, the tail's log-mass at each temperature named in
   ``teacher.tail_temperatures`` (default 1 and ``distill.temperature``), computed from the full logits inside
-  the jitted decode step (``kdjax.generation.topk_logprobs``); the batch carries ``teacher_log_tail`` at the
+  the jitted decode step (``kdjax.serving.generation.topk_logprobs``); the batch carries ``teacher_log_tail`` at the
   loss temperature. It is exact, costs one logsumexp over the vocabulary per temperature at generation time and
   4 bytes per token and temperature in the store, and needs nothing of the teacher's distribution inside the
   tail, which a top-k store cannot know: the old ``tail ** (1 / T)`` (tempering the tail as one lump)
@@ -75,6 +75,8 @@ from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from kdjax.models.heads import token_cross_entropy  # CE is the loss's other part, shared with scoring
 
 # Up to this many bytes of [tokens, V] softmax residuals are kept for the backward pass (a 1024-token batch of
 # a 49k vocabulary); larger batches, or 128k vocabularies, recompute each chunk's logits instead.
@@ -293,51 +295,6 @@ def per_token_divergence(student_logits: jax.Array, teacher_ids: jax.Array, teac
     log_p_ids = jax.nn.log_softmax(teacher_lp / temp, axis=-1) + _log_rest(log_p_rest)
     log_p = _fill_empty_tail(jnp.concatenate([log_p_ids, log_p_rest], axis=-1))
   return _t2_scale(_bucket_divergence(log_p, log_q, cfg), cfg)
-
-
-def token_cross_entropy(student_logits: jax.Array, target_ids: jax.Array,
-                        student_logsumexp: jax.Array | None = None) -> jax.Array:
-  """-log softmax(student_logits)[target] at T = 1; targets are clipped into [0, V).
-
-  `student_logsumexp` [...]: the logits' logsumexp when the caller has it already (one pass fewer).
-  """
-  logits = student_logits.astype(_float_dtype(student_logits.dtype))
-  target = jnp.clip(target_ids, 0, logits.shape[-1] - 1)[..., None]
-  picked = jnp.take_along_axis(logits, target, axis=-1)[..., 0]
-  if student_logsumexp is None:
-    student_logsumexp = jax.nn.logsumexp(logits, axis=-1)
-  return student_logsumexp.astype(logits.dtype) - picked
-
-
-def window_cross_entropy_sums(hidden: jax.Array, head: jax.Array, positions: jax.Array, target_ids: jax.Array,
-                              mask: jax.Array) -> jax.Array:
-  """Per row of `hidden` [C, P, D]: the summed `token_cross_entropy` of `target_ids` [C, W] predicted at
-  `positions` [C, W] (in [0, P)) through the output projection `head` [D, V], over the `mask` [C, W] (bool)
-  entries. Only those W positions reach the projection, one row at a time, so no [C, P, V] logits are held:
-  teacher-forced scoring of a continuation (the eval's reference NLL, in its own pass or in generation's
-  prefill)."""
-  hidden = jnp.take_along_axis(hidden, positions[:, :, None], axis=1)
-
-  def row(args):
-    row_hidden, targets, row_mask = args
-    logits = jnp.einsum("sd,dv->sv", row_hidden, head, preferred_element_type=jnp.float32)
-    return jnp.sum(jnp.where(row_mask, token_cross_entropy(logits, targets), 0.0))
-
-  return jax.lax.map(row, (hidden, target_ids, mask))
-
-
-def continuation_cross_entropy_sums(hidden: jax.Array, head: jax.Array, ids: jax.Array, lengths: jax.Array,
-                                    continuation_lengths: jax.Array, window: int) -> jax.Array:
-  """Per row of a prefill of prompt + continuation (`ids` [C, P], its `hidden` [C, P, D]; prompt lengths [C]):
-  the summed cross-entropy of the continuation ids[len .. len+n-1] (n = `continuation_lengths`), position t
-  predicting t + 1. Only the `window` positions from each prompt's last token reach `head`
-  (`window_cross_entropy_sums`, as in evaluation's `reference_nll`)."""
-  p = ids.shape[1]
-  offsets = jnp.arange(window)[None, :]
-  inside = offsets < continuation_lengths[:, None]
-  at = jnp.minimum(lengths[:, None] - 1 + offsets, p - 1)  # positions past the continuation count nothing
-  targets = jnp.take_along_axis(ids, jnp.minimum(at + 1, p - 1), axis=1)
-  return window_cross_entropy_sums(hidden, head, at, targets, inside)
 
 
 # ----------------------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import generation
+from kdjax.serving import generation
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
 
@@ -94,28 +94,6 @@ class OnPolicySettings:
     if self.max_new_tokens < 1 or self.decode_slots < 1:
       raise OnPolicyError(f"need teacher.max_new_tokens and decode slots >= 1, got {self.max_new_tokens}, "
                           f"{self.decode_slots}")
-
-
-def settings_from_config(c: Any) -> OnPolicySettings:
-  """The settings of an experiment config; raises OnPolicyError (one line) for a bad value, before any work."""
-  found = OnPolicySettings(fraction=float(c.distill.on_policy_fraction),
-                           temperature=float(c.distill.on_policy_temperature),
-                           max_new_tokens=int(c.teacher.max_new_tokens), decode_slots=int(c.eval.batch_size),
-                           probe_questions=int(c.distill.on_policy_probe_questions))
-  if found.fraction > 0 and not c.teacher.source:
-    raise OnPolicyError(f"distill.on_policy_fraction={found.fraction} needs the primed teacher resident during "
-                        f"training: set --config.teacher.source (or set the fraction to 0)")
-  if found.fraction > 0 and c.distill.divergence == "none":
-    raise OnPolicyError("distill.on_policy_fraction > 0 needs a divergence: on-policy steps are graded by the "
-                        "teacher, and distill.divergence='none' has nothing to grade with")
-  return found
-
-
-def from_config(c: Any, teacher: nnx.Module, store_dir: Any, tokenizer: Any) -> "OnPolicy":
-  """The train stage's OnPolicy for a kd arm: `teacher` loaded on the student's mesh, prompts from its store."""
-  from kdjax import priming
-  return OnPolicy.from_store(teacher, store_dir, settings_from_config(c), stop_ids=priming.stop_token_ids(tokenizer),
-                             pad_id=priming.pad_token_id(tokenizer))
 
 
 def dense_loss_config(loss_cfg: losses.LossConfig) -> losses.LossConfig:
@@ -205,7 +183,7 @@ class OnPolicy:
   def from_store(cls, teacher: nnx.Module, store_dir: Any, settings: OnPolicySettings, *,
                  stop_ids: Sequence[int], pad_id: int) -> "OnPolicy":
     """Teacher prompts from the arm's store: the very prompts its off-policy responses were written under."""
-    from kdjax import store
+    from kdjax.teacher import store
     prompts = {int(r.question_id): r.teacher_prompt_ids for r in store.StoreReader(store_dir)}
     return cls(teacher, prompts, settings, stop_ids=stop_ids, pad_id=pad_id)
 

@@ -1,7 +1,7 @@
 """The student training loop: LoRA-only optimisation of the KD / CE loss, resumable Orbax checkpoints, metrics.
 
 `train(model, train_data, val_data, cfg, loss_cfg, workdir)` takes a model that already carries LoRA adapters
-(`kdjax.distill.lora.add_lora`) and lists of `batches.TrainExample`. Only the `nnx.LoRAParam` variables are
+(`kdjax.models.lora.add_lora`) and lists of `batches.TrainExample`. Only the `nnx.LoRAParam` variables are
 differentiated and reach the optimizer; the frozen base is an input of the compiled step, never an output.
 
 Gradient accumulation sums loss SUMS and loss-token counts over micro-batches and divides once by the total
@@ -11,7 +11,7 @@ and `accum=2, batch=B` equals `accum=1, batch=2B`.
 Checkpoints (`workdir/checkpoints/<step>`, asynchronous, every `checkpoint_every` steps, the last
 `keep_checkpoints` kept) hold the LoRA state, optimizer state and RNG key (Orbax pytree) and a JSON item with the
 step, the data iterator's position and the best validation loss so far. `workdir/best/<step>` keeps the LoRA state
-with the lowest validation loss. `results.select_adapter` then puts the adapter to export into the model (that best state,
+with the lowest validation loss. `run_files.select_adapter` then puts the adapter to export into the model (that best state,
 or the final one when there is no validation data) and writes `workdir/update_norms.json`, how far it moved each
 adapted weight. A restarted `train` resumes from the latest checkpoint; every random choice
 (data order, dropout, the on-policy choice and
@@ -33,16 +33,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from kdjax import parallel, storage
+from kdjax.infra import parallel, storage
 from kdjax.distill import batches as batches_lib
 from kdjax.distill import losses
 from kdjax.distill import on_policy as on_policy_lib
-from kdjax.distill import train_files
-from kdjax.distill.results import TrainResult
+from kdjax.distill import run_files
 
 OPTIMIZERS = ("sgd", "adamw")
 SCHEDULES = ("cosine", "constant")
@@ -140,7 +138,7 @@ class TrainConfig:
 
   @classmethod
   def from_dict(cls, values: Mapping[str, Any]) -> "TrainConfig":
-    """From a mapping such as `ml_collections.ConfigDict.to_dict()`; unknown keys are an error."""
+    """From a mapping of field names to values (a config section as a dict); unknown keys are an error."""
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(values) - known)
     if unknown:
@@ -162,19 +160,6 @@ class TrainConfig:
     if self.num_steps is not None:
       return self.num_steps
     return self.num_epochs * -(-num_examples // self.examples_per_step)
-
-
-def train_config(c: Any) -> TrainConfig:
-  """The TrainConfig of an experiment config (`kdjax.config`'s `train` section, its seed); raises TrainError
-  for a bad value, so it can be called to check a config before any stage runs."""
-  t = c.train
-  return TrainConfig(
-      optimizer=t.optimizer, learning_rate=t.learning_rate, momentum=t.momentum, weight_decay=t.weight_decay,
-      warmup_steps=t.warmup_steps, schedule=t.schedule, min_lr_ratio=t.min_lr_ratio,
-      lr_reference_batch=t.lr_reference_batch or None, clip_norm=t.clip_norm or None, batch_size=t.batch_size,
-      grad_accum_steps=t.grad_accum_steps, num_epochs=t.num_epochs, max_length=t.max_len,
-      eval_every=t.eval_every, checkpoint_every=t.checkpoint_every, keep_checkpoints=t.keep_checkpoints,
-      seed=c.seed, chunk_size=t.chunk_size, log_every=t.log_every, progress_bar=jax.process_index() == 0)
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -298,7 +283,7 @@ def make_train_step(graphdef, tx, loss_cfg: losses.LossConfig, chunk_size: int, 
   (on-policy steps pass `teacher_head=` too: `losses.distill_loss`); with `measure_parts` (logged steps of a loss
   with KD and CE, `measures_loss_parts`) it also returns the two parts' gradient norms (`_train_step`).
 
-  The plan stage (`kdjax.plan_train`) compiles the step built here too, on abstract arguments, so the plan and
+  The plan stage (`kdjax.plan.train_step`) compiles the step built here too, on abstract arguments, so the plan and
   the loop cannot drift apart. `lora` and `opt_state` (arrays, or ShapeDtypeStructs with shardings) give the
   outputs' shardings.
   """
@@ -354,20 +339,6 @@ def evaluate_loss(model: nnx.Module, batches: Iterable[Mapping[str, np.ndarray]]
 # ------------------------------------------------------------------------------------------------ checkpoints
 
 
-def restore_best_lora(model: nnx.Module, workdir: str | pathlib.Path) -> dict:
-  """Loads the best-validation LoRA state of a finished (or running) `train` into `model`; returns its meta."""
-  manager = ocp.CheckpointManager(storage.path(workdir, absolute=True) / "best",
-                                  options=ocp.CheckpointManagerOptions(read_only=True))
-  step = manager.latest_step()
-  if step is None:
-    raise TrainError(f"{workdir}/best holds no checkpoint")
-  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, nnx.state(model, nnx.LoRAParam))
-  restored = manager.restore(step, args=ocp.args.Composite(lora=ocp.args.StandardRestore(abstract),
-                                                           meta=ocp.args.JsonRestore()))
-  nnx.update(model, restored["lora"])
-  return restored["meta"]
-
-
 # ------------------------------------------------------------------------------------------------ train
 
 
@@ -410,7 +381,7 @@ def _check_loss_tokens(name: str, data: Sequence[batches_lib.TrainExample], max_
 def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
           val_data: Sequence[batches_lib.TrainExample] | None, cfg: TrainConfig, loss_cfg: losses.LossConfig,
           workdir: str | pathlib.Path, *, mesh: Mesh | None = None,
-          on_policy: on_policy_lib.OnPolicy | None = None) -> TrainResult:
+          on_policy: on_policy_lib.OnPolicy | None = None) -> run_files.TrainResult:
   """Trains the LoRA adapters of `model` (in place) and returns the final state; resumes from `workdir`.
 
   `val_data` should be a held-out slice of GSM8K *train* (never test); its loss picks the best checkpoint.
@@ -431,7 +402,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     _shard_model(model, mesh)
   graphdef, lora, rest = nnx.split(model, nnx.LoRAParam, ...)
   if not jax.tree.leaves(lora):
-    raise TrainError("the model has no nnx.LoRAParam variables; call kdjax.distill.lora.add_lora first")
+    raise TrainError("the model has no nnx.LoRAParam variables; call kdjax.models.lora.add_lora first")
 
   total_steps = cfg.total_steps(len(train_data))
   # Host copies of every step's learning rate, for the logs (no per-step device round trip).
@@ -456,7 +427,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
                                           pad_multiple=cfg.pad_multiple, max_length=cfg.max_length)
                  if val_data else None)
 
-  checkpoints = train_files.Checkpoints(workdir, cfg)
+  checkpoints = run_files.Checkpoints(workdir, cfg)
   step, best_val, best_step, final_val = 0, None, None, None
   # The key's data is placed like the rest: on several processes Orbax saves only arrays of the global mesh.
   key_data = lambda: place(jax.random.key_data(key))
@@ -493,7 +464,7 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
                                                          cfg, dense_eval)}
     return values
 
-  log = train_files.MetricsLog(workdir, cfg, step, total_steps)
+  log = run_files.MetricsLog(workdir, cfg, step, total_steps)
   if on_policy is not None and val_batches and step == 0:
     log.log_eval(0, validate(lora))  # the on-policy curves' starting point; not a candidate for the best adapter
   start_time, tokens_trained = time.perf_counter(), 0
@@ -531,6 +502,6 @@ def train(model: nnx.Module, train_data: Sequence[batches_lib.TrainExample],
     log.close()
     checkpoints.close()
   nnx.update(model, lora)
-  return TrainResult(step=step, lora=lora, best_val_loss=best_val, best_step=best_step, final_val=final_val,
+  return run_files.TrainResult(step=step, lora=lora, best_val_loss=best_val, best_step=best_step, final_val=final_val,
                      history=log.history, workdir=workdir, seconds=time.perf_counter() - start_time,
                      tokens=tokens_trained, peak_learning_rate=cfg.peak_learning_rate)

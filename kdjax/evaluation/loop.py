@@ -42,12 +42,12 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kdjax import generation
-from kdjax import parallel
-from kdjax import priming
-from kdjax import storage
+from kdjax.serving import generation
+from kdjax.infra import parallel
+from kdjax.teacher import priming
+from kdjax.infra import storage
 from kdjax.evaluation import exemplars
-from kdjax.evaluation import extract
+from kdjax.gsm8k import extract
 from kdjax.evaluation import reference_nll
 from kdjax.evaluation import stats
 

@@ -27,9 +27,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import data
+from kdjax.gsm8k import data
 from kdjax.distill import batches
-from kdjax.distill import losses
+from kdjax.models import heads
 
 PAD_MULTIPLE = 64
 
@@ -77,7 +77,7 @@ def _row_sums(graphdef: nnx.GraphDef, state: nnx.State, input_ids: jax.Array, at
   positions = jnp.minimum(positions, input_ids.shape[1] - 1)
   target_ids = jnp.take_along_axis(target_ids, positions, axis=1)
   counted = inside & (jnp.take_along_axis(loss_mask, positions, axis=1) > 0)
-  return losses.window_cross_entropy_sums(hidden, head, positions, target_ids, counted)
+  return heads.window_cross_entropy_sums(hidden, head, positions, target_ids, counted)
 
 
 def reference_nll(model, examples: Sequence[batches.TrainExample], *, batch_size: int, length: int,

@@ -17,8 +17,8 @@ import pathlib
 import statistics
 from typing import Any, Mapping, Optional, Sequence
 
-from kdjax import storage
-from kdjax.evaluation import extract
+from kdjax.infra import storage
+from kdjax.gsm8k import extract
 from kdjax.evaluation import paper_numbers as paper_numbers_lib
 from kdjax.evaluation import report_render
 from kdjax.evaluation import stats
@@ -211,7 +211,8 @@ def summarise_store(path: pathlib.Path, rule: str, confidence: float = 0.95,
   """Teacher accuracy on the store's own (GSM8K train) questions under `rule`, truncation, response length, and
   the hint measures of `reference_overlap.store_statistics` (the overlap needs `questions`, the store's questions
   with their reference solutions; without them it is None)."""
-  from kdjax import reference_overlap, store  # pylint: disable=import-outside-toplevel
+  from kdjax.gsm8k import reference_overlap  # pylint: disable=import-outside-toplevel
+  from kdjax.teacher import store
   reader = store.StoreReader(path)
   n = len(reader)
   correct = stored_correct = truncated = 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 from typing import Optional
 
-from kdjax import storage
+from kdjax.infra import storage
 
 ACCURACY_PLOT = "accuracy.png"
 LENGTH_PLOT = "output_length.png"
@@ -129,7 +129,7 @@ def _stores_section(report: dict) -> list[str]:
   lines = ["## Teacher stores", "",
            f"The teacher on its own (GSM8K train) questions; accuracy under the `{report['rule']}` rule, and the "
            "share the store marked correct when it was written (the rule it records). Hint mentions: responses "
-           "that speak of a provided solution or hint (kdjax.reference_overlap.HINT_PHRASES). Overlap: ROUGE-L F1 "
+           "that speak of a provided solution or hint (kdjax.gsm8k.reference_overlap.HINT_PHRASES). Overlap: ROUGE-L F1 "
            "over words with the question's own reference solution, calculator annotations removed (1 = the same "
            "words in the same order).", "",
            "| strategy | responses | teacher accuracy | marked correct | truncated | mean response tokens "

@@ -20,7 +20,7 @@ from typing import Optional
 from absl import app
 from absl import flags
 
-from kdjax.evaluation import extract
+from kdjax.gsm8k import extract
 from kdjax.evaluation import report
 from kdjax.evaluation import stats
 

@@ -4,7 +4,7 @@ Layers are stacked (every layer parameter has a leading `layers` axis) and run w
 time does not grow with depth. The layer body is a pure function of a dict of arrays: LoRA adapters and int8
 weights enter it as extra entries of that dict (`{name}_lora_a`, `{name}_lora_b`, `{name}_scale`).
 
-Parameters carry logical axis names (`logical_axes` metadata); `kdjax.parallel` maps them to mesh axes.
+Parameters carry logical axis names (`logical_axes` metadata); `kdjax.infra.parallel` maps them to mesh axes.
 """
 
 from __future__ import annotations

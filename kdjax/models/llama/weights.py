@@ -20,9 +20,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from kdjax import parallel
-from kdjax import quantization
-from kdjax import storage
+from kdjax.infra import parallel
+from kdjax.models import quantization
+from kdjax.infra import storage
 from kdjax.models.llama import config as config_lib
 from kdjax.models.llama import model as model_lib
 from kdjax.models.llama.config import LlamaConfig
@@ -244,7 +244,7 @@ def load_into_model(source: TensorSource, config: LlamaConfig, *, mesh=None, rul
   """Builds a Llama whose parameters are read from `source`, tensor by tensor, onto `mesh`.
 
   With `quantize`, the decoder projections are quantized to int8 shard by shard as they are read
-  (`kdjax.quantization`); the other parameters are stored in `param_dtype`.
+  (`kdjax.models.quantization`); the other parameters are stored in `param_dtype`.
   """
   params = model_params(config)
   check_source(source, config, params)
