@@ -8,20 +8,10 @@ holds no hint in either arm. Every other setting is configs/gold_hint.py's (load
 On SmolLM2 with the demo's settings: python -m kdjax.main --config=configs/demo.py --config.arms=mismatched_hint
 """
 
-import importlib.util
-import pathlib
-
-
-def _gold_hint():
-  """configs/gold_hint.py, loaded by path: config files are not a package."""
-  path = pathlib.Path(__file__).with_name("gold_hint.py")
-  spec = importlib.util.spec_from_file_location("kdjax_gold_hint_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kdjax.experiment.config import sibling_config
 
 
 def get_config():
-  c = _gold_hint().get_config()
+  c = sibling_config(__file__, "gold_hint")
   c.arms = "mismatched_hint"
   return c

@@ -21,23 +21,14 @@ Two commands, the first writing the teacher the second distils from:
    sampled answers (`teacher_logprob`). The curves are in the README.
 """
 
-import importlib.util
-import pathlib
+from kdjax.experiment.config import sibling_config
 
 TEACHER_WORKDIR = "runs/on_policy_teacher"
 
 
-def _demo():
-  """configs/demo.py, loaded by path: config files are not a package."""
-  spec = importlib.util.spec_from_file_location("kdjax_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
 def _teacher_config():
   """Step 1: the finetune arm, whose adapter (arms/finetune/adapter) becomes the teacher's."""
-  c = _demo().get_config()
+  c = sibling_config(__file__, "demo")
   c.workdir = TEACHER_WORKDIR
   c.arms = "finetune"
   c.stages = "convert,train"
@@ -61,7 +52,7 @@ def get_config(part: str = ""):
     return _teacher_config()
   if part:
     raise ValueError(f"configs/on_policy_demo.py: unknown part {part!r}; use ':teacher' or nothing")
-  c = _demo().get_config()
+  c = sibling_config(__file__, "demo")
   c.workdir = "runs/on_policy_demo"
   c.arms = "ground_truth"
   c.stages = "convert,generate,train"

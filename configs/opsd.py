@@ -23,20 +23,11 @@ Where kdjax departs from OPSD: the teacher is the student's starting model, froz
 LoRA as training moves it (OPSD's teacher shares the student's current weights, its gradient stopped).
 """
 
-import importlib.util
-import pathlib
-
-
-def _demo():
-  """configs/demo.py, loaded by path: config files are not a package."""
-  spec = importlib.util.spec_from_file_location("kdjax_demo_config", pathlib.Path(__file__).with_name("demo.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from kdjax.experiment.config import sibling_config
 
 
 def get_config():
-  c = _demo().get_config()
+  c = sibling_config(__file__, "demo")
   c.workdir = "runs/opsd"
   c.arms = "gold_hint"               # the privileged context: the reference solution (or ground_truth)
   c.distill.on_policy_fraction = 1.0  # every step: the student samples, its primed self grades

@@ -14,6 +14,9 @@ trained on the teacher's own tokens under the student's prompt); the authors' wa
 
 from __future__ import annotations
 
+import importlib.util
+import pathlib
+
 import ml_collections
 
 # An arm is what differs between the runs of one experiment: the teacher's priming and how the student learns.
@@ -34,6 +37,16 @@ ARMS: dict[str, dict[str, str]] = {
 
 STAGES = ("plan", "convert", "generate", "train", "eval", "report", "analyze")  # run in this order
 DEFAULT_STAGES = "convert,generate,train,eval,report"
+
+
+def sibling_config(config_file: str, name: str) -> ml_collections.ConfigDict:
+  """`get_config()` of `configs/<name>.py` beside `config_file` (a config file's `__file__`): config files are not a
+  package, so one that builds on another loads it by path."""
+  path = pathlib.Path(config_file).with_name(f"{name}.py")
+  spec = importlib.util.spec_from_file_location(f"kdjax_config_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def get_default_config() -> ml_collections.ConfigDict:

@@ -544,13 +544,9 @@ PAPER_KD_CONFIGS = ("base", "teacher", "gt", "confidence", "gold_hint")
 
 
 def _config_file(name):
-  import importlib.util
   import pathlib
-  path = pathlib.Path(__file__).parents[2] / "configs" / f"{name}.py"
-  spec = importlib.util.spec_from_file_location(f"kdjax_config_{name}", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  from kdjax.experiment.config import sibling_config
+  return sibling_config(str(pathlib.Path(__file__).parents[2] / "configs" / "gt.py"), name)
 
 
 def np_authors_loss_and_grads(hidden, lm_head, teacher_logits, targets, mask, temperature, alpha):
